@@ -1,0 +1,9 @@
+"""Triton kernels of lvrpo_fast, installed as ``lvrpo_fast.kernels``.
+
+Only @triton.jit functions and thin launchers that allocate and launch live here; autograd and
+dispatch live in the ``lvrpo_fast`` package. One file per operation:
+    logprobs.py     row statistics (log-prob, lse, entropy) of a logits tile and its in-place gradient
+    grpo_loss.py    the per-sequence GRPO loss, its gradient w.r.t. logp and the metric sums
+    advantages.py   group advantage normalization
+    autotune.py     every launch configuration in one place
+"""

@@ -1,0 +1,27 @@
+"""lvrpo_fast: fused GRPO inner-loop kernels (log-probabilities, advantages, the clipped KL-regularized loss).
+
+Public API (each takes `backend=` "auto" | "triton" | "cpp" | "reference"; see lvrpo_fast.dispatch):
+    fused_linear_logprobs   hidden states + LM head -> per-token log-probabilities (and entropy)
+    group_advantages        rewards -> group-normalized advantages
+    grpo_loss               per-token log-probabilities -> (loss, metrics)
+    fused_linear_grpo_loss  hidden states + LM head -> (loss, metrics), gradients w.r.t. both
+    GRPOOptions             the loss options, validated
+The eager PyTorch reference of the same math is lvrpo_fast.reference.
+"""
+from . import reference
+from .advantages import group_advantages
+from .grpo_loss import grpo_loss
+from .linear_grpo_loss import fused_linear_grpo_loss
+from .logprobs import fused_linear_logprobs
+from .options import GRPOOptions
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "fused_linear_logprobs",
+    "group_advantages",
+    "grpo_loss",
+    "fused_linear_grpo_loss",
+    "GRPOOptions",
+    "reference",
+]

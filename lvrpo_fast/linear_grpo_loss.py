@@ -1,0 +1,175 @@
+"""Hidden states to the scalar GRPO loss and its gradients, in one op, without the [N, V] logits.
+
+Design: gradient formed in the forward pass (6 N V D FLOPs), not recomputed in the backward (8 N V D).
+The loss is a scalar whose gradient w.r.t. each token's log-probability depends only on that token's
+sequence (and on batch-level normalizers known from the mask alone, lvrpo_fast.grpo_loss.row_scales).
+So the op walks the batch in chunks of whole sequences (C = k * T rows, so GSPO's sequence-level
+ratio is exact) and, for each chunk:
+
+    logits  = hidden_c @ W^T + b                    [C, V] tile, input dtype     2 C V D FLOPs
+    logp, lse, entropy = logits_stats(logits)        online log-sum-exp, fp32
+    stats, dloss/dlogp = grpo_token_loss(...)        one program per sequence
+    logits <- dloss/dlogits  (in place)              logits_grad_
+    grad_hidden_c = dlogits @ W                                                   2 C V D FLOPs
+    grad_W       += dlogits^T @ hidden_c                                          2 C V D FLOPs
+
+The backward pass then only multiplies the stored gradients by the incoming scalar (in place, so a
+second backward through the same graph raises). A recompute design would save lse and redo the
+logits in the backward (8 N V D); storing the gradients instead costs nothing extra because they
+are exactly the input gradients autograd would allocate anyway.
+
+Peak extra memory beyond inputs, outputs and input gradients:
+    C * V * s  +  O(N) float32 per-token vectors  (+ 4 V bytes for a float32 bias accumulator)
+with s the element size and C = whole sequences filling LVRPO_CHUNK_BYTES (512 MiB on CUDA, 64 MiB on
+the CPU; at least one sequence). grad_weight is accumulated in weight's dtype, one rounding per chunk.
+Under torch.no_grad (or when nothing requires grad) only the 2 N V D forward runs.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import dispatch, validate
+from .backends import STAT_LOSS
+from .chunking import rows_per_chunk
+from .grpo_loss import entropy_grad, metrics_from_stats, prepare_rollout_weights, row_scales
+from .options import GRPOOptions
+
+
+def _slice(t, start, end):
+    return None if t is None else t[start:end]
+
+
+def _forward(prims, hidden, weight, bias, targets, mask, advantages, logp_old, logp_ref, rollout_weights,
+             temperature, need_entropy, options, need_h, need_w, need_b):
+    """Loss, per-sequence stats and (for the inputs that need them) the input gradients, chunk by chunk."""
+    B, T, D = hidden.shape
+    V = weight.shape[0]
+    need_grad = need_h or need_w or need_b
+    scale = row_scales(mask, options)
+    seqs = rows_per_chunk(V, hidden.element_size(), hidden.device, multiple=T) // T
+    flat_hidden = hidden.view(B * T, D)
+    grad_hidden = torch.empty_like(hidden) if need_h else None
+    grad_weight = torch.zeros_like(weight) if need_w else None
+    grad_bias = torch.zeros(V, dtype=torch.float32, device=hidden.device) if need_b else None
+    flat_grad_hidden = None if grad_hidden is None else grad_hidden.view(B * T, D)
+    stats_parts = []
+    for s0 in range(0, B, seqs):
+        s1 = min(s0 + seqs, B)
+        r0, r1 = s0 * T, s1 * T
+        h = flat_hidden[r0:r1]
+        tgt = targets[s0:s1].reshape(-1)
+        logits = F.linear(h, weight, bias)
+        logp, lse, entropy = prims.logits_stats(logits, tgt, temperature, need_entropy)
+        m = mask[s0:s1]
+        logp = logp.view(s1 - s0, T).masked_fill(~m, 0.0)
+        if entropy is not None:
+            entropy = entropy.view(s1 - s0, T).masked_fill(~m, 0.0)
+        stats, grad_logp = prims.grpo_token_loss(
+            logp, _slice(logp_old, s0, s1), _slice(logp_ref, s0, s1), advantages[s0:s1], m,
+            _slice(rollout_weights, s0, s1), entropy, scale[s0:s1], options, need_grad)
+        stats_parts.append(stats)
+        if need_grad:
+            grad_ent = None
+            if options.entropy_coef != 0:
+                grad_ent = entropy_grad(m, scale[s0:s1], options).reshape(-1)
+            prims.logits_grad_(logits, tgt, lse, None if grad_ent is None else entropy.reshape(-1),
+                               grad_logp.reshape(-1), grad_ent, temperature)
+            if need_h:
+                torch.mm(logits, weight, out=flat_grad_hidden[r0:r1])
+            if need_w:
+                grad_weight.addmm_(logits.t(), h)
+            if need_b:
+                grad_bias += logits.sum(0, dtype=torch.float32)
+        del logits
+    stats = torch.cat(stats_parts)
+    loss = stats[:, STAT_LOSS].sum()
+    if need_b:
+        grad_bias = grad_bias.to(bias.dtype)
+    return loss, stats, (grad_hidden, grad_weight, grad_bias)
+
+
+class LinearGRPOLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, mask, advantages, logp_old, logp_ref, rollout_weights,
+                temperature, need_entropy, options, prims):
+        loss, stats, grads = _forward(prims, hidden, weight, bias, targets, mask, advantages, logp_old, logp_ref,
+                                      rollout_weights, temperature, need_entropy, options,
+                                      *ctx.needs_input_grad[:3])
+        ctx.save_for_backward(*grads)
+        ctx.used = False
+        ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_stats):
+        if ctx.used:
+            raise RuntimeError("fused_linear_grpo_loss: the gradients were formed in the forward pass and "
+                               "scaled in place; backward through the same graph twice is not supported")
+        ctx.used = True
+        grads = list(ctx.saved_tensors)
+        if grad_loss is None:
+            return (None,) * 13
+        for g in grads:
+            if g is not None:
+                g.mul_(grad_loss.to(g.dtype))
+        return grads[0], grads[1], grads[2], *([None] * 10)
+
+
+def linear_grpo_loss_with(prims, hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref,
+                          rollout_weights, temperature, return_entropy, options):
+    """Backend entry (validated inputs): hidden [B, T, D], targets / mask [B, T], advantages [B]."""
+    need_entropy = bool(return_entropy) or options.entropy_coef != 0
+    mask = mask.contiguous()
+    safe_targets = torch.where(mask, targets.long(), torch.zeros_like(targets, dtype=torch.long)).contiguous()
+    f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
+    args = (hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), safe_targets,
+            mask, f32(advantages), f32(logp_old), f32(logp_ref),
+            prepare_rollout_weights(rollout_weights, mask.shape), temperature, need_entropy, options, prims)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:3])
+    if needs_grad:
+        loss, stats = LinearGRPOLossFunction.apply(*args)
+    else:  # old-policy / evaluation pass: 2 N V D FLOPs, no gradient formed, nothing saved
+        loss, stats, _ = _forward(prims, *args[:-1], False, False, False)
+    return loss, metrics_from_stats(stats, options, need_entropy)
+
+
+def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                           advantages: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
+                           logp_old: Optional[torch.Tensor] = None, logp_ref: Optional[torch.Tensor] = None,
+                           rollout_weights: Optional[torch.Tensor] = None, temperature: float = 1.0,
+                           return_entropy: bool = False, backend: Optional[str] = None, **options):
+    """The GRPO loss straight from hidden states and the LM head, never building the [B*T, V] logits.
+
+    Args:
+        hidden: [B, T, D] float16 / bfloat16 / float32 / float64 hidden states predicting `targets`.
+        weight: [V, D] LM head weight (same dtype as hidden); bias: optional [V].
+        targets: [B, T] integer ids of the sampled completion tokens (shifted by the caller).
+        mask: [B, T] bool / 0-1 completion mask.
+        advantages: [B] float, one per sequence.
+        logp_old: [B, T] sampling-policy log-probabilities (default: the current ones, detached).
+        logp_ref: [B, T] reference-model log-probabilities (needed when beta > 0).
+        rollout_weights: [B, T] or [B] rollout correction weights.
+        temperature: the sampling temperature, dividing the logits.
+        return_entropy: compute the entropy metric even when entropy_coef == 0.
+        backend: "auto", "triton", "cpp" or "reference".
+        **options: the GRPO options (lvrpo_fast.GRPOOptions).
+
+    Returns:
+        (loss, metrics): 0-dim float32 loss, differentiable w.r.t. hidden, weight and bias; metrics
+        as in lvrpo_fast.grpo_loss. Design and peak memory: see this module's docstring.
+    """
+    opts = GRPOOptions.from_kwargs(**options)
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+        raise ValueError(f"hidden must be a 3-D tensor [B, T, D], got {got}")
+    mask_b, temperature = validate.check_linear_inputs(hidden, weight, targets, bias=bias, mask=mask,
+                                                       temperature=temperature)
+    mask_b = validate.check_grpo_inputs(targets, advantages, mask_b, logp_old=logp_old, logp_ref=logp_ref,
+                                        rollout_weights=rollout_weights, options=opts, need_logp=False)
+    impl = dispatch.select(backend, hidden.device, hidden.dtype)
+    return impl.linear_grpo_loss_impl(hidden, weight, targets, mask_b, advantages, bias, logp_old, logp_ref,
+                                      rollout_weights, temperature, bool(return_entropy), opts)

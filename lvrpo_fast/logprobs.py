@@ -1,0 +1,160 @@
+"""Per-token log-probabilities and entropy from hidden states, without the [N, V] logits.
+
+Design (kernel backends): rows are processed in chunks of C rows (lvrpo_fast.chunking). For each
+chunk the LM head runs as one BLAS/cuBLAS matmul into a [C, V] tile in the input dtype, and a
+row-wise kernel (Triton or C++) reduces the tile with an online log-sum-exp in float32. Only the
+per-row lse (and entropy) are saved; the backward pass recomputes each tile, turns it in place into
+the gradient of the logits, and multiplies it back through the head:
+
+    forward          2 N V D FLOPs   (under torch.no_grad: this and nothing saved)
+    backward         2 N V D (recompute) + 4 N V D (grad hidden, grad weight)  -> 8 N V D in all
+
+Peak extra memory, beyond inputs, outputs and input gradients:
+    forward   C * V * s  +  4 N * (2 + entropy)          bytes
+    backward  C * V * s  +  4 N * 2  (+ 4 V for a bias accumulated in float32)
+with s the element size of the input dtype and C = LVRPO_CHUNK_BYTES / (V * s) rows (512 MiB on
+CUDA by default, 64 MiB on the CPU). The term that grows with N is only the O(N) per-row vectors.
+grad_weight is accumulated across chunks in weight's dtype (one rounding per chunk for bf16/fp16).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import dispatch, validate
+from .chunking import rows_per_chunk
+
+
+def _chunks(n_rows: int, rows: int):
+    for start in range(0, n_rows, rows):
+        yield start, min(start + rows, n_rows)
+
+
+def _forward(prims, hidden, weight, bias, targets, mask, temperature, return_entropy):
+    """The forward pass alone: 2 N V D FLOPs, one [C, V] tile alive at a time."""
+    N = hidden.shape[0]
+    V = weight.shape[0]
+    rows = rows_per_chunk(V, hidden.element_size(), hidden.device)
+    logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty_like(logp)
+    entropy = torch.empty_like(logp) if return_entropy else None
+    for start, end in _chunks(N, rows):
+        logits = F.linear(hidden[start:end], weight, bias)
+        lp, ls, ent = prims.logits_stats(logits, targets[start:end], temperature, return_entropy)
+        logp[start:end] = lp
+        lse[start:end] = ls
+        if return_entropy:
+            entropy[start:end] = ent
+        del logits
+    if mask is not None:
+        logp.masked_fill_(~mask, 0.0)
+        if return_entropy:
+            entropy.masked_fill_(~mask, 0.0)
+    return logp, lse, entropy
+
+
+class LinearLogprobsFunction(torch.autograd.Function):
+    """hidden [N, D], weight [V, D], bias [V]|None, targets [N] int64 (masked ids replaced by 0),
+    mask [N] bool|None -> logp [N] float32 (, entropy [N] float32)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, mask, temperature, return_entropy, prims):
+        logp, lse, entropy = _forward(prims, hidden, weight, bias, targets, mask, temperature, return_entropy)
+        if any(ctx.needs_input_grad[:3]):
+            ctx.save_for_backward(hidden, weight, bias, targets, mask, lse, entropy)
+        ctx.temperature = temperature
+        ctx.prims = prims
+        ctx.return_entropy = return_entropy
+        ctx.set_materialize_grads(False)
+        if return_entropy:
+            return logp, entropy
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy=None):
+        hidden, weight, bias, targets, mask, lse, entropy = ctx.saved_tensors
+        prims = ctx.prims
+        N, V = hidden.shape[0], weight.shape[0]
+        if grad_logp is None and grad_entropy is None:
+            return (None,) * 8
+        grad_logp = (torch.zeros_like(lse) if grad_logp is None else grad_logp.float().contiguous())
+        if grad_entropy is not None:
+            grad_entropy = grad_entropy.float().contiguous()
+        if mask is not None:
+            grad_logp = grad_logp.masked_fill(~mask, 0.0)
+            if grad_entropy is not None:
+                grad_entropy = grad_entropy.masked_fill(~mask, 0.0)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_h else None
+        grad_weight = torch.zeros_like(weight) if need_w else None
+        grad_bias = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_b else None
+        rows = rows_per_chunk(V, hidden.element_size(), hidden.device)
+        for start, end in _chunks(N, rows):
+            h = hidden[start:end]
+            logits = F.linear(h, weight, bias)
+            prims.logits_grad_(logits, targets[start:end], lse[start:end],
+                               None if grad_entropy is None else entropy[start:end], grad_logp[start:end],
+                               None if grad_entropy is None else grad_entropy[start:end], ctx.temperature)
+            if need_h:
+                torch.mm(logits, weight, out=grad_hidden[start:end])
+            if need_w:
+                grad_weight.addmm_(logits.t(), h)
+            if need_b:
+                grad_bias += logits.sum(0, dtype=torch.float32)
+            del logits
+        if need_b:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+
+
+def linear_logprobs(prims, hidden, weight, targets, bias, temperature, return_entropy, mask):
+    """Backend entry (validated inputs): hidden [N, D], targets [N], mask [N] bool | None."""
+    if return_entropy is None:
+        return_entropy = False
+    safe_targets = targets.long()
+    if mask is not None:
+        safe_targets = torch.where(mask, safe_targets, torch.zeros_like(safe_targets))
+    args = (hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+            safe_targets.contiguous(), mask, temperature, return_entropy)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:3])
+    if not needs_grad:  # old-policy / reference log-probs: forward FLOPs only, nothing saved
+        logp, _, entropy = _forward(prims, *args)
+        return logp, entropy
+    out = LinearLogprobsFunction.apply(*args, prims)
+    if return_entropy:
+        return out
+    return out, None
+
+def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                          bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
+                          return_entropy: bool = False, mask: Optional[torch.Tensor] = None,
+                          backend: Optional[str] = None):
+    """Per-token log-probabilities (and entropy) of `targets` under softmax((hidden @ weight.T + bias) / temperature).
+
+    Args:
+        hidden: [..., D] float16 / bfloat16 / float32 / float64 hidden states (the LM head's input).
+        weight: [V, D] LM head weight, same dtype as hidden.
+        targets: [...] integer token ids in [0, V) (hidden.shape[:-1]); masked positions may hold any id.
+        bias: optional [V] LM head bias.
+        temperature: sampling temperature T > 0; logits are divided by it (as TRL and verl do).
+        return_entropy: also return the entropy of the distribution at each position.
+        mask: optional [...] bool/0-1; masked positions return 0 and get zero gradient.
+        backend: "auto" (default), "triton", "cpp" or "reference"; see lvrpo_fast.dispatch.
+
+    Returns:
+        logp [...] float32 (float64 for float64 inputs), and entropy [...] if return_entropy.
+        Differentiable w.r.t. hidden, weight and bias through both outputs. The full [N, V] logits
+        are never allocated by the kernel backends; peak memory is given in this module's docstring.
+    """
+    mask, temperature = validate.check_linear_inputs(hidden, weight, targets, bias=bias, mask=mask,
+                                                     temperature=temperature)
+    impl = dispatch.select(backend, hidden.device, hidden.dtype)
+    shape = targets.shape
+    D = hidden.shape[-1]
+    logp, entropy = impl.logprobs_impl(hidden.reshape(-1, D), weight, targets.reshape(-1), bias, temperature,
+                                       bool(return_entropy), None if mask is None else mask.reshape(-1))
+    if return_entropy:
+        return logp.reshape(shape), entropy.reshape(shape)
+    return logp.reshape(shape)

@@ -1,0 +1,144 @@
+"""The scalar options of the GRPO loss (../shared/SPEC.md sections 3 to 6 and 9), validated once.
+
+Every backend receives a frozen :class:`GRPOOptions` instead of a dozen positional arguments, so a
+new option is added in one place. Tensor-valued inputs (rollout weights, log-probabilities) are not
+options: they travel as arguments and are checked in :mod:`lvrpo_fast.validate`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "seq_mean_token_sum", "cispo", "sapo")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+IS_LEVELS = ("token", "sequence")
+ADVANTAGE_SCALES = ("group", "batch", "none")
+
+# Loss types whose policy term is the PPO-style clipped surrogate.
+CLIP_FAMILY = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "seq_mean_token_sum")
+
+
+@dataclass(frozen=True)
+class GRPOOptions:
+    """Scalar options of the GRPO loss, with the defaults of TRL's GRPOConfig where it has one.
+
+    loss_type: aggregation and policy term, one of LOSS_TYPES (SPEC section 6).
+    epsilon_low / epsilon_high: clip range [1 - epsilon_low, 1 + epsilon_high]; epsilon_high
+        defaults to epsilon_low. For cispo, epsilon_high is the absolute cap of the ratio.
+    delta: optional upper bound of the un-clipped ratio (two-sided clip), must be > 1.
+    clip_ratio_c: optional dual-clip constant c > 1 (verl clip_ratio_c).
+    beta: KL coefficient; beta > 0 needs logp_ref.
+    kl_estimator: "k1", "k2" or "k3" (default, TRL and verl low_var_kl).
+    use_bias_correction_kl: multiply the KL by the un-clipped importance ratio (TRL).
+    importance_sampling_level: "token" or "sequence" (GSPO).
+    entropy_coef: coefficient of the entropy bonus (needs the entropy).
+    max_completion_length: normalizer of dr_grpo (required there).
+    num_items_in_batch: normalizer of dapo / cispo (default: the local count of unmasked tokens);
+        divided by the world size under torch.distributed, as TRL and Liger do.
+    sapo_temperature_pos / sapo_temperature_neg: SAPO gate temperatures for A > 0 / A <= 0.
+    """
+
+    loss_type: str = "grpo"
+    epsilon_low: float = 0.2
+    epsilon_high: Optional[float] = None
+    delta: Optional[float] = None
+    clip_ratio_c: Optional[float] = None
+    beta: float = 0.0
+    kl_estimator: str = "k3"
+    use_bias_correction_kl: bool = False
+    importance_sampling_level: str = "token"
+    entropy_coef: float = 0.0
+    max_completion_length: Optional[int] = None
+    num_items_in_batch: Optional[Union[int, float, torch.Tensor]] = None
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+
+    def __post_init__(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
+        if self.importance_sampling_level not in IS_LEVELS:
+            raise ValueError(
+                f"importance_sampling_level must be one of {IS_LEVELS}, got {self.importance_sampling_level!r}"
+            )
+        _check_number("epsilon_low", self.epsilon_low, minimum=0.0)
+        if self.epsilon_high is None:
+            object.__setattr__(self, "epsilon_high", float(self.epsilon_low))
+        _check_number("epsilon_high", self.epsilon_high, minimum=0.0)
+        if self.loss_type in CLIP_FAMILY and self.epsilon_low >= 1.0:
+            raise ValueError(f"epsilon_low must be < 1 (the lower clip bound is 1 - epsilon_low), got {self.epsilon_low}")
+        if self.delta is not None:
+            _check_number("delta", self.delta)
+            if self.delta <= 1.0:
+                raise ValueError(f"delta must be > 1 when set, got {self.delta}")
+        if self.clip_ratio_c is not None:
+            _check_number("clip_ratio_c", self.clip_ratio_c)
+            if self.clip_ratio_c <= 1.0:
+                raise ValueError(f"clip_ratio_c must be > 1 when set, got {self.clip_ratio_c}")
+        _check_number("beta", self.beta, minimum=0.0)
+        _check_number("entropy_coef", self.entropy_coef)
+        _check_number("sapo_temperature_pos", self.sapo_temperature_pos, minimum=0.0, strict=True)
+        _check_number("sapo_temperature_neg", self.sapo_temperature_neg, minimum=0.0, strict=True)
+        if not isinstance(self.use_bias_correction_kl, bool):
+            raise TypeError(f"use_bias_correction_kl must be a bool, got {type(self.use_bias_correction_kl).__name__}")
+        if self.loss_type in ("cispo", "sapo") and self.importance_sampling_level != "token":
+            raise ValueError(
+                f"loss_type={self.loss_type!r} supports importance_sampling_level='token' only, "
+                f"got {self.importance_sampling_level!r}"
+            )
+        if self.loss_type == "dr_grpo":
+            if self.max_completion_length is None:
+                raise ValueError("loss_type='dr_grpo' needs max_completion_length (its normalizer)")
+        if self.max_completion_length is not None:
+            if isinstance(self.max_completion_length, bool) or not isinstance(self.max_completion_length, int):
+                raise TypeError(f"max_completion_length must be an int, got {self.max_completion_length!r}")
+            if self.max_completion_length < 1:
+                raise ValueError(f"max_completion_length must be >= 1, got {self.max_completion_length}")
+        n = self.num_items_in_batch
+        if n is not None:
+            if isinstance(n, torch.Tensor):
+                if n.numel() != 1:
+                    raise ValueError(f"num_items_in_batch must be a scalar, got a tensor of shape {tuple(n.shape)}")
+            else:
+                _check_number("num_items_in_batch", n, minimum=0.0, strict=True)
+
+    @property
+    def is_clip_family(self) -> bool:
+        return self.loss_type in CLIP_FAMILY
+
+    @property
+    def sequence_level(self) -> bool:
+        return self.importance_sampling_level == "sequence"
+
+    @classmethod
+    def from_kwargs(cls, **options) -> "GRPOOptions":
+        """Builds options from keyword arguments, refusing unknown names with a TypeError."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown GRPO option(s) {unknown}; known options: {sorted(known)}")
+        return cls(**options)
+
+
+def _check_number(name, value, minimum=None, strict=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if minimum is not None and (value < minimum or (strict and value == minimum)):
+        relation = ">" if strict else ">="
+        raise ValueError(f"{name} must be {relation} {minimum}, got {value}")
+
+
+def world_size() -> int:
+    """The torch.distributed world size, 1 when it is not initialized (dapo / cispo normalizer)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1

@@ -1,0 +1,246 @@
+"""The pure-PyTorch reference: the executable form of ../shared/SPEC.md, and a backend like the others.
+
+Plain eager PyTorch, written for clarity rather than speed: it builds the full [N, V] logits. It
+works in any floating dtype; float64 inputs compute in float64 (the tests' ground truth), every
+other dtype computes the softmax statistics in float32 after forming the logits in the input dtype,
+as an eager Hugging Face model does. Gradients come from autograd.
+
+Public functions (validated, same names and keywords as the package's top level):
+    fused_linear_logprobs, group_advantages, grpo_loss, fused_linear_grpo_loss
+Backend interface used by :mod:`lvrpo_fast.dispatch` (inputs already validated):
+    logprobs_impl, advantages_impl, grpo_loss_impl, linear_grpo_loss_impl
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import validate
+from .options import GRPOOptions, world_size
+
+name = "reference"
+LOG_RATIO_CLAMP = 20.0  # SPEC 3: verl's guard against exp overflow times a zero mask
+
+
+def available(device: torch.device) -> Tuple[bool, str]:
+    return True, ""
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Per-token log-probabilities and entropy
+# ----------------------------------------------------------------------------------------------
+def logprobs_impl(hidden, weight, targets, bias, temperature, return_entropy, mask):
+    """hidden [N, D], weight [V, D], targets [N] int, bias [V]|None, mask [N] bool|None.
+
+    Returns (logp [N], entropy [N] or None) in float32 (float64 for float64 inputs)."""
+    compute = _compute_dtype(hidden.dtype)
+    logits = F.linear(hidden, weight, bias)  # [N, V] in the input dtype, as an eager LM head
+    z = logits.to(compute) / temperature
+    lse = torch.logsumexp(z, dim=-1)
+    safe_targets = targets if mask is None else torch.where(mask, targets, torch.zeros_like(targets))
+    logp = z.gather(-1, safe_targets.long().unsqueeze(-1)).squeeze(-1) - lse
+    entropy = None
+    if return_entropy:
+        entropy = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
+    if mask is not None:
+        logp = torch.where(mask, logp, torch.zeros_like(logp))
+        if entropy is not None:
+            entropy = torch.where(mask, entropy, torch.zeros_like(entropy))
+    return logp, entropy
+
+
+def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, return_entropy=False,
+                          mask=None):
+    """Reference per-token log-probabilities (and entropy) of `targets` under softmax((hidden W^T + b) / T).
+
+    hidden [..., D], weight [V, D], targets [...] int, bias [V], mask [...] (masked positions give 0).
+    Returns logp [...] (and entropy [...] if return_entropy) in float32 (float64 for float64 input).
+    """
+    mask, temperature = validate.check_linear_inputs(hidden, weight, targets, bias=bias, mask=mask,
+                                                     temperature=temperature)
+    shape = targets.shape
+    D = hidden.shape[-1]
+    logp, entropy = logprobs_impl(hidden.reshape(-1, D), weight, targets.reshape(-1), bias, temperature,
+                                  return_entropy, None if mask is None else mask.reshape(-1))
+    if return_entropy:
+        return logp.reshape(shape), entropy.reshape(shape)
+    return logp.reshape(shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Group advantages
+# ----------------------------------------------------------------------------------------------
+def advantages_impl(rewards, group_size, scale, eps, leave_one_out):
+    compute = _compute_dtype(rewards.dtype)
+    r = rewards.to(compute).view(-1, group_size)
+    centered = r - r.mean(dim=1, keepdim=True)
+    if leave_one_out:
+        # r - mean(others) = r - (G mu - r) / (G - 1) = G / (G - 1) * (r - mu)
+        centered = centered * (group_size / (group_size - 1))
+    if scale == "group":
+        adv = centered / (r.std(dim=1, keepdim=True) + eps)
+    elif scale == "batch":
+        adv = centered / (r.reshape(-1).std() + eps)
+    else:
+        adv = centered
+    # A group of equal rewards carries no signal: exactly 0, never 0/0 (SPEC 2).
+    equal = (r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True))
+    adv = torch.where(equal, torch.zeros_like(adv), adv)
+    return adv.reshape(-1).to(rewards.dtype if rewards.dtype == torch.float64 else torch.float32)
+
+
+def group_advantages(rewards, group_size, *, scale="group", eps=1e-4, leave_one_out=False):
+    """Reference group-normalized advantages. rewards [B] float, B = P * group_size -> [B] float32."""
+    validate.check_advantage_inputs(rewards, group_size, scale, eps, leave_one_out)
+    return advantages_impl(rewards, group_size, scale, float(eps), leave_one_out)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3-7. The per-token GRPO loss, its aggregation and metrics
+# ----------------------------------------------------------------------------------------------
+def grpo_loss_impl(logp, advantages, mask, logp_old, logp_ref, entropy, rollout_weights,
+                   options: GRPOOptions):
+    """logp, logp_old, logp_ref, entropy [B, T]; advantages [B]; mask [B, T] bool;
+    rollout_weights [B, T] or [B]. Returns (loss 0-dim, metrics dict of detached 0-dim)."""
+    o = options
+    compute = _compute_dtype(logp.dtype)
+    logp = logp.to(compute)
+    m = mask.to(compute)
+    B = logp.shape[0]
+    A = advantages.to(compute).unsqueeze(1)
+    old = logp.detach() if logp_old is None else logp_old.to(compute)
+
+    # 3. importance ratio
+    log_ratio = torch.clamp(logp - old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    if o.sequence_level:
+        seq_log_ratio = (log_ratio * m).sum(1) / m.sum(1).clamp(min=1.0)
+        rho = torch.exp(seq_log_ratio).unsqueeze(1).expand_as(logp)
+    else:
+        rho = torch.exp(log_ratio)
+
+    # 4. policy term
+    if o.loss_type == "cispo":
+        capped = torch.clamp(rho, max=o.epsilon_high).detach()
+        policy = -capped * A * logp
+    elif o.loss_type == "sapo":
+        k = torch.where(A > 0, torch.full_like(A, o.sapo_temperature_pos),
+                        torch.full_like(A, o.sapo_temperature_neg))
+        policy = -torch.sigmoid(k * (rho - 1.0)) * (4.0 / k) * A
+    else:
+        rho_clipped = torch.clamp(rho, 1.0 - o.epsilon_low, 1.0 + o.epsilon_high)
+        rho_1 = torch.clamp(rho, max=o.delta) if o.delta is not None else rho
+        policy = -torch.minimum(rho_1 * A, rho_clipped * A)
+        if o.clip_ratio_c is not None:
+            policy = torch.where(A < 0, torch.minimum(policy, -o.clip_ratio_c * A), policy)
+    if rollout_weights is not None:
+        w = rollout_weights.to(compute)
+        policy = policy * (w if w.dim() == 2 else w.unsqueeze(1))
+    per_token = policy
+
+    # 5. KL regularizer and entropy bonus
+    kl = None
+    if o.beta > 0:
+        x = logp_ref.to(compute) - logp
+        if o.kl_estimator == "k1":
+            kl = -x
+        elif o.kl_estimator == "k2":
+            kl = 0.5 * x * x
+        else:
+            kl = torch.exp(x) - x - 1.0
+        if o.use_bias_correction_kl:
+            kl = kl * rho
+        per_token = per_token + o.beta * kl
+    if o.entropy_coef != 0:
+        per_token = per_token - o.entropy_coef * entropy.to(compute)
+
+    # 6. aggregation
+    masked = per_token * m
+    count = m.sum()
+    if o.loss_type in ("grpo", "sapo"):
+        loss = (masked.sum(1) / m.sum(1).clamp(min=1.0)).mean()
+    elif o.loss_type == "bnpo":
+        loss = masked.sum() / count.clamp(min=1.0)
+    elif o.loss_type == "dr_grpo":
+        loss = masked.sum() / (B * o.max_completion_length)
+    elif o.loss_type in ("dapo", "cispo"):
+        if o.num_items_in_batch is None:
+            normalizer = count.clamp(min=1.0)
+        else:
+            normalizer = torch.as_tensor(o.num_items_in_batch, dtype=compute, device=logp.device) / world_size()
+        loss = masked.sum() / normalizer
+    else:  # luspo, seq_mean_token_sum
+        loss = masked.sum(1).mean()
+
+    # 7. metrics: masked means over the batch
+    denom = count.clamp(min=1.0)
+    with torch.no_grad():
+        def mean(x):
+            return ((x.to(compute) * m).sum() / denom).float()
+
+        high_bound = o.epsilon_high if o.loss_type == "cispo" else 1.0 + o.epsilon_high
+        low = (rho < 1.0 - o.epsilon_low) & (A < 0)
+        high = (rho > high_bound) & (A > 0)
+        metrics: Dict[str, torch.Tensor] = {
+            "clip_ratio_low": mean(low),
+            "clip_ratio_high": mean(high),
+            "clip_ratio_region": mean(low | high),
+            "ratio": mean(rho.detach()),
+        }
+        if kl is not None:
+            metrics["kl"] = mean(kl.detach())
+        if entropy is not None:
+            metrics["entropy"] = mean(entropy.detach())
+    return loss, metrics
+
+
+def grpo_loss(logp, advantages, mask, *, logp_old=None, logp_ref=None, entropy=None, rollout_weights=None,
+              **options):
+    """Reference GRPO loss on given per-token log-probabilities.
+
+    logp [B, T] float (differentiable), advantages [B], mask [B, T], logp_old / logp_ref / entropy
+    [B, T], rollout_weights [B, T] or [B]; options as in :class:`GRPOOptions`.
+    Returns (loss 0-dim float32, metrics: dict of detached float32 0-dim tensors).
+    """
+    opts = GRPOOptions.from_kwargs(**options)
+    mask = validate.check_grpo_inputs(logp, advantages, mask, logp_old=logp_old, logp_ref=logp_ref,
+                                      entropy=entropy, rollout_weights=rollout_weights, options=opts)
+    if opts.entropy_coef != 0 and entropy is None:
+        raise ValueError(f"entropy_coef={opts.entropy_coef} needs entropy [B, T]")
+    return grpo_loss_impl(logp, advantages, mask, logp_old, logp_ref, entropy, rollout_weights, opts)
+
+
+def linear_grpo_loss_impl(hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref,
+                          rollout_weights, temperature, return_entropy, options: GRPOOptions):
+    """hidden [B, T, D], weight [V, D], targets [B, T], mask [B, T] bool, advantages [B]."""
+    B, T, D = hidden.shape
+    need_entropy = return_entropy or options.entropy_coef != 0
+    logp, entropy = logprobs_impl(hidden.reshape(B * T, D), weight, targets.reshape(-1), bias, temperature,
+                                  need_entropy, mask.reshape(-1))
+    logp = logp.view(B, T)
+    entropy = None if entropy is None else entropy.view(B, T)
+    return grpo_loss_impl(logp, advantages, mask, logp_old, logp_ref, entropy, rollout_weights, options)
+
+
+def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, bias=None, logp_old=None,
+                           logp_ref=None, rollout_weights=None, temperature=1.0, return_entropy=False,
+                           **options):
+    """Reference GRPO loss from hidden states: logits, log-softmax, then :func:`grpo_loss`.
+
+    hidden [B, T, D], weight [V, D], targets [B, T] int, mask [B, T], advantages [B];
+    logp_old / logp_ref [B, T]; bias [V]. Returns (loss, metrics)."""
+    opts = GRPOOptions.from_kwargs(**options)
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        raise ValueError(f"hidden must be a 3-D tensor [B, T, D], got "
+                         f"{tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__}")
+    mask_b, temperature = validate.check_linear_inputs(hidden, weight, targets, bias=bias, mask=mask,
+                                                       temperature=temperature)
+    mask_b = validate.check_grpo_inputs(targets, advantages, mask_b, logp_old=logp_old, logp_ref=logp_ref,
+                                        rollout_weights=rollout_weights, options=opts, need_logp=False)
+    return linear_grpo_loss_impl(hidden, weight, targets, mask_b, advantages, bias, logp_old, logp_ref,
+                                 rollout_weights, temperature, return_entropy, opts)
