@@ -24,7 +24,7 @@ name = "reference"
 LOG_RATIO_CLAMP = 20.0  # SPEC 3: verl's guard against exp overflow times a zero mask
 
 
-def available(device: torch.device) -> Tuple[bool, str]:
+def available(device: torch.device, dtype: torch.dtype) -> Tuple[bool, str]:
     return True, ""
 
 
