@@ -1,0 +1,104 @@
+"""Group advantage normalization (SPEC section 2): rewards [B] -> advantages [B], one program per group.
+
+Every group of G contiguous rewards is reduced in two passes over G (mean, then the sum of squared
+deviations, so the unbiased std does not suffer the cancellation of sum(r^2) - G mu^2) and written
+in a third. scale="batch" divides by the std of all B rewards instead: a first one-program kernel
+reduces the whole batch (B is a few thousand at most) into a one-element device buffer that the
+group kernel reads, so the host never waits for a value.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+SCALES = {"none": 0, "group": 1, "batch": 2}
+
+# Rewards are few (B ~ 1e2..1e4): one warp-sized block keeps small groups cheap, and the loops over
+# G / B cover any size without a power-of-two limit on the group.
+MAX_BLOCK_GROUP = 1024
+BLOCK_BATCH = 1024
+
+
+@triton.jit
+def _batch_std_kernel(rewards_ptr, std_ptr, B, BLOCK: tl.constexpr):
+    """std_ptr[0] = unbiased std of rewards[0:B] (B >= 2), two passes in float32."""
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, B, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.load(rewards_ptr + offs, mask=offs < B, other=0.0)
+    mean = tl.sum(acc, axis=0) / B
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, B, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        in_range = offs < B
+        r = tl.load(rewards_ptr + offs, mask=in_range, other=0.0)
+        dev = tl.where(in_range, r - mean, 0.0)
+        acc += dev * dev
+    tl.store(std_ptr, tl.sqrt(tl.sum(acc, axis=0) / (B - 1)))
+
+
+@triton.jit
+def _group_advantages_kernel(rewards_ptr, std_ptr, out_ptr, G, eps, loo_factor,
+                             SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    """out[g*G:(g+1)*G] for group g = program id. SCALE: 0 none, 1 group std, 2 batch std (std_ptr)."""
+    base = tl.program_id(0).to(tl.int64) * G
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    hi = tl.full([BLOCK], float("-inf"), tl.float32)
+    lo = tl.full([BLOCK], float("inf"), tl.float32)
+    for start in range(0, G, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        in_group = offs < G
+        r = tl.load(rewards_ptr + base + offs, mask=in_group, other=0.0)
+        total += r
+        hi = tl.maximum(hi, tl.where(in_group, r, float("-inf")))
+        lo = tl.minimum(lo, tl.where(in_group, r, float("inf")))
+    mean = tl.sum(total, axis=0) / G
+    # Equality is decided on the rewards themselves, not on a computed std: a group of equal
+    # rewards gets exactly 0 even with eps = 0, where (r - mu) / std would be 0 / 0.
+    equal = tl.max(hi, axis=0) == tl.min(lo, axis=0)
+    if SCALE == 1:
+        sq = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, G, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            in_group = offs < G
+            r = tl.load(rewards_ptr + base + offs, mask=in_group, other=0.0)
+            dev = tl.where(in_group, r - mean, 0.0)
+            sq += dev * dev
+        denom = tl.sqrt(tl.sum(sq, axis=0) / (G - 1)) + eps
+    elif SCALE == 2:
+        denom = tl.load(std_ptr) + eps
+    else:
+        denom = 1.0
+    # An equal group must not divide by a zero denominator even in lanes that are discarded.
+    denom = tl.where(equal, 1.0, denom)
+    for start in range(0, G, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        in_group = offs < G
+        r = tl.load(rewards_ptr + base + offs, mask=in_group, other=0.0)
+        # leave-one-out: r - mean(others) = G / (G - 1) * (r - mu), loo_factor is 1 otherwise
+        adv = ((r - mean) * loo_factor) / denom
+        tl.store(out_ptr + base + offs, tl.where(equal, 0.0, adv), mask=in_group)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str, eps: float,
+                     leave_one_out: bool) -> torch.Tensor:
+    """rewards [B] float32 contiguous, B = P * group_size (validated) -> advantages [B] float32.
+
+    scale: "group" | "batch" | "none"; eps >= 0 added to the std; leave_one_out: RLOO baseline."""
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {tuple(SCALES)}, got {scale!r}")
+    rewards = rewards.float().contiguous()
+    B = rewards.shape[0]
+    out = torch.empty_like(rewards)
+    if B == 0:
+        return out
+    groups = B // group_size
+    std = torch.empty(1, dtype=torch.float32, device=rewards.device)
+    if scale == "batch":
+        _batch_std_kernel[(1,)](rewards, std, B, BLOCK=BLOCK_BATCH)
+    block = min(triton.next_power_of_2(group_size), MAX_BLOCK_GROUP)
+    loo_factor = group_size / (group_size - 1) if leave_one_out else 1.0
+    _group_advantages_kernel[(groups,)](rewards, std, out, group_size, float(eps), float(loo_factor),
+                                        SCALE=SCALES[scale], BLOCK=block)
+    return out

@@ -1,0 +1,305 @@
+"""The per-sequence GRPO loss (SPEC sections 3 to 7): loss, metric sums and d(loss)/d(logp) in one kernel.
+
+One program per sequence loops over T in blocks. Every option is a tl.constexpr flag or a float
+argument of the one kernel, so each combination compiles to straight-line code without dead branches.
+
+Gradient, per token t of sequence b (m = mask, c = row_scale[b], L_t the per-token loss of SPEC 4-5):
+    d(loss)/d(logp_t) = c m_t (dL_t/dlogp_t |direct  +  dL_t/drho_t * drho_t/dlogp_t)
+The direct part is cispo's -cap A w and the KL's beta (rho) dKL/dlogp; the part through the ratio is
+every other policy term and the bias-corrected KL's beta KL. With d_t = clamp(logp_t - logp_old_t,
+-20, 20) and i_t = [-20 <= logp_t - logp_old_t <= 20] (torch.clamp passes the gradient at its bounds):
+  token level:    rho_t = exp(d_t),  drho_t/dlogp_t = rho_t i_t
+  sequence level: rho_t = s for every t, s = exp(sum_u m_u d_u / n), n = max(sum_u m_u, 1), so
+                  ds/dlogp_t = s m_t i_t / n and, since s feeds every token of the sequence,
+                  d(loss)/d(logp_t) = c m_t dL_t/dlogp_t|direct + (sum_u c m_u dL_u/ds) s m_t i_t / n.
+The sequence level therefore takes three passes over the row: the mean log-ratio (s), the loss,
+metrics and the sum over u of c m_u dL_u/ds, then the gradient of every token.
+
+torch.minimum and torch.clamp are matched exactly as autograd differentiates them: clamp passes the
+gradient where min <= x <= max (bounds included), minimum splits it in halves at ties. The tie is the
+common case, not a corner: inside the clip range rho_c = rho_1 = rho, and half of -A through each
+branch gives the total -A of an unclipped surrogate.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends import (NSTATS, STAT_CLIP_HIGH, STAT_CLIP_LOW, STAT_CLIP_REGION, STAT_COUNT, STAT_ENTROPY,
+                        STAT_KL, STAT_LOSS, STAT_RATIO)
+
+LOG_RATIO_CLAMP = 20.0  # SPEC 3, the same constant as lvrpo_fast.reference
+
+LOSS_KINDS = {"clip": 0, "cispo": 1, "sapo": 2}
+KL_KINDS = {"k1": 1, "k2": 2, "k3": 3}  # 0: no KL term (beta == 0)
+
+# Sequences are short (T ~ 1e2..1e4) and the work per token is a few dozen flops on ~7 loaded
+# values: a block of up to 1024 tokens keeps each program's loop short with 8 fp32 accumulators
+# per lane staying in registers at 4 warps.
+MAX_BLOCK_T = 1024
+
+_LOSS = tl.constexpr(STAT_LOSS)
+_COUNT = tl.constexpr(STAT_COUNT)
+_KL = tl.constexpr(STAT_KL)
+_CLIP_LOW = tl.constexpr(STAT_CLIP_LOW)
+_CLIP_HIGH = tl.constexpr(STAT_CLIP_HIGH)
+_CLIP_REGION = tl.constexpr(STAT_CLIP_REGION)
+_RATIO = tl.constexpr(STAT_RATIO)
+_ENTROPY = tl.constexpr(STAT_ENTROPY)
+
+
+@triton.jit
+def _log_ratio(logp_ptr, old_ptr, offs, in_row, HAS_OLD: tl.constexpr):
+    """(logp, clamped log-ratio d, i = 1.0 where the clamp passes the gradient) of one block."""
+    logp = tl.load(logp_ptr + offs, mask=in_row, other=0.0)
+    if HAS_OLD:
+        raw = logp - tl.load(old_ptr + offs, mask=in_row, other=0.0)
+    else:
+        # logp_old defaults to logp.detach(): ratio 1, but the gradient still flows through logp.
+        raw = tl.full(logp.shape, 0.0, tl.float32)
+    d = tl.minimum(tl.maximum(raw, -20.0), 20.0)
+    passes = ((raw >= -20.0) & (raw <= 20.0)).to(tl.float32)
+    return logp, d, passes
+
+
+@triton.jit
+def _min_grad_weight(x, y):
+    """Share of d min(x, y) that goes to x, as autograd's torch.minimum: 1, 0, or 1/2 at a tie."""
+    return tl.where(x < y, 1.0, tl.where(x == y, 0.5, 0.0))
+
+
+@triton.jit
+def _token_terms(logp, rho, adv, logp_ref, weight, entropy,
+                 eps_low, eps_high, delta, clip_c, beta, entropy_coef, sapo_pos, sapo_neg,
+                 LOSS_KIND: tl.constexpr, KL_KIND: tl.constexpr, BIAS_CORRECTED: tl.constexpr,
+                 HAS_DELTA: tl.constexpr, DUAL_CLIP: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+                 ENTROPY_BONUS: tl.constexpr):
+    """Per-token loss L (SPEC 4-5, before masking), its partial derivatives w.r.t. logp (not through
+    rho) and w.r.t. rho, and the KL value of the metrics. adv is the sequence's advantage, broadcast."""
+    if LOSS_KIND == 1:  # cispo: -stopgrad(min(rho, eps_high)) A logp
+        cap = tl.minimum(rho, eps_high)
+        policy = -cap * adv * logp
+        d_policy_logp = -cap * adv
+        d_policy_rho = tl.full(rho.shape, 0.0, tl.float32)
+    elif LOSS_KIND == 2:  # sapo: -sigmoid(k (rho - 1)) 4 / k A, k by the sign of A
+        k = tl.where(adv > 0, sapo_pos, sapo_neg)
+        gate = 1.0 / (1.0 + tl.exp(-k * (rho - 1.0)))
+        policy = -gate * (4.0 / k) * adv
+        d_policy_logp = tl.full(rho.shape, 0.0, tl.float32)
+        # d sigmoid(k x)/dx = k g (1 - g); the k cancels the 4 / k
+        d_policy_rho = -4.0 * adv * gate * (1.0 - gate)
+    else:  # clip family: -min(rho_1 A, clamp(rho, 1 - eps_low, 1 + eps_high) A)
+        lower = 1.0 - eps_low
+        upper = 1.0 + eps_high
+        rho_c = tl.minimum(tl.maximum(rho, lower), upper)
+        d_rho_c = ((rho >= lower) & (rho <= upper)).to(tl.float32)
+        if HAS_DELTA:
+            rho_1 = tl.minimum(rho, delta)
+            d_rho_1 = (rho <= delta).to(tl.float32)
+        else:
+            rho_1 = rho
+            d_rho_1 = tl.full(rho.shape, 1.0, tl.float32)
+        unclipped = rho_1 * adv
+        clipped = rho_c * adv
+        share = _min_grad_weight(unclipped, clipped)
+        policy = -tl.minimum(unclipped, clipped)
+        d_policy_rho = -adv * (share * d_rho_1 + (1.0 - share) * d_rho_c)
+        if DUAL_CLIP:
+            # where A < 0: L = min(L, -c A); -c A is constant, so L keeps its share of the gradient
+            floor = -clip_c * adv
+            keep = _min_grad_weight(policy, floor)
+            d_policy_rho = tl.where(adv < 0, keep * d_policy_rho, d_policy_rho)
+            policy = tl.where(adv < 0, tl.minimum(policy, floor), policy)
+        d_policy_logp = tl.full(rho.shape, 0.0, tl.float32)
+    if HAS_WEIGHTS:
+        # the rollout correction multiplies the policy term only, never the KL
+        policy = policy * weight
+        d_policy_logp = d_policy_logp * weight
+        d_policy_rho = d_policy_rho * weight
+    loss = policy
+    d_logp = d_policy_logp
+    d_rho = d_policy_rho
+    kl = tl.full(rho.shape, 0.0, tl.float32)
+    if KL_KIND != 0:
+        x = logp_ref - logp
+        if KL_KIND == 1:
+            kl = -x
+            d_kl = tl.full(rho.shape, 1.0, tl.float32)
+        elif KL_KIND == 2:
+            kl = 0.5 * x * x
+            d_kl = -x
+        else:
+            ex = tl.exp(x)
+            kl = ex - x - 1.0
+            d_kl = 1.0 - ex
+        if BIAS_CORRECTED:
+            # KL rho: the gradient goes through both factors (un-clipped rho, before delta)
+            d_rho += beta * kl
+            d_kl = d_kl * rho
+            kl = kl * rho
+        loss += beta * kl
+        d_logp += beta * d_kl
+    if ENTROPY_BONUS:
+        loss -= entropy_coef * entropy
+    return loss, d_logp, d_rho, kl
+
+
+@triton.jit
+def _grpo_loss_kernel(
+    logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, weight_ptr, entropy_ptr, scale_ptr,
+    stats_ptr, grad_ptr, T,
+    eps_low, eps_high, delta, clip_c, beta, entropy_coef, sapo_pos, sapo_neg,
+    LOSS_KIND: tl.constexpr, SEQUENCE_LEVEL: tl.constexpr, KL_KIND: tl.constexpr,
+    BIAS_CORRECTED: tl.constexpr, HAS_DELTA: tl.constexpr, DUAL_CLIP: tl.constexpr,
+    HAS_OLD: tl.constexpr, HAS_WEIGHTS: tl.constexpr, HAS_ENTROPY: tl.constexpr,
+    ENTROPY_BONUS: tl.constexpr, NEED_GRAD: tl.constexpr, N_STATS: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """One program per sequence b: stats[b, :] and (NEED_GRAD) grad[b, :] (see the module docstring)."""
+    row = tl.program_id(0).to(tl.int64)
+    base = row * T
+    adv = tl.load(adv_ptr + row)
+    row_scale = tl.load(scale_ptr + row)
+    # the scalar advantage as a block, so that comparisons with it combine with per-token masks
+    adv_t = tl.full([BLOCK_T], 0.0, tl.float32) + adv
+    high_bound = eps_high if LOSS_KIND == 1 else 1.0 + eps_high  # cispo's eps_high is an absolute cap
+
+    if SEQUENCE_LEVEL:
+        # pass 1: s = exp(masked mean of the clamped log-ratio)
+        ratio_sum = tl.full([BLOCK_T], 0.0, tl.float32)
+        count_sum = tl.full([BLOCK_T], 0.0, tl.float32)
+        for start in range(0, T, BLOCK_T):
+            cols = start + tl.arange(0, BLOCK_T)
+            in_row = cols < T
+            m = tl.load(mask_ptr + base + cols, mask=in_row, other=0) != 0
+            _, d, _ = _log_ratio(logp_ptr + base, old_ptr + base, cols, in_row, HAS_OLD)
+            ratio_sum += tl.where(m, d, 0.0)
+            count_sum += m.to(tl.float32)
+        n_tokens = tl.maximum(tl.sum(count_sum, axis=0), 1.0)
+        seq_ratio = tl.exp(tl.sum(ratio_sum, axis=0) / n_tokens)
+
+    acc_loss = tl.full([BLOCK_T], 0.0, tl.float32)
+    acc_count = tl.full([BLOCK_T], 0.0, tl.float32)
+    acc_kl = tl.full([BLOCK_T], 0.0, tl.float32)
+    acc_low = tl.full([BLOCK_T], 0.0, tl.float32)
+    acc_high = tl.full([BLOCK_T], 0.0, tl.float32)
+    acc_region = tl.full([BLOCK_T], 0.0, tl.float32)
+    acc_ratio = tl.full([BLOCK_T], 0.0, tl.float32)
+    acc_entropy = tl.full([BLOCK_T], 0.0, tl.float32)
+    acc_d_seq = tl.full([BLOCK_T], 0.0, tl.float32)  # sum_u c m_u dL_u/ds (sequence level)
+    for start in range(0, T, BLOCK_T):
+        cols = start + tl.arange(0, BLOCK_T)
+        in_row = cols < T
+        offs = base + cols
+        m = tl.load(mask_ptr + offs, mask=in_row, other=0) != 0
+        logp, d, passes = _log_ratio(logp_ptr + base, old_ptr + base, cols, in_row, HAS_OLD)
+        if SEQUENCE_LEVEL:
+            rho = tl.full([BLOCK_T], 0.0, tl.float32) + seq_ratio
+        else:
+            rho = tl.exp(d)
+        logp_ref = tl.load(ref_ptr + offs, mask=in_row, other=0.0) if KL_KIND != 0 else logp
+        weight = tl.load(weight_ptr + offs, mask=in_row, other=0.0) if HAS_WEIGHTS else logp
+        entropy = tl.load(entropy_ptr + offs, mask=in_row, other=0.0) if HAS_ENTROPY else logp
+        loss, d_logp, d_rho, kl = _token_terms(
+            logp, rho, adv_t, logp_ref, weight, entropy,
+            eps_low, eps_high, delta, clip_c, beta, entropy_coef, sapo_pos, sapo_neg,
+            LOSS_KIND, KL_KIND, BIAS_CORRECTED, HAS_DELTA, DUAL_CLIP, HAS_WEIGHTS, ENTROPY_BONUS)
+        low = m & (rho < 1.0 - eps_low) & (adv_t < 0)
+        high = m & (rho > high_bound) & (adv_t > 0)
+        acc_loss += tl.where(m, loss, 0.0)
+        acc_count += m.to(tl.float32)
+        acc_kl += tl.where(m, kl, 0.0)
+        acc_low += low.to(tl.float32)
+        acc_high += high.to(tl.float32)
+        acc_region += (low | high).to(tl.float32)
+        acc_ratio += tl.where(m, rho, 0.0)
+        if HAS_ENTROPY:
+            acc_entropy += tl.where(m, entropy, 0.0)
+        if NEED_GRAD:
+            if SEQUENCE_LEVEL:
+                acc_d_seq += tl.where(m, d_rho, 0.0)
+            else:
+                grad = row_scale * (d_logp + d_rho * rho * passes)
+                tl.store(grad_ptr + offs, tl.where(m, grad, 0.0), mask=in_row)
+
+    if NEED_GRAD:
+        if SEQUENCE_LEVEL:
+            # pass 3: the direct part of each token plus its share of the sequence ratio's gradient
+            d_seq = tl.sum(acc_d_seq, axis=0) * seq_ratio / n_tokens
+            for start in range(0, T, BLOCK_T):
+                cols = start + tl.arange(0, BLOCK_T)
+                in_row = cols < T
+                offs = base + cols
+                m = tl.load(mask_ptr + offs, mask=in_row, other=0) != 0
+                logp, d, passes = _log_ratio(logp_ptr + base, old_ptr + base, cols, in_row, HAS_OLD)
+                rho = tl.full([BLOCK_T], 0.0, tl.float32) + seq_ratio
+                logp_ref = tl.load(ref_ptr + offs, mask=in_row, other=0.0) if KL_KIND != 0 else logp
+                weight = tl.load(weight_ptr + offs, mask=in_row, other=0.0) if HAS_WEIGHTS else logp
+                _, d_logp, _, _ = _token_terms(
+                    logp, rho, adv_t, logp_ref, weight, logp,
+                    eps_low, eps_high, delta, clip_c, beta, entropy_coef, sapo_pos, sapo_neg,
+                    LOSS_KIND, KL_KIND, BIAS_CORRECTED, HAS_DELTA, DUAL_CLIP, HAS_WEIGHTS, False)
+                grad = row_scale * (d_logp + d_seq * passes)
+                tl.store(grad_ptr + offs, tl.where(m, grad, 0.0), mask=in_row)
+
+    # One reduction for all the metric sums: the per-lane partial sums side by side in a
+    # [BLOCK_T, N_STATS] tile, reduced over the lanes at once and written with one store.
+    stat_cols = tl.arange(0, N_STATS)
+    tile = tl.full([BLOCK_T, N_STATS], 0.0, tl.float32)
+    tile = tl.where(stat_cols[None, :] == _LOSS, acc_loss[:, None], tile)
+    tile = tl.where(stat_cols[None, :] == _COUNT, acc_count[:, None], tile)
+    tile = tl.where(stat_cols[None, :] == _KL, acc_kl[:, None], tile)
+    tile = tl.where(stat_cols[None, :] == _CLIP_LOW, acc_low[:, None], tile)
+    tile = tl.where(stat_cols[None, :] == _CLIP_HIGH, acc_high[:, None], tile)
+    tile = tl.where(stat_cols[None, :] == _CLIP_REGION, acc_region[:, None], tile)
+    tile = tl.where(stat_cols[None, :] == _RATIO, acc_ratio[:, None], tile)
+    tile = tl.where(stat_cols[None, :] == _ENTROPY, acc_entropy[:, None], tile)
+    sums = tl.sum(tile, axis=0)
+    sums = tl.where(stat_cols == _LOSS, row_scale * sums, sums)
+    tl.store(stats_ptr + row * N_STATS + stat_cols, sums)
+
+
+def _f32(t):
+    return None if t is None else t.float().contiguous()
+
+
+def grpo_token_loss(logp, logp_old, logp_ref, advantages, mask, rollout_weights, entropy, row_scale, options,
+                    need_grad):
+    """The grpo_token_loss primitive of lvrpo_fast.backends.
+
+    logp, logp_old, logp_ref, rollout_weights, entropy: [B, T] float32 (all but logp may be None);
+    advantages, row_scale: [B] float32; mask: [B, T] bool; options: lvrpo_fast.GRPOOptions.
+    Returns (stats [B, NSTATS] float32, grad_logp [B, T] float32 or None)."""
+    o = options
+    logp = _f32(logp)
+    B, T = logp.shape
+    mask_bytes = mask.contiguous().view(torch.uint8)  # bool -> uint8 without a copy
+    stats = torch.empty((B, NSTATS), dtype=torch.float32, device=logp.device)
+    grad = torch.empty((B, T), dtype=torch.float32, device=logp.device) if need_grad else None
+    if B == 0:
+        return stats, grad
+    kl_kind = KL_KINDS[o.kl_estimator] if o.beta > 0 else 0
+    if kl_kind and logp_ref is None:
+        raise ValueError(f"beta={o.beta} > 0 needs logp_ref (the reference model's log-probabilities)")
+    entropy_bonus = o.entropy_coef != 0
+    if entropy_bonus and entropy is None:
+        raise ValueError(f"entropy_coef={o.entropy_coef} needs entropy [B, T]")
+    if rollout_weights is not None and rollout_weights.dim() == 1:
+        rollout_weights = rollout_weights.unsqueeze(1).expand(B, T)
+    loss_kind = LOSS_KINDS.get(o.loss_type, LOSS_KINDS["clip"])
+    # Absent tensors are never read (their constexpr flag is off); logp stands in for the pointer.
+    old, ref, weights, ent = (_f32(t) for t in (logp_old, logp_ref, rollout_weights, entropy))
+    block = min(triton.next_power_of_2(max(T, 1)), MAX_BLOCK_T)
+    _grpo_loss_kernel[(B,)](
+        logp, logp if old is None else old, logp if ref is None else ref, _f32(advantages), mask_bytes,
+        logp if weights is None else weights, logp if ent is None else ent, _f32(row_scale),
+        stats, logp if grad is None else grad, T,
+        float(o.epsilon_low), float(o.epsilon_high), float(o.delta or 0.0), float(o.clip_ratio_c or 0.0),
+        float(o.beta), float(o.entropy_coef), float(o.sapo_temperature_pos), float(o.sapo_temperature_neg),
+        LOSS_KIND=loss_kind, SEQUENCE_LEVEL=o.sequence_level, KL_KIND=kl_kind,
+        BIAS_CORRECTED=bool(o.use_bias_correction_kl) and kl_kind != 0, HAS_DELTA=o.delta is not None,
+        DUAL_CLIP=o.clip_ratio_c is not None, HAS_OLD=old is not None, HAS_WEIGHTS=weights is not None,
+        HAS_ENTROPY=ent is not None, ENTROPY_BONUS=entropy_bonus, NEED_GRAD=bool(need_grad),
+        N_STATS=NSTATS, BLOCK_T=block,
+    )
+    return stats, grad
