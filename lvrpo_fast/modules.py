@@ -1,0 +1,215 @@
+"""nn.Module wrappers: :class:`FusedLinearGRPOLoss`, a drop-in for Liger-Kernel's ``LigerFusedLinearGRPOLoss``.
+
+Switching a Liger user is one line::
+
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss   # before
+    from lvrpo_fast.modules import FusedLinearGRPOLoss as LigerFusedLinearGRPOLoss   # after
+
+The constructor takes Liger's options in Liger's order with Liger's defaults (beta=0.04,
+loss_type="dapo", use_ref_model=True, ...), forward takes Liger's arguments in Liger's order, and the
+result is Liger's structure: ``(loss, (kl, clip_ratio))`` with ``kl`` present only when beta != 0.
+Checked against liger-kernel 0.8.5 (tests/test_modules.py).
+
+What is not supported, and why (each raises a ValueError rather than silently changing the numbers):
+    loss_type="vespo"      not in ../shared/SPEC.md: no kernel implements VESPO's gamma weighting.
+    loss_type="luspo" with token-level ratios, beta != 0 (with a reference) or per-token vllm_is_ratio:
+                           Liger then averages the loss over all B x T positions, padding included,
+                           so the result depends on log-probabilities at padded positions; lvrpo_fast
+                           sums unmasked tokens only (SPEC section 10). Sequence-level luspo with
+                           beta = 0 (the LUSPO recipe) is supported and equal.
+    delta <= 1             Liger accepts any delta > 0; SPEC needs delta > 1 (the bound of an
+                           un-clipped ratio that is at least the clip bound 1 + epsilon_high).
+Accepted and ignored because they do not change the numbers: ``compiled`` (Liger's torch.compile of
+the loss math; the kernels are compiled already) and ``chunk_size`` (Liger's rows per chunk; lvrpo_fast
+picks its chunk from LVRPO_CHUNK_BYTES). The vespo_* options only matter for loss_type="vespo".
+Differences below the tolerance of the tests: lvrpo_fast clamps the log-ratio to [-20, 20] (verl's
+guard) where Liger does not, and adds the LM head bias in the input dtype where Liger adds it in
+float32. Like Liger, a weight whose dtype differs from the hidden states' is cast to theirs.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .linear_grpo_loss import fused_linear_grpo_loss
+from .logprobs import fused_linear_logprobs
+from .options import GRPOOptions, world_size
+
+__all__ = ["FusedLinearGRPOLoss"]
+
+
+class FusedLinearGRPOLoss(nn.Module):
+    """The GRPO loss from hidden states and the LM head, with the interface of Liger's LigerFusedLinearGRPOLoss.
+
+    Args (Liger's names, order and defaults; see the module docstring for the unsupported values):
+        beta: KL coefficient (k3 estimator, as Liger and TRL). Default 0.04.
+        compiled: accepted for compatibility, no effect.
+        use_ref_model: use ref_per_token_logps (or ref_input / ref_weight) for the KL term; when
+            False the reference is the current policy (KL 0), exactly as Liger.
+        chunk_size: accepted for compatibility, no effect.
+        epsilon_low, epsilon_high: clip range [1 - epsilon_low, 1 + epsilon_high]; for cispo,
+            epsilon_high is the absolute cap of the ratio.
+        loss_type: "grpo", "bnpo", "dr_grpo", "dapo" (default), "cispo", "sapo" or "luspo".
+        max_completion_length: normalizer of dr_grpo (required there).
+        importance_sampling_level: "token" or "sequence" (GSPO).
+        sapo_temperature_pos, sapo_temperature_neg: SAPO gate temperatures.
+        temperature: divides the logits of the policy and of the reference alike.
+        delta: optional upper bound of the un-clipped ratio (two-sided clip), > 1.
+        use_bias_correction_kl: multiply the KL by the importance ratio (DeepSeek-V3.2).
+        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: accepted; vespo is unsupported.
+        backend (keyword only, not in Liger): "auto", "triton", "cpp" or "reference".
+    """
+
+    def __init__(self, beta: float = 0.04, compiled: bool = True, use_ref_model: bool = True, chunk_size: int = 1,
+                 epsilon_low: float = 0.2, epsilon_high: float = 0.2, loss_type: str = "dapo",
+                 max_completion_length: Optional[int] = None, importance_sampling_level: str = "token",
+                 sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05, temperature: float = 1.0,
+                 delta: Optional[float] = None, use_bias_correction_kl: bool = False, vespo_k_pos: float = 2.0,
+                 vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0, *,
+                 backend: Optional[str] = None):
+        super().__init__()
+        if loss_type == "vespo":
+            raise ValueError("loss_type='vespo' is not supported by lvrpo_fast (no kernel implements VESPO's "
+                             "gamma weighting); use Liger's LigerFusedLinearGRPOLoss for it")
+        if loss_type == "luspo" and importance_sampling_level != "sequence":
+            raise ValueError("loss_type='luspo' is supported with importance_sampling_level='sequence' only: with "
+                             "token-level ratios Liger averages the loss over padded positions too, which "
+                             "lvrpo_fast does not reproduce (SPEC section 10)")
+        self.beta = beta
+        self.compiled = compiled
+        self.use_ref_model = use_ref_model
+        self.chunk_size = chunk_size
+        self.epsilon_low = epsilon_low
+        self.epsilon_high = epsilon_high
+        self.loss_type = loss_type
+        self.max_completion_length = max_completion_length
+        self.importance_sampling_level = importance_sampling_level
+        self.sapo_temperature_pos = sapo_temperature_pos
+        self.sapo_temperature_neg = sapo_temperature_neg
+        self.temperature = temperature
+        self.delta = delta
+        self.use_bias_correction_kl = use_bias_correction_kl
+        self.vespo_k_pos = vespo_k_pos
+        self.vespo_lambda_pos = vespo_lambda_pos
+        self.vespo_k_neg = vespo_k_neg
+        self.vespo_lambda_neg = vespo_lambda_neg
+        self.backend = backend
+        self._options(beta)  # every option error at construction, not at the first batch
+
+    def _options(self, beta, num_items_in_batch=None) -> GRPOOptions:
+        return GRPOOptions(loss_type=self.loss_type, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
+                           delta=self.delta, beta=beta, kl_estimator="k3",
+                           use_bias_correction_kl=self.use_bias_correction_kl,
+                           importance_sampling_level=self.importance_sampling_level,
+                           max_completion_length=self.max_completion_length, num_items_in_batch=num_items_in_batch,
+                           sapo_temperature_pos=self.sapo_temperature_pos,
+                           sapo_temperature_neg=self.sapo_temperature_neg)
+
+    def _reference_logps(self, ref_per_token_logps, ref_input, ref_weight, ref_bias, selected_token_ids, mask):
+        """The reference log-probabilities Liger would use, or None when the KL term vanishes."""
+        if not self.use_ref_model:
+            return None  # Liger then takes the policy itself as the reference: KL and its gradient are 0
+        if ref_per_token_logps is None and ref_input is None:
+            raise ValueError("use_ref_model=True needs ref_per_token_logps or ref_input (with ref_weight)")
+        if ref_per_token_logps is not None:
+            if ref_input is not None:
+                warnings.warn("Both ref_per_token_logps and ref_input are provided. Using ref_per_token_logps.",
+                              stacklevel=3)
+            return ref_per_token_logps
+        if ref_weight is None:
+            raise ValueError("ref_input needs ref_weight (the reference model's LM head weight)")
+        if ref_weight.dtype != ref_input.dtype:
+            ref_weight = ref_weight.to(ref_input.dtype)
+        if ref_bias is not None and ref_bias.dtype != ref_input.dtype:
+            ref_bias = ref_bias.to(ref_input.dtype)
+        # Liger scores the reference under no_grad with the policy's temperature; so do we.
+        with torch.no_grad():
+            return fused_linear_logprobs(ref_input, ref_weight, selected_token_ids, bias=ref_bias,
+                                         temperature=self.temperature, mask=mask, backend=self.backend)
+
+    def _dapo_normalizer(self, attention_mask, num_items_in_batch):
+        """num_items_in_batch for lvrpo_fast (which divides it by the world size) reproducing Liger's
+        normalizer max(n / world_size, 1), with n the all-reduced token count when not given."""
+        if self.loss_type not in ("dapo", "cispo"):
+            return None
+        ws = world_size()
+        if num_items_in_batch is None:
+            if ws == 1:
+                return None  # the local count, clamped at 1: Liger's normalizer on one process
+            import torch.distributed as dist
+
+            num_items_in_batch = attention_mask.sum(dtype=torch.float32)
+            dist.all_reduce(num_items_in_batch, op=dist.ReduceOp.SUM)
+        if isinstance(num_items_in_batch, torch.Tensor):
+            return num_items_in_batch.to(device=attention_mask.device, dtype=torch.float32).clamp(min=float(ws))
+        return max(float(num_items_in_batch), float(ws))
+
+    def forward(self, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=None,
+                ref_per_token_logps=None, old_per_token_logps=None, ref_input=None, ref_weight=None, ref_bias=None,
+                vllm_is_ratio=None, num_items_in_batch=None):
+        """
+        Args:
+            _input: [B, T, D] hidden states predicting selected_token_ids (float16/bfloat16/float32/float64).
+            lin_weight: [V, D] LM head weight (cast to _input's dtype if it differs); bias: [V] or None.
+            selected_token_ids: [B, T] integer ids of the sampled completion tokens.
+            attention_mask: [B, T] 0/1 completion mask.
+            advantages: [B] float.
+            ref_per_token_logps, old_per_token_logps: [B, T] float or None.
+            ref_input: [B, T, D] reference-model hidden states; ref_weight [V, D]; ref_bias [V].
+            vllm_is_ratio: rollout correction weights, [B], [B, 1] or [B, T], multiplying the policy term.
+            num_items_in_batch: token count of the whole generation batch (dapo / cispo normalizer).
+
+        Returns:
+            (loss, metrics): loss a 0-dim float32 tensor differentiable w.r.t. _input, lin_weight and
+            bias; metrics a tuple of detached 0-dim tensors, (kl, clip_ratio) when beta != 0 else
+            (clip_ratio,), as Liger: kl the masked mean of the (bias-corrected) k3 estimate,
+            clip_ratio the fraction of clipped tokens (cispo: capped with A > 0; sapo: 0, no clipping).
+        """
+        if not isinstance(_input, torch.Tensor) or _input.dim() != 3:
+            got = tuple(_input.shape) if isinstance(_input, torch.Tensor) else type(_input).__name__
+            raise ValueError(f"_input must be a 3-D tensor [B, T, D], got {got}")
+        weight = lin_weight if lin_weight.dtype == _input.dtype else lin_weight.to(_input.dtype)
+        if bias is not None and bias.dtype != _input.dtype:
+            bias = bias.to(_input.dtype)
+        mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
+        logp_ref = self._reference_logps(ref_per_token_logps, ref_input, ref_weight, ref_bias, selected_token_ids,
+                                         mask)
+        beta = self.beta if logp_ref is not None else 0.0
+        rollout_weights = vllm_is_ratio
+        if rollout_weights is not None and rollout_weights.dim() == 2 and rollout_weights.shape[1] == 1:
+            rollout_weights = rollout_weights[:, 0]
+        if self.loss_type == "luspo":
+            if beta != 0:
+                raise ValueError("loss_type='luspo' with beta != 0 and a reference model is not supported: Liger "
+                                 "then averages the KL over padded positions too (SPEC section 10)")
+            if rollout_weights is not None and rollout_weights.dim() == 2:
+                raise ValueError("loss_type='luspo' takes a per-sequence vllm_is_ratio ([B] or [B, 1]) only: with "
+                                 "a per-token one Liger averages over padded positions too (SPEC section 10)")
+        options = self._options(beta, self._dapo_normalizer(mask, num_items_in_batch))
+        loss, metrics = fused_linear_grpo_loss(
+            _input, weight, selected_token_ids, mask, advantages, bias=bias, logp_old=old_per_token_logps,
+            logp_ref=logp_ref, rollout_weights=rollout_weights, temperature=self.temperature, backend=self.backend,
+            **{f: getattr(options, f) for f in _OPTION_FIELDS})
+        if self.loss_type == "cispo":
+            clip_ratio = metrics["clip_ratio_high"]
+        elif self.loss_type == "sapo":
+            clip_ratio = torch.zeros_like(metrics["clip_ratio_region"])
+        else:
+            clip_ratio = metrics["clip_ratio_region"]
+        if self.beta != 0:
+            kl = metrics["kl"] if "kl" in metrics else torch.zeros_like(clip_ratio)
+            return loss, (kl, clip_ratio)
+        return loss, (clip_ratio,)
+
+    def extra_repr(self) -> str:
+        return (f"loss_type={self.loss_type!r}, beta={self.beta}, epsilon_low={self.epsilon_low}, "
+                f"epsilon_high={self.epsilon_high}, importance_sampling_level={self.importance_sampling_level!r}, "
+                f"temperature={self.temperature}")
+
+
+_OPTION_FIELDS = ("loss_type", "epsilon_low", "epsilon_high", "delta", "beta", "kl_estimator",
+                  "use_bias_correction_kl", "importance_sampling_level", "max_completion_length",
+                  "num_items_in_batch", "sapo_temperature_pos", "sapo_temperature_neg")
