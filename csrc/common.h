@@ -1,0 +1,139 @@
+// Shared pieces of the C++ CPU backend of lvrpo_fast: declarations of the primitives (the contract is
+// in lvrpo_fast/backends/__init__.py), the loss options, runtime ISA selection and a vectorizable exp.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <c10/util/Optional.h>
+
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+namespace lvrpo {
+
+// Columns of the per-sequence statistics, mirrored from lvrpo_fast/backends/__init__.py (the Python
+// side checks the two agree when the extension loads).
+enum Stat : int64_t {
+  kStatLoss = 0,
+  kStatCount = 1,
+  kStatKl = 2,
+  kStatClipLow = 3,
+  kStatClipHigh = 4,
+  kStatClipRegion = 5,
+  kStatRatio = 6,
+  kStatEntropy = 7,
+  kNumStats = 8,
+};
+
+enum PolicyKind : int64_t { kPolicyClip = 0, kPolicyCispo = 1, kPolicySapo = 2 };
+enum KlEstimator : int64_t { kKlK1 = 1, kKlK2 = 2, kKlK3 = 3 };
+
+// The scalar options of lvrpo_fast.GRPOOptions that the per-token math needs. Aggregation is not
+// here: it arrives folded into the per-sequence row scale.
+struct LossParams {
+  int64_t policy = kPolicyClip;
+  double epsilon_low = 0.2;
+  double epsilon_high = 0.2;
+  bool has_delta = false;
+  double delta = 0.0;
+  bool has_clip_ratio_c = false;
+  double clip_ratio_c = 0.0;
+  double beta = 0.0;
+  int64_t kl_estimator = kKlK3;
+  bool use_bias_correction_kl = false;
+  bool sequence_level = false;
+  double entropy_coef = 0.0;
+  double sapo_temperature_pos = 1.0;
+  double sapo_temperature_neg = 1.05;
+};
+
+std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> logits_stats(const at::Tensor& logits,
+                                                                           const at::Tensor& targets,
+                                                                           double temperature, bool with_entropy);
+
+void logits_grad_(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
+                  const std::optional<at::Tensor>& entropy, const at::Tensor& grad_logp,
+                  const std::optional<at::Tensor>& grad_entropy, double temperature);
+
+std::tuple<at::Tensor, std::optional<at::Tensor>> grpo_token_loss(
+    const at::Tensor& logp, const std::optional<at::Tensor>& logp_old, const std::optional<at::Tensor>& logp_ref,
+    const at::Tensor& advantages, const at::Tensor& mask, const std::optional<at::Tensor>& rollout_weights,
+    const std::optional<at::Tensor>& entropy, const at::Tensor& row_scale, const LossParams& params,
+    bool need_grad);
+
+at::Tensor group_advantages(const at::Tensor& rewards, int64_t group_size, const std::string& scale, double eps,
+                            bool leave_one_out);
+
+// Checks shared by the primitives: a clear message naming the argument instead of a wild read.
+inline void check_tensor(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got one on ", t.device());
+  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+inline void check_tensor(const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType dtype) {
+  check_tensor(t, name, shape);
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+}
+
+// The compiled library may be reused on another CPU (the build cache is shared), so no -march flag:
+// hot leaf loops are compiled once per ISA level and the loader's ifunc resolver picks the best one
+// for the running CPU. GCC only (clang's target_clones does not accept arch= levels); elsewhere
+// the baseline build is used.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define LVRPO_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define LVRPO_MULTIVERSION
+#endif
+
+#define LVRPO_INLINE inline __attribute__((always_inline))
+
+// Lanes of the explicit partial sums in the reductions: the compiler may not reorder a float sum
+// on its own (no -ffast-math, which would also break the inf/NaN handling), so the order is written
+// out. Rows never span threads, so results do not depend on the thread count.
+constexpr int kLanes = 16;
+
+// exp(x) in float without a library call, so that loops calling it vectorize. Range reduction
+// x = n ln2 + r, |r| <= ln2/2, with ln2 split in two so n*ln2_hi is exact; degree-7 Taylor
+// polynomial (truncation < 1e-8 relative); 2^n built in the exponent bits. Max error ~2 ulp.
+// Exactly 0 below -87.3 (where the true value leaves the normal range; callers rely on exp(-inf) == 0),
+// +inf above 88 (the callers' arguments are <= ~0, this only keeps the bit trick in range), NaN stays NaN.
+LVRPO_INLINE float exp_f32(float x) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693359375f;
+  constexpr float kLn2Lo = -2.12194440e-4f;
+  constexpr float kMin = -87.3365f;
+  constexpr float kMax = 88.0f;
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low bits
+  float xc = x < kMin ? kMin : x;  // written so that a NaN x passes through both clamps
+  xc = xc > kMax ? kMax : xc;
+  const float shifted = xc * kLog2e + kRound;
+  const float n = shifted - kRound;
+  float r = xc - n * kLn2Hi;
+  r = r - n * kLn2Lo;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  uint32_t bits;
+  std::memcpy(&bits, &shifted, sizeof(bits));
+  // The low mantissa bits of `shifted` hold n (offset by 0x400000); move n + 127 into the exponent.
+  const uint32_t exponent = (bits - 0x4B400000u + 127u) << 23;
+  float scale;
+  std::memcpy(&scale, &exponent, sizeof(scale));
+  const float y = p * scale;
+  const float big = x > kMax ? std::numeric_limits<float>::infinity() : y;
+  return x < kMin ? 0.0f : big;
+}
+
+}  // namespace lvrpo

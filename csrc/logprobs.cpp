@@ -1,0 +1,282 @@
+// Row statistics of a logits tile (log-prob of the target, log-sum-exp, entropy) and their in-place
+// gradient: the row-wise half of the fused linear log-probabilities. The LM-head matmuls that make
+// and consume the tile run in ATen's BLAS (lvrpo_fast/logprobs.py, linear_grpo_loss.py).
+#include "common.h"
+
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <cmath>
+
+namespace lvrpo {
+namespace {
+
+// Elements of a row handled at a time: 8 KiB of float, so a block read for its maximum is still in
+// L1 when it is read again for the exponentials; the row itself is read from memory once.
+constexpr int64_t kBlock = 2048;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Largest element of x[0:n), -inf when empty; sets *has_nan if an element is NaN (a comparison-based
+// maximum would skip it, and an all-NaN block would then look like an all -inf one and be dropped).
+LVRPO_MULTIVERSION float block_max(const float* x, int64_t n, bool* has_nan) {
+  float lane_max[kLanes];
+  uint32_t lane_nan[kLanes];
+  for (int j = 0; j < kLanes; ++j) {
+    lane_max[j] = kNegInf;
+    lane_nan[j] = 0;
+  }
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const float v = x[i + j];
+      lane_max[j] = v > lane_max[j] ? v : lane_max[j];
+      lane_nan[j] |= static_cast<uint32_t>(v != v);
+    }
+  }
+  float result = kNegInf;
+  uint32_t nan = 0;
+  for (; i < n; ++i) {
+    result = x[i] > result ? x[i] : result;
+    nan |= static_cast<uint32_t>(x[i] != x[i]);
+  }
+  for (int j = 0; j < kLanes; ++j) {
+    result = lane_max[j] > result ? lane_max[j] : result;
+    nan |= lane_nan[j];
+  }
+  if (nan) *has_nan = true;
+  return result;
+}
+
+// With z = x * inv_t and d = z - m (m >= every z): sum exp(d) and sum exp(d) * d over x[0:n).
+// The second sum is kept relative to the running maximum so that logits of 1e4 do not cancel in
+// entropy = log S - U / S; a -inf logit contributes 0 to both (not 0 * -inf).
+LVRPO_MULTIVERSION void exp_moments(const float* x, int64_t n, float inv_t, float m, float* sum_exp,
+                                    float* sum_exp_d) {
+  float lane_s[kLanes];
+  float lane_u[kLanes];
+  for (int j = 0; j < kLanes; ++j) {
+    lane_s[j] = 0.0f;
+    lane_u[j] = 0.0f;
+  }
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const float d = x[i + j] * inv_t - m;
+      const float e = exp_f32(d);
+      lane_s[j] += e;
+      lane_u[j] += e > 0.0f ? e * d : 0.0f;
+    }
+  }
+  float s = 0.0f, u = 0.0f;
+  for (; i < n; ++i) {
+    const float d = x[i] * inv_t - m;
+    const float e = exp_f32(d);
+    s += e;
+    u += e > 0.0f ? e * d : 0.0f;
+  }
+  for (int j = 0; j < kLanes; ++j) {
+    s += lane_s[j];
+    u += lane_u[j];
+  }
+  *sum_exp = s;
+  *sum_exp_d = u;
+}
+
+// In place: x <- (-grad_logp * p - grad_entropy * p * (log p + entropy)) / T with log p = x / T - lse,
+// the gradient of every non-target logit (the caller fixes the target's). One read and one write.
+LVRPO_MULTIVERSION void grad_block(float* x, int64_t n, float inv_t, float lse, float grad_logp,
+                                   float grad_entropy, float entropy) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float log_p = x[i] * inv_t - lse;
+    const float p = exp_f32(log_p);
+    // p log p -> 0 as p -> 0: a -inf logit gets 0, not 0 * -inf.
+    const float entropy_term = p > 0.0f ? p * (log_p + entropy) : 0.0f;
+    x[i] = (-grad_logp * p - grad_entropy * entropy_term) * inv_t;
+  }
+}
+
+// Reduced-precision tiles go through a float block buffer; float tiles are used in place.
+LVRPO_MULTIVERSION void widen(const c10::BFloat16* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits = static_cast<uint32_t>(src[i].x) << 16;
+    std::memcpy(dst + i, &bits, sizeof(float));
+  }
+}
+
+LVRPO_MULTIVERSION void widen(const c10::Half* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <typename scalar_t>
+void narrow(const float* src, scalar_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);  // round to nearest even
+}
+
+template <typename scalar_t>
+LVRPO_INLINE const float* as_float(const scalar_t* src, int64_t n, float* buffer) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return src;
+  } else {
+    widen(src, buffer, n);
+    return buffer;
+  }
+}
+
+// Rows of the same tile run on different threads; a row is never split, so the result of a row
+// does not depend on the number of threads. Grain: enough elements per task to pay for a task.
+int64_t row_grain(int64_t vocab) { return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(vocab, 1)); }
+
+template <typename scalar_t>
+void stats_rows(const scalar_t* logits, const int64_t* targets, int64_t begin, int64_t end, int64_t V,
+                float inv_t, float* logp, float* lse, float* entropy) {
+  float buffer[kBlock];
+  for (int64_t r = begin; r < end; ++r) {
+    const scalar_t* row = logits + r * V;
+    // Online log-sum-exp: running maximum m of z = logits / T, S = sum exp(z - m) and
+    // U = sum exp(z - m) (z - m), in double across blocks. -inf is the identity of the maximum.
+    float m = kNegInf;
+    double s = 0.0, u = 0.0;
+    bool has_nan = false;
+    for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
+      const int64_t n = std::min(kBlock, V - b0);
+      const float* x = as_float(row + b0, n, buffer);
+      const float block_m = block_max(x, n, &has_nan) * inv_t;
+      if (block_m > m) {
+        if (s > 0.0) {  // move S and U to the new maximum: exp(z - m') = a exp(z - m), a = exp(m - m')
+          const double shift = static_cast<double>(m) - block_m;
+          const double a = std::exp(shift);
+          u = a * (u + shift * s);
+          s = a * s;
+        }
+        m = block_m;
+      }
+      if (m == kNegInf) continue;  // everything so far is -inf: nothing to add
+      float block_s, block_u;
+      exp_moments(x, n, inv_t, m, &block_s, &block_u);
+      s += block_s;
+      u += block_u;
+    }
+    const int64_t t = targets[r];
+    TORCH_CHECK(t >= 0 && t < V, "targets[", r, "] = ", t, " is outside [0, ", V, ")");
+    if (has_nan) {
+      const float nan = std::numeric_limits<float>::quiet_NaN();
+      lse[r] = logp[r] = nan;
+      if (entropy != nullptr) entropy[r] = nan;
+      continue;
+    }
+    const double log_s = std::log(s);
+    const double row_lse = static_cast<double>(m) + log_s;
+    const float z_target = static_cast<float>(row[t]) * inv_t;
+    const double lp = static_cast<double>(z_target) - row_lse;
+    lse[r] = static_cast<float>(row_lse);
+    logp[r] = static_cast<float>(lp > 0.0 ? 0.0 : lp);  // rounding can leave a tiny positive; NaN stays
+    if (entropy != nullptr) entropy[r] = static_cast<float>(log_s - u / s);
+  }
+}
+
+template <typename scalar_t>
+void grad_rows(scalar_t* logits, const int64_t* targets, const float* lse, const float* entropy,
+               const float* grad_logp, const float* grad_entropy, int64_t begin, int64_t end, int64_t V,
+               float inv_t) {
+  float buffer[kBlock];
+  for (int64_t r = begin; r < end; ++r) {
+    scalar_t* row = logits + r * V;
+    const int64_t t = targets[r];
+    TORCH_CHECK(t >= 0 && t < V, "targets[", r, "] = ", t, " is outside [0, ", V, ")");
+    const float g_logp = grad_logp[r];
+    const float g_ent = grad_entropy == nullptr ? 0.0f : grad_entropy[r];
+    if (g_logp == 0.0f && g_ent == 0.0f) {  // masked rows: exactly zero, whatever the logits hold
+      std::memset(static_cast<void*>(row), 0, sizeof(scalar_t) * V);  // +0 is all zero bits in each dtype
+      continue;
+    }
+    const float H = entropy == nullptr ? 0.0f : entropy[r];
+    const float z_target = static_cast<float>(row[t]) * inv_t;
+    for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
+      const int64_t n = std::min(kBlock, V - b0);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        grad_block(row + b0, n, inv_t, lse[r], g_logp, g_ent, H);
+      } else {
+        widen(row + b0, buffer, n);
+        grad_block(buffer, n, inv_t, lse[r], g_logp, g_ent, H);
+        narrow(buffer, row + b0, n);
+      }
+    }
+    // The target's own term, from its logit read before the row was overwritten, in double:
+    // g_logp (1 - p) cancels when p -> 1.
+    const double log_p = static_cast<double>(z_target) - lse[r];
+    const double p = std::exp(log_p);
+    const double entropy_term = p > 0.0 ? p * (log_p + H) : 0.0;
+    row[t] = static_cast<scalar_t>((g_logp * (1.0 - p) - g_ent * entropy_term) * inv_t);
+  }
+}
+
+void check_tile(const at::Tensor& logits, const at::Tensor& targets, double temperature) {
+  TORCH_CHECK(logits.dim() == 2, "logits must be a 2-D [C, V] tile, got shape ", logits.sizes());
+  const auto dtype = logits.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "logits must be float32, float16 or bfloat16, got ", dtype);
+  check_tensor(logits, "logits", logits.sizes());
+  TORCH_CHECK(logits.size(1) > 0, "logits must have at least one column (V >= 1)");
+  check_tensor(targets, "targets", {logits.size(0)}, at::kLong);
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "temperature must be > 0, got ", temperature);
+}
+
+#define LVRPO_DISPATCH_TILE_TYPES(TYPE, NAME, ...)               \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> logits_stats(const at::Tensor& logits,
+                                                                           const at::Tensor& targets,
+                                                                           double temperature, bool with_entropy) {
+  check_tile(logits, targets, temperature);
+  const int64_t C = logits.size(0), V = logits.size(1);
+  const auto f32 = logits.options().dtype(at::kFloat);
+  at::Tensor logp = at::empty({C}, f32);
+  at::Tensor lse = at::empty({C}, f32);
+  std::optional<at::Tensor> entropy;
+  if (with_entropy) entropy = at::empty({C}, f32);
+  const float inv_t = static_cast<float>(1.0 / temperature);
+  const int64_t* tgt = targets.const_data_ptr<int64_t>();
+  float* logp_ptr = logp.mutable_data_ptr<float>();
+  float* lse_ptr = lse.mutable_data_ptr<float>();
+  float* ent_ptr = with_entropy ? entropy->mutable_data_ptr<float>() : nullptr;
+  LVRPO_DISPATCH_TILE_TYPES(logits.scalar_type(), "logits_stats", [&] {
+    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    at::parallel_for(0, C, row_grain(V), [&](int64_t begin, int64_t end) {
+      stats_rows<scalar_t>(x, tgt, begin, end, V, inv_t, logp_ptr, lse_ptr, ent_ptr);
+    });
+  });
+  return {logp, lse, entropy};
+}
+
+void logits_grad_(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
+                  const std::optional<at::Tensor>& entropy, const at::Tensor& grad_logp,
+                  const std::optional<at::Tensor>& grad_entropy, double temperature) {
+  check_tile(logits, targets, temperature);
+  const int64_t C = logits.size(0), V = logits.size(1);
+  check_tensor(lse, "lse", {C}, at::kFloat);
+  check_tensor(grad_logp, "grad_logp", {C}, at::kFloat);
+  TORCH_CHECK(entropy.has_value() == grad_entropy.has_value(),
+              "entropy and grad_entropy must be given together (or both None)");
+  if (entropy.has_value()) {
+    check_tensor(*entropy, "entropy", {C}, at::kFloat);
+    check_tensor(*grad_entropy, "grad_entropy", {C}, at::kFloat);
+  }
+  const float inv_t = static_cast<float>(1.0 / temperature);
+  const int64_t* tgt = targets.const_data_ptr<int64_t>();
+  const float* lse_ptr = lse.const_data_ptr<float>();
+  const float* gl_ptr = grad_logp.const_data_ptr<float>();
+  const float* ent_ptr = entropy.has_value() ? entropy->const_data_ptr<float>() : nullptr;
+  const float* ge_ptr = grad_entropy.has_value() ? grad_entropy->const_data_ptr<float>() : nullptr;
+  LVRPO_DISPATCH_TILE_TYPES(logits.scalar_type(), "logits_grad_", [&] {
+    scalar_t* x = logits.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, C, row_grain(V), [&](int64_t begin, int64_t end) {
+      grad_rows<scalar_t>(x, tgt, lse_ptr, ent_ptr, gl_ptr, ge_ptr, begin, end, V, inv_t);
+    });
+  });
+}
+
+}  // namespace lvrpo
