@@ -1,0 +1,134 @@
+"""Hugging Face transformers models: the LM head's inputs instead of its logits.
+
+A causal LM (or a vision-language model) computes ``logits = lm_head(norm(backbone(...)))``. The
+fused ops of lvrpo_fast take the two inputs of that last matmul instead of its [B, L, V] output:
+
+    heads = completion_hidden_states(model, input_ids, attention_mask, logits_to_keep=K,
+                                     pixel_values=...)        # any extra model input passes through
+    loss, metrics = lvrpo_fast.fused_linear_grpo_loss(heads.hidden, heads.weight, input_ids[:, -K:],
+                                                      completion_mask, advantages, bias=heads.bias, ...)
+
+The backbone is ``model.base_model`` (the decoder with its final norm; for a vision-language model the
+multimodal model that merges the image features), so the logits are never formed. Tied embeddings
+need nothing special: the head's weight is then the embedding matrix, and its gradient reaches it.
+
+Supported logit transforms: a multiplicative logit scale (Cohere's ``logit_scale``, Granite's
+``logits_scaling`` divisor, Falcon-H1's ``lm_head_multiplier``) is folded into the returned hidden
+states and bias, so ``hidden @ weight.T + bias`` equals the model's logits. Not supported: final-logit
+soft-capping (Gemma 2), which is not linear in the hidden states: a ValueError, never wrong numbers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+__all__ = ["LMHeadInputs", "lm_head_parameters", "completion_hidden_states", "completion_logprobs"]
+
+
+@dataclass
+class LMHeadInputs:
+    """hidden [B, K, D] (the hidden states predicting the K scored tokens), weight [V, D], bias [V] or None.
+
+    ``hidden @ weight.T + bias`` are the model's logits at those positions; hidden has the weight's dtype."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+
+
+def _unwrap(model):
+    """The transformers model under a PEFT wrapper (whose adapters stay active)."""
+    if any(cls.__name__ == "PeftModel" for cls in type(model).__mro__):
+        return model.get_base_model()
+    return model
+
+
+def _logit_scale(config) -> float:
+    """The factor the model multiplies its logits by (1.0 for almost every model)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "final_logit_softcapping", None) is not None:
+        raise ValueError(f"{text.model_type}: final_logit_softcapping={text.final_logit_softcapping} is not linear in "
+                         "the hidden states, so the fused LM head cannot reproduce this model's logits")
+    scale = 1.0
+    if getattr(text, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
+        scale *= float(text.logit_scale)
+    if getattr(text, "logits_scaling", None) is not None:  # Granite: logits / logits_scaling
+        scale /= float(text.logits_scaling)
+    if getattr(text, "lm_head_multiplier", None) is not None:  # Falcon-H1: logits * lm_head_multiplier
+        scale *= float(text.lm_head_multiplier)
+    return scale
+
+
+def lm_head_parameters(model):
+    """(weight [V, D], bias [V] or None) of the model's output embedding, the parameters themselves
+    (so gradients reach them, and the input embedding when the two are tied)."""
+    head = _unwrap(model).get_output_embeddings()
+    if head is None or getattr(head, "weight", None) is None:
+        raise ValueError(f"{type(model).__name__} has no output embedding (get_output_embeddings() is None); "
+                         "a causal LM head is needed")
+    if hasattr(head, "base_layer"):
+        raise ValueError("the LM head carries a PEFT adapter; its low-rank update is not part of one [V, D] weight, "
+                         "so the fused head cannot reproduce the logits (leave lm_head out of target_modules)")
+    return head.weight, getattr(head, "bias", None)
+
+
+def completion_hidden_states(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                             logits_to_keep: Optional[int] = None, **model_kwargs) -> LMHeadInputs:
+    """The LM head's inputs for the tokens of `input_ids` a model would score, without the logits.
+
+    Args:
+        model: a transformers causal LM or vision-language model (optionally PEFT-wrapped).
+        input_ids: [B, L] token ids (prompt and completion).
+        attention_mask: [B, L] 0/1 or None.
+        logits_to_keep: K, score the last K tokens input_ids[:, -K:] (the completion); None scores
+            input_ids[:, 1:] (K = L - 1).
+        **model_kwargs: passed to the backbone unchanged (pixel_values, image_grid_thw, position_ids, ...).
+
+    Returns:
+        LMHeadInputs with hidden [B, K, D] = the final-norm hidden states at positions L-K-1 .. L-2
+        (each predicting the next token), in the head weight's dtype, times the model's logit scale.
+    """
+    inner = _unwrap(model)
+    backbone = getattr(inner, "base_model", None)
+    if backbone is None or backbone is inner:
+        raise ValueError(f"{type(inner).__name__} exposes no backbone (base_model_prefix "
+                         f"{getattr(inner, 'base_model_prefix', None)!r} names no submodule)")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be 2-D [B, L], got shape {tuple(input_ids.shape)}")
+    L = input_ids.shape[1]
+    if logits_to_keep is None:
+        logits_to_keep = L - 1
+    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or not 1 <= logits_to_keep < L:
+        raise ValueError(f"logits_to_keep must be an int in [1, L={L}), got {logits_to_keep!r}")
+    model_kwargs.setdefault("use_cache", False)
+    outputs = backbone(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
+    last = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+    hidden = last[:, L - logits_to_keep - 1: L - 1]
+    weight, bias = lm_head_parameters(model)
+    hidden = hidden.to(device=weight.device, dtype=weight.dtype)
+    scale = _logit_scale(inner.config)
+    if scale != 1.0:
+        # W (s h) + s b = s (W h + b): the scale rides on the hidden states, the head stays shared
+        hidden = hidden * scale
+        bias = None if bias is None else bias * scale
+    return LMHeadInputs(hidden, weight, bias)
+
+
+def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                        logits_to_keep: Optional[int] = None, *, temperature: float = 1.0,
+                        completion_mask: Optional[torch.Tensor] = None, return_entropy: bool = False,
+                        backend: Optional[str] = None, **model_kwargs):
+    """Per-token log-probabilities (and entropy) of input_ids[:, -K:] under the model, through
+    lvrpo_fast.fused_linear_logprobs: never the [B, K, V] logits.
+
+    Returns logp [B, K] float32 (and entropy [B, K]); 0 where completion_mask [B, K] is 0.
+    Differentiable w.r.t. the model's parameters when called with gradients enabled."""
+    from ..logprobs import fused_linear_logprobs
+
+    heads = completion_hidden_states(model, input_ids, attention_mask, logits_to_keep, **model_kwargs)
+    K = heads.hidden.shape[1]
+    targets = input_ids[:, input_ids.shape[1] - K:].to(heads.hidden.device)
+    return fused_linear_logprobs(heads.hidden, heads.weight, targets, bias=heads.bias, temperature=temperature,
+                                 return_entropy=return_entropy, mask=completion_mask, backend=backend)
