@@ -21,6 +21,7 @@ import hashlib
 import importlib.util
 import os
 import platform
+import shutil
 import sys
 import threading
 from pathlib import Path
@@ -101,6 +102,18 @@ def _import_library(module_name: str, library: Path):
     return module
 
 
+def check_toolchain():
+    """Raises a one-line RuntimeError when ninja or the C++ compiler torch would use is missing, before
+    torch's build prints pages about it."""
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if not is_ninja_available():
+        raise RuntimeError("ninja is not installed (pip install ninja)")
+    compiler = os.environ.get("CXX", "c++")  # the compiler torch.utils.cpp_extension invokes
+    if shutil.which(compiler.split()[0] if compiler.strip() else "c++") is None:
+        raise RuntimeError(f"no C++ compiler: {compiler!r} not found (install g++ or set CXX)")
+
+
 def build():
     """Returns the extension module, compiling it if no cached library matches; raises on failure."""
     from torch.utils.cpp_extension import LIB_EXT, load
@@ -118,6 +131,7 @@ def build():
         except ImportError:  # half-written by a concurrent build: let ninja (and its lock) decide
             module = None
     if module is None:
+        check_toolchain()
         print(COMPILING_MESSAGE, file=sys.stderr, flush=True)
         directory.mkdir(parents=True, exist_ok=True)
         module = load(name=module_name, sources=[str(s) for s in sources], extra_cflags=cflags,
@@ -132,6 +146,8 @@ def build():
 def failure_reason(exc: BaseException) -> str:
     """One line saying why the build failed: the compiler's first error line when there is one."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if isinstance(exc, RuntimeError) and len(lines) == 1 and "Error building" not in lines[0]:
+        return f"the C++ extension cannot be built: {lines[0][:300]}"
     for marker in ("error:", "fatal:", "not found", "No such file"):
         for line in lines:
             if marker in line and not line.startswith(("FAILED:", "[")):
