@@ -47,9 +47,11 @@ LVRPO_MULTIVERSION float block_max(const float* x, int64_t n, bool* has_nan) {
   return result;
 }
 
-// With z = x * inv_t and d = z - m (m >= every z): sum exp(d) and sum exp(d) * d over x[0:n).
-// The second sum is kept relative to the running maximum so that logits of 1e4 do not cancel in
-// entropy = log S - U / S; a -inf logit contributes 0 to both (not 0 * -inf).
+// With d = (x - m) / T (m >= every x, a raw logit): sum exp(d) and sum exp(d) * d over x[0:n).
+// Subtracting before scaling makes d exact near the maximum (0 for the maximum itself), so a row
+// whose mass sits on one logit of 1e4 gets S = 1, U = 0 and entropy exactly 0. The second sum is
+// relative to the running maximum so that entropy = log S - U / S does not cancel either; a -inf
+// logit contributes 0 to both (not 0 * -inf).
 LVRPO_MULTIVERSION void exp_moments(const float* x, int64_t n, float inv_t, float m, float* sum_exp,
                                     float* sum_exp_d) {
   float lane_s[kLanes];
@@ -61,7 +63,7 @@ LVRPO_MULTIVERSION void exp_moments(const float* x, int64_t n, float inv_t, floa
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     for (int j = 0; j < kLanes; ++j) {
-      const float d = x[i + j] * inv_t - m;
+      const float d = (x[i + j] - m) * inv_t;
       const float e = exp_f32(d);
       lane_s[j] += e;
       lane_u[j] += e > 0.0f ? e * d : 0.0f;
@@ -69,7 +71,7 @@ LVRPO_MULTIVERSION void exp_moments(const float* x, int64_t n, float inv_t, floa
   }
   float s = 0.0f, u = 0.0f;
   for (; i < n; ++i) {
-    const float d = x[i] * inv_t - m;
+    const float d = (x[i] - m) * inv_t;
     const float e = exp_f32(d);
     s += e;
     u += e > 0.0f ? e * d : 0.0f;
@@ -132,18 +134,19 @@ void stats_rows(const scalar_t* logits, const int64_t* targets, int64_t begin, i
   float buffer[kBlock];
   for (int64_t r = begin; r < end; ++r) {
     const scalar_t* row = logits + r * V;
-    // Online log-sum-exp: running maximum m of z = logits / T, S = sum exp(z - m) and
-    // U = sum exp(z - m) (z - m), in double across blocks. -inf is the identity of the maximum.
+    // Online log-sum-exp: running maximum m of the raw logits x, with d = (x - m) / T,
+    // S = sum exp(d) and U = sum exp(d) d, in double across blocks. -inf is the identity of the maximum.
+    // lse = m / T + log S, entropy = log S - U / S (two terms >= 0: nothing of size m / T cancels).
     float m = kNegInf;
     double s = 0.0, u = 0.0;
     bool has_nan = false;
     for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
       const int64_t n = std::min(kBlock, V - b0);
       const float* x = as_float(row + b0, n, buffer);
-      const float block_m = block_max(x, n, &has_nan) * inv_t;
+      const float block_m = block_max(x, n, &has_nan);
       if (block_m > m) {
-        if (s > 0.0) {  // move S and U to the new maximum: exp(z - m') = a exp(z - m), a = exp(m - m')
-          const double shift = static_cast<double>(m) - block_m;
+        if (s > 0.0) {  // move S and U to the new maximum: exp(d') = a exp(d), a = exp(shift) <= 1
+          const double shift = (static_cast<double>(m) - block_m) * inv_t;
           const double a = std::exp(shift);
           u = a * (u + shift * s);
           s = a * s;
@@ -165,12 +168,14 @@ void stats_rows(const scalar_t* logits, const int64_t* targets, int64_t begin, i
       continue;
     }
     const double log_s = std::log(s);
-    const double row_lse = static_cast<double>(m) + log_s;
-    const float z_target = static_cast<float>(row[t]) * inv_t;
-    const double lp = static_cast<double>(z_target) - row_lse;
-    lse[r] = static_cast<float>(row_lse);
-    logp[r] = static_cast<float>(lp > 0.0 ? 0.0 : lp);  // rounding can leave a tiny positive; NaN stays
-    if (entropy != nullptr) entropy[r] = static_cast<float>(log_s - u / s);
+    const double lp = (static_cast<double>(static_cast<float>(row[t])) - m) * inv_t - log_s;
+    lse[r] = static_cast<float>(static_cast<double>(m) * inv_t + log_s);
+    // logp <= 0 and entropy >= 0 hold exactly; the comparisons (not std::min / max) keep a NaN.
+    logp[r] = static_cast<float>(lp > 0.0 ? 0.0 : lp);
+    if (entropy != nullptr) {
+      const double h = log_s - u / s;
+      entropy[r] = static_cast<float>(h < 0.0 ? 0.0 : h);
+    }
   }
 }
 
