@@ -97,7 +97,8 @@ def _logits_grad_kernel(logits_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logp
     for start in range(0, V, BLOCK_V):
         cols = start + offsets
         valid = cols < V
-        x = tl.load(row_ptr + cols, mask=valid, other=0.0).to(tl.float32)
+        # -inf past the end gives p = 0 there; 0 would give exp(-lse), which overflows for lse < -88.
+        x = tl.load(row_ptr + cols, mask=valid, other=float("-inf")).to(tl.float32)
         log_p = x * inv_temperature - lse
         p = tl.exp(log_p)
         grad = tl.where(cols == target, grad_logp, 0.0) - grad_logp * p
