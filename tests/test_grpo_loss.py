@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import lvrpo_fast
-from lvrpo_fast import dispatch, reference
+from lvrpo_fast import dispatch
 from lvrpo_fast.options import CLIP_FAMILY, LOSS_TYPES
 from tolerances import assert_close_to_truth
 
@@ -45,6 +45,8 @@ TOGGLES = {
     "weights_token": ({}, {"weights": "token"}),
     "weights_seq": ({}, {"weights": "sequence"}),
     "entropy": ({"entropy_coef": 0.05}, {"entropy": True}),
+    # delta and the dual clip both bound the loss of A < 0 tokens from above, so with both on only
+    # the smaller binds (here delta); each alone covers the other.
     "all": ({"delta": 1.3, "clip_ratio_c": 1.4, "use_bias_correction_kl": True, "entropy_coef": 0.05},
             {"weights": "token", "entropy": True}),
 }
@@ -175,6 +177,21 @@ def test_default_logp_old(kernel_backend, loss_type, level):
         assert metrics["ratio"].item() == 1.0 and metrics["clip_ratio_region"].item() == 0.0
 
 
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("explicit_old", [False, True])
+def test_clip_bounds_inclusive(kernel_backend, level, explicit_old):
+    """epsilon_low = epsilon_high = 0 and ratio exactly 1: every token sits on both clip bounds at
+    once. torch.clamp passes the gradient at its bounds, so the clipped branch still carries its half
+    of the tie and the total is -A, as for an unclipped token (an exclusive bound would give -A / 2)."""
+    name, device = kernel_backend
+    data = make_inputs(old=explicit_old, spread=0.0)
+    options = {"loss_type": "seq_mean_token_sum", "importance_sampling_level": level, "epsilon_low": 0.0,
+               "epsilon_high": 0.0}
+    _, _, grads = check_grpo_loss(name, device, data, options)
+    expected = -data["advantages"][:, None] / B * data["mask"]
+    torch.testing.assert_close(grads["logp"].cpu(), expected, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("loss_type,level", [("grpo", "token"), ("dapo", "sequence"), ("cispo", "token")])
 def test_half_precision_logp(kernel_backend, loss_type, level, dtype):
@@ -292,7 +309,12 @@ def test_clamped_log_ratio(kernel_backend):
     # exactly representable differences, so that +-20 is hit exactly in float32 and float64 alike
     data["logp"][0, :3] = torch.tensor([-0.5, -1.0, -0.25])
     data["logp_old"][0, :3] = torch.tensor([-25.5, 29.0, -20.25])
+    data["mask"][0, :3] = True
+    # A < 0 puts the clip family on its un-clipped branch, where a ratio of exp(20) would multiply
+    # any gradient leaking through the clamp by 5e8.
+    data["advantages"][0] = -1.5
     data["logp_old"][3] = data["logp"][3] + 40.0  # a whole sequence far off: s = exp(-20)
+    data["mask"][3, :2] = True
     for loss_type, level in (("grpo", "token"), ("sapo", "token"), ("luspo", "sequence")):
         options = {**base_options(loss_type, level), "beta": 0.1, "use_bias_correction_kl": True}
         check_grpo_loss(name, device, data, options)
