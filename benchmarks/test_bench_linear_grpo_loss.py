@@ -1,0 +1,112 @@
+"""The fused linear GRPO loss: hidden states and LM head -> scalar loss, forward plus backward.
+
+hidden [B, T, D] ~ N(0, 1), weight [V, D] with logits of standard deviation ~3, targets uniform,
+a completion mask with a random length per sequence (padding at the end), advantages ~ N(0, 1),
+logp_old and logp_ref near the current log-probabilities (computed once per input set), so that
+ratios, clipping and the KL term behave as in a real step. Options: loss_type="dapo", beta=0.04 (k3),
+epsilon 0.2, temperature 1: TRL's and Liger's defaults with a KL term. Gradients w.r.t. hidden and weight.
+
+FLOPs counted: 6 N V D (logits, grad hidden, grad weight), N = B * T. Issue 5's acceptance shape is
+N = 2048, D = 512, V = 32000, fp32 in the cpu set (C++ backend vs the eager reference).
+
+Implementations: the eager reference, torch.compile of lvrpo_fast.reference.linear_grpo_loss_impl, the
+Triton and C++ backends, and Liger-Kernel's LigerFusedLinearGRPOLoss (chunked PyTorch; its loss math
+under torch.compile on a GPU, eager with compiled=False on the CPU; its default chunk of one sequence).
+"""
+import pytest
+import torch
+
+import lvrpo_fast
+from lvrpo_fast import reference, validate
+from lvrpo_fast.options import GRPOOptions
+
+IMPLS = ("reference", "compiled", "triton", "cpp", "liger")
+OPTIONS = {"loss_type": "dapo", "beta": 0.04, "epsilon_low": 0.2, "epsilon_high": 0.2}
+LOGIT_STD = 3.0
+
+
+def completion_mask(B, T, device):
+    """[B, T] bool: each sequence keeps a random length in [T/2, T], the rest is padding."""
+    lengths = torch.randint(T // 2 + 1, T + 1, (B, 1), device=device)
+    return torch.arange(T, device=device).unsqueeze(0) < lengths
+
+
+@torch.no_grad()
+def current_logprobs(hidden, weight, targets, rows=1024):
+    """The log-probabilities under (hidden, weight) by the reference, a few rows at a time."""
+    D = hidden.shape[-1]
+    flat_h, flat_t = hidden.reshape(-1, D), targets.reshape(-1)
+    parts = [lvrpo_fast.fused_linear_logprobs(flat_h[i:i + rows], weight, flat_t[i:i + rows], backend="reference")
+             for i in range(0, flat_h.shape[0], rows)]
+    return torch.cat(parts).view(targets.shape)
+
+
+def make_set(shape, dtype, device):
+    B, T, D, V = shape.B, shape.T, shape.D, shape.V
+    hidden = torch.randn(B, T, D, device=device).to(dtype)
+    weight = (torch.randn(V, D, device=device) * (LOGIT_STD / D ** 0.5)).to(dtype)
+    targets = torch.randint(0, V, (B, T), device=device)
+    logp = current_logprobs(hidden, weight, targets)
+    return {
+        "hidden": hidden, "weight": weight, "targets": targets,
+        "mask": completion_mask(B, T, device),
+        "advantages": torch.randn(B, device=device),
+        "logp_old": logp + 0.1 * torch.randn(B, T, device=device),
+        "logp_ref": logp + 0.2 * torch.randn(B, T, device=device),
+    }
+
+
+def loss_fn(bench, impl):
+    """(hidden, weight, inputs) -> scalar loss of one implementation."""
+    if impl in ("reference", "triton", "cpp"):
+        return lambda h, w, s: lvrpo_fast.fused_linear_grpo_loss(
+            h, w, s["targets"], s["mask"], s["advantages"], logp_old=s["logp_old"], logp_ref=s["logp_ref"],
+            backend=impl, **OPTIONS)[0]
+    if impl == "compiled":
+        impl_fn = bench.compiled(reference.linear_grpo_loss_impl)
+        opts = GRPOOptions(**OPTIONS)
+
+        def fn(h, w, s):
+            mask, temperature = validate.check_linear_inputs(h, w, s["targets"], mask=s["mask"])
+            validate.check_grpo_inputs(s["targets"], s["advantages"], mask, logp_old=s["logp_old"],
+                                       logp_ref=s["logp_ref"], options=opts, need_logp=False)
+            return impl_fn(h, w, s["targets"], mask, s["advantages"], None, s["logp_old"], s["logp_ref"], None,
+                           temperature, False, opts)[0]
+        return fn
+    if impl == "liger":
+        grpo = bench.module("liger_kernel.chunked_loss")
+        on_gpu = bench.device.type == "cuda"
+        loss = grpo.LigerFusedLinearGRPOLoss(
+            beta=OPTIONS["beta"], compiled=on_gpu, use_ref_model=True, epsilon_low=OPTIONS["epsilon_low"],
+            epsilon_high=OPTIONS["epsilon_high"], loss_type=OPTIONS["loss_type"], temperature=1.0)
+        return lambda h, w, s: loss(h, w, s["targets"], s["mask_float"], s["advantages"],
+                                    ref_per_token_logps=s["logp_ref"], old_per_token_logps=s["logp_old"])[0]
+    raise ValueError(f"unknown implementation {impl!r}")
+
+
+def make_call(fn):
+    def call(s):
+        hidden = s["hidden"].detach().requires_grad_()
+        weight = s["weight"].detach().requires_grad_()
+        loss = fn(hidden, weight, s)
+        loss.backward()
+        return {"loss": loss.detach(), "grad_hidden": hidden.grad, "grad_weight": weight.grad}
+    return call
+
+
+@pytest.mark.bench_op("linear_grpo_loss", impls=IMPLS)
+def test_linear_grpo_loss(bench, shape, impl):
+    dtype, device = bench.dtype, bench.device
+    if impl in ("triton", "cpp"):
+        bench.backend(impl, dtype)
+
+    def inputs():
+        s = make_set(shape, dtype, device)
+        s["mask_float"] = s["mask"].float()  # Liger multiplies by the mask
+        return s
+
+    bench.run(
+        case="linear_grpo_loss fwd+bwd", op="linear_grpo_loss", impl=impl, shape=shape, dtype=dtype,
+        make_set=inputs, call=make_call(loss_fn(bench, impl)), reference_call=make_call(loss_fn(bench, "reference")),
+        checked=("loss", "grad_hidden", "grad_weight"), flops=6 * shape.N * shape.V * shape.D,
+        mm=(shape.N, shape.D, shape.V))

@@ -1,0 +1,112 @@
+"""Per-token log-probabilities (and entropy) from hidden states through the LM head.
+
+Variants: forward only, under torch.no_grad (the old-policy / reference-model pass), and forward plus
+backward (the policy pass; upstream gradients random per token), each with the entropy off and on.
+Inputs: hidden [N, D] ~ N(0, 1) and weight [V, D] scaled so that the logits have a standard deviation
+of ~3, as a trained LM head's do; targets uniform in [0, V); temperature 1 (the peers have none).
+
+FLOPs counted: 2 N V D for the forward; 8 N V D for forward plus backward, what the recompute design
+of lvrpo_fast.logprobs executes (the eager reference keeps the logits and needs only 6 N V D).
+
+Implementations: the eager reference, torch.compile of lvrpo_fast.reference.logprobs_impl, the Triton
+and C++ backends, and the peers that compute the same log-probabilities: Liger-Kernel's fused linear
+cross entropy and Cut Cross-Entropy's linear_cross_entropy (both reduction="none", negated), and
+flash-attn's Triton cross entropy on logits from F.linear. None of the peers returns the entropy.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lvrpo_fast
+from lvrpo_fast import reference, validate
+
+IMPLS = ("reference", "compiled", "triton", "cpp", "liger", "cce", "flash_attn")
+VARIANTS = [{"mode": mode, "entropy": entropy} for mode in ("fwd", "fwd+bwd") for entropy in (False, True)]
+LOGIT_STD = 3.0
+
+
+def make_set(shape, dtype, device):
+    N, D, V = shape.N, shape.D, shape.V
+    return {
+        "hidden": torch.randn(N, D, device=device).to(dtype),
+        "weight": (torch.randn(V, D, device=device) * (LOGIT_STD / D ** 0.5)).to(dtype),
+        "targets": torch.randint(0, V, (N,), device=device),
+        "grad_logp": torch.randn(N, device=device),
+        "grad_entropy": torch.randn(N, device=device),
+    }
+
+
+def logprobs_fn(bench, impl, entropy):
+    """(hidden [N, D], weight [V, D], targets [N]) -> (logp [N], entropy [N] or None) of one implementation."""
+    if impl in ("reference", "triton", "cpp"):
+        def fn(h, w, t):
+            out = lvrpo_fast.fused_linear_logprobs(h, w, t, return_entropy=entropy, backend=impl)
+            return out if entropy else (out, None)
+        return fn
+    if impl == "compiled":
+        impl_fn = bench.compiled(reference.logprobs_impl)
+
+        def fn(h, w, t):
+            validate.check_linear_inputs(h, w, t)
+            return impl_fn(h, w, t, None, 1.0, entropy, None)
+        return fn
+    if entropy:
+        pytest.skip(f"{impl} computes no entropy")
+    if impl == "liger":
+        bench.require_cuda("Liger-Kernel's fused linear cross entropy")
+        flce = bench.module("liger_kernel.transformers.fused_linear_cross_entropy")
+        loss = flce.LigerFusedLinearCrossEntropyLoss(reduction="none")
+        return lambda h, w, t: (-loss(w, h, t), None)
+    if impl == "cce":
+        # Its "cce" kernels are Triton (CUDA only); its torch_compile implementation runs wherever inductor does.
+        variant = "cce" if bench.device.type == "cuda" else "torch_compile"
+        if variant == "torch_compile":
+            bench.require_compile()
+        cce = bench.module("cut_cross_entropy")
+        return lambda h, w, t: (-cce.linear_cross_entropy(h, w, t, reduction="none", impl=variant), None)
+    if impl == "flash_attn":
+        bench.require_cuda("flash-attn's cross entropy")
+        ce = bench.module("flash_attn.ops.triton.cross_entropy").cross_entropy_loss
+        return lambda h, w, t: (-ce(F.linear(h, w), t)[0], None)
+    raise ValueError(f"unknown implementation {impl!r}")
+
+
+def make_call(fn, mode):
+    """The timed call on one input set: returns the outputs and, for fwd+bwd, the input gradients."""
+    def call(s):
+        if mode == "fwd":
+            with torch.no_grad():
+                logp, ent = fn(s["hidden"], s["weight"], s["targets"])
+            return {"logp": logp} if ent is None else {"logp": logp, "entropy": ent}
+        hidden = s["hidden"].detach().requires_grad_()
+        weight = s["weight"].detach().requires_grad_()
+        logp, ent = fn(hidden, weight, s["targets"])
+        outs, grads = [logp], [s["grad_logp"].to(logp.dtype)]
+        if ent is not None:
+            outs.append(ent)
+            grads.append(s["grad_entropy"].to(ent.dtype))
+        torch.autograd.backward(outs, grads)
+        result = {"logp": logp.detach(), "grad_hidden": hidden.grad, "grad_weight": weight.grad}
+        if ent is not None:
+            result["entropy"] = ent.detach()
+        return result
+    return call
+
+
+@pytest.mark.bench_op("logprobs", impls=IMPLS, variants=VARIANTS)
+def test_logprobs(bench, shape, impl, mode, entropy):
+    dtype, device = bench.dtype, bench.device
+    if impl in ("triton", "cpp"):
+        bench.backend(impl, dtype)
+    fn = logprobs_fn(bench, impl, entropy)
+    checked = ("logp", "entropy")
+    if mode == "fwd+bwd" and impl != "cce":
+        # CCE drops small softmax entries from its gradient by design (filter_eps): forward compared only.
+        checked += ("grad_hidden", "grad_weight")
+    N, D, V = shape.N, shape.D, shape.V
+    bench.run(
+        case=f"logprobs {mode}{' entropy' if entropy else ''}", op="logprobs", impl=impl, shape=shape, dtype=dtype,
+        make_set=lambda: make_set(shape, dtype, device),
+        call=make_call(fn, mode),
+        reference_call=make_call(logprobs_fn(bench, "reference", entropy), mode),
+        checked=checked, flops=(2 if mode == "fwd" else 8) * N * V * D, mm=(N, D, V))
