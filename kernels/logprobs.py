@@ -116,8 +116,9 @@ def _check_tile(logits: torch.Tensor, targets: torch.Tensor, temperature: float)
         raise TypeError(f"logits must be one of {TILE_DTYPES}, got {logits.dtype}")
     if logits.shape[1] > 1 and logits.stride(1) != 1:
         raise ValueError(f"logits must have unit stride along V, got strides {logits.stride()}")
-    if not isinstance(targets, torch.Tensor) or targets.dtype != torch.int64 or tuple(targets.shape) != (logits.shape[0],):
-        raise ValueError(f"targets must be an int64 tensor of shape ({logits.shape[0]},) (logits' rows), got "
+    rows = logits.shape[0]
+    if not isinstance(targets, torch.Tensor) or targets.dtype != torch.int64 or tuple(targets.shape) != (rows,):
+        raise ValueError(f"targets must be an int64 tensor of shape ({rows},) (logits' rows), got "
                          f"{(targets.dtype, tuple(targets.shape)) if isinstance(targets, torch.Tensor) else targets!r}")
     if targets.device != logits.device or not targets.is_contiguous():
         raise ValueError(f"targets must be contiguous and on logits' device {logits.device}, got {targets.device}")

@@ -14,7 +14,7 @@ import torch
 
 import lvrpo_fast
 from lvrpo_fast import dispatch, reference
-from tolerances import TOLERANCES, assert_close_to_truth
+from tolerances import assert_close_to_truth
 
 from conftest import device as _test_device
 
@@ -38,8 +38,10 @@ def _api_cases():
     for d, dtype in enumerate(DTYPES):
         for i, options in enumerate(OPTION_ROWS):
             shape = SHAPES[(i + 2 * d) % len(SHAPES)]
-            cases.append(pytest.param(*shape, dtype, *options, id=f"{str(dtype)[6:]}-N{shape[0]}-D{shape[1]}-V{shape[2]}"
-                                      f"-bias{int(options[0])}-T{options[1]}-ent{int(options[2])}-mask{int(options[3])}"))
+            bias, temperature, entropy, mask = options
+            label = (f"{str(dtype)[6:]}-N{shape[0]}-D{shape[1]}-V{shape[2]}"
+                     f"-bias{int(bias)}-T{temperature}-ent{int(entropy)}-mask{int(mask)}")
+            cases.append(pytest.param(*shape, dtype, *options, id=label))
     # N = 97 with the larger vocabulary once: the largest tile, all options on.
     cases.append(pytest.param(97, 123, 4099, torch.bfloat16, True, 0.7, True, True, id="bfloat16-N97-D123-V4099-all"))
     return cases
@@ -506,7 +508,8 @@ def test_triton_strided_rows_and_empty_tile():
     g = torch.randn(C, device=dev)
     logprobs.logits_grad_(grad[:, 5:5 + V], targets, out[1], None, g, None, 0.7)
     assert torch.equal(grad[:, :5], buffer[:, :5]) and torch.equal(grad[:, 5 + V:], buffer[:, 5 + V:])
-    assert_close_to_truth(grad[:, 5:5 + V], None, truth_grad(tile, targets, 0.7, g, None), torch.float32, "strided grad")
+    assert_close_to_truth(grad[:, 5:5 + V], None, truth_grad(tile, targets, 0.7, g, None), torch.float32,
+                          "strided grad")
     empty = logprobs.logits_stats(torch.empty(0, V, device=dev), targets[:0], 1.0, True)
     assert all(t.shape == (0,) for t in empty)
 
