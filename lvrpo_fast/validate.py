@@ -95,7 +95,8 @@ def check_target_range(targets: torch.Tensor, vocab_size: int, mask: Optional[to
     """Raises a ValueError if a target id at an unmasked position is outside [0, V).
 
     This costs one device synchronization; LVRPO_SKIP_TARGET_CHECK=1 turns it off for users who
-    guarantee their ids (the kernels then clamp nothing and an out-of-range id reads out of bounds).
+    guarantee their ids (the Triton kernels then give NaN for such a row; the other backends may read
+    out of bounds).
     """
     if targets.numel() == 0 or os.environ.get("LVRPO_SKIP_TARGET_CHECK") == "1":
         return
