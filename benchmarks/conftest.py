@@ -58,7 +58,7 @@ ROTATE_BYTES = 256 << 20
 MAX_SETS = 64
 
 # Rounds: enough to fill TARGET_S seconds of timed calls, within [MIN_ROUNDS, MAX_ROUNDS].
-ROUNDS = {"tiny": (0.2, 1, 5), "cpu": (5.0, 3, 100), "gpu": (2.0, 10, 200)}
+ROUNDS = {"tiny": (0.2, 1, 5), "cpu": (4.0, 3, 100), "gpu": (2.0, 10, 200)}
 
 
 # ----------------------------------------------------------------------------------------------
