@@ -78,7 +78,11 @@ def logprobs_fn(bench, impl, entropy):
     if impl == "flash_attn":
         bench.require_cuda("flash-attn's cross entropy")
         ce = bench.module("flash_attn.ops.triton.cross_entropy").cross_entropy_loss
-        return lambda h, w, t: (-ce(F.linear(h, w), t)[0], None)
+
+        def fn(h, w, t):
+            out = ce(F.linear(h, w), t)  # (losses, z_losses) in flash-attn 2.x
+            return -(out[0] if isinstance(out, tuple) else out), None
+        return fn
     raise ValueError(f"unknown implementation {impl!r}")
 
 
