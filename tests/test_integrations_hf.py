@@ -125,3 +125,12 @@ def test_bad_logits_to_keep():
     ids, mask, _ = _batch("llama")
     with pytest.raises(ValueError, match="logits_to_keep"):
         completion_hidden_states(model, ids, mask, logits_to_keep=L)
+
+
+def test_integration_registry():
+    from lvrpo_fast import integrations
+    from lvrpo_fast.integrations import hf
+
+    assert integrations.load("hf") is hf
+    with pytest.raises(ValueError, match="unknown integration"):
+        integrations.load("deepspeed-chat")
