@@ -410,6 +410,10 @@ _SESSION: Dict[str, object] = {"results": [], "skipped": []}
 CHECK_RTOL = {torch.float32: 2e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}
 
 
+def _reference_key(case) -> tuple:
+    return case.case, case.shape, case.dtype, str(DEVICE)
+
+
 def _to_host(result: dict) -> dict:
     return {k: v.detach().float().cpu() for k, v in result.items() if isinstance(v, torch.Tensor)}
 
@@ -493,7 +497,8 @@ class Bench:
         except Exception as exc:
             if not is_oom(exc):
                 raise
-            _REFERENCE.update(key=None, result=None)
+            if case.impl == "reference":  # the others then run unchecked instead of retrying it
+                _REFERENCE.update(key=_reference_key(case), result=None)
             gc.collect()
             if DEVICE.type == "cuda":
                 torch.cuda.empty_cache()
@@ -512,6 +517,28 @@ class Bench:
                 raise
             pytest.skip(f"{case.impl} failed on its first call here: {type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''}")
+
+    @staticmethod
+    def _check(case: Case, first: dict, inputs) -> str:
+        """Compares the first call's result with the reference's on the same inputs (the reference's
+        own run, just before, or one made here when it was deselected)."""
+        key = _reference_key(case)
+        if case.impl == "reference":
+            _REFERENCE.update(key=key, result=_to_host(first))
+        elif _REFERENCE["key"] != key:
+            _REFERENCE.update(key=None, result=None)
+            try:
+                _REFERENCE.update(key=key, result=_to_host(case.reference_call(inputs)))
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                _REFERENCE.update(key=key, result=None)
+                gc.collect()
+                if DEVICE.type == "cuda":
+                    torch.cuda.empty_cache()
+        if _REFERENCE["result"] is None:
+            return "not checked: the reference ran out of memory"
+        return _compare(first, _REFERENCE["result"], case.checked, case.dtype) if case.checked else "not checked"
 
     def _run(self, case: Case) -> None:
         # The smoke run (--benchmark-disable) makes one call: one input set is enough.
@@ -533,15 +560,9 @@ class Bench:
                 args=(sets[0],))
             peak, method, _, first = measured[0]
         else:
-                # First call: warm-up (compilation, autotuning, library loading) and the check.
+            # First call: warm-up (compilation, autotuning, library loading) and the check.
             first = self._first_call(case, timed, sets[0])
-        ref_key = (case.case, case.shape, case.dtype, str(DEVICE))
-        if case.impl == "reference":
-            _REFERENCE.update(key=ref_key, result=_to_host(first))
-        elif _REFERENCE["key"] != ref_key:
-            _REFERENCE.update(key=None, result=None)
-            _REFERENCE.update(key=ref_key, result=_to_host(case.reference_call(sets[0])))
-        check = _compare(first, _REFERENCE["result"], case.checked, case.dtype) if case.checked else "not checked"
+        check = self._check(case, first, sets[0])
         del first
 
         rounds = 0
