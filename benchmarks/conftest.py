@@ -646,6 +646,7 @@ def _cpu_name() -> str:
 
 
 def provenance() -> dict:
+    status = _git("status", "--porcelain", "--untracked-files=no") or ""
     info = {
         "shape_set": SHAPE_SET,
         "device": str(DEVICE),
@@ -658,7 +659,8 @@ def provenance() -> dict:
             "torch", "triton", "lvrpo-fast", "liger-kernel", "cut-cross-entropy", "flash-attn", "pytest-benchmark")},
         "cuda": torch.version.cuda,
         "commit": _git("rev-parse", "HEAD"),
-        "commit_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        # The code measured is the working tree's: name the tracked files that differ from the commit.
+        "commit_dirty_files": [line.split(maxsplit=1)[-1] for line in status.splitlines() if line.strip()],
         "started_utc": _SESSION.get("started"),
         "load_average_start": _SESSION.get("load_start"),
         "env": {k: os.environ.get(k) for k in ("LVRPO_CHUNK_BYTES", "TRITON_INTERPRET", "CI", "OMP_NUM_THREADS")},

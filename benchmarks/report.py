@@ -80,8 +80,9 @@ def header(data):
         + f"; {lv.get('cpu_count', '?')} CPU cores ({lv.get('cpu', '?')}), torch threads {lv.get('torch_threads', '?')}",
         f"- Versions: Python {lv.get('python', '?')}, {versions}",
         f"- Commit: {lv.get('commit') or commit.get('id', '?')}"
-        + (" (with uncommitted changes in the working tree)" if lv.get("commit_dirty") or commit.get("dirty") else "")
-        + (f", branch {commit['branch']}" if commit.get("branch") else ""),
+        + (f", branch {commit['branch']}" if commit.get("branch") else "")
+        + (f"; tracked files differing from it in the measured working tree: "
+           f"{', '.join(lv['commit_dirty_files'])}" if lv.get("commit_dirty_files") else ""),
         f"- Run: {lv.get('started_utc', data.get('datetime', '?'))} to {lv.get('finished_utc', '?')} (UTC)",
         f"- Load average (1, 5, 15 min) at the start: {lv.get('load_average_start', '?')}; "
         f"at the end: {lv.get('load_average_end', '?')}",
