@@ -17,33 +17,24 @@ constexpr int64_t kBlock = 2048;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Largest element of x[0:n), -inf when empty; sets *has_nan if an element is NaN (a comparison-based
-// maximum would skip it, and an all-NaN block would then look like an all -inf one and be dropped).
+// maximum skips it, and an all-NaN block would then look like an all -inf one and be dropped).
 LVRPO_MULTIVERSION float block_max(const float* x, int64_t n, bool* has_nan) {
-  float lane_max[kLanes];
-  uint32_t lane_nan[kLanes];
-  for (int j = 0; j < kLanes; ++j) {
-    lane_max[j] = kNegInf;
-    lane_nan[j] = 0;
-  }
+  vfloat m = splat(kNegInf);
+  vint nan = vint{};
+  auto visit = [&](vfloat v) {
+    m = select(v > m, v, m);
+    nan |= v != v;
+  };
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      const float v = x[i + j];
-      lane_max[j] = v > lane_max[j] ? v : lane_max[j];
-      lane_nan[j] |= static_cast<uint32_t>(v != v);
-    }
-  }
+  for (; i + kLanes <= n; i += kLanes) visit(load(x + i));
+  if (i < n) visit(load_partial(x + i, n - i, kNegInf));
   float result = kNegInf;
-  uint32_t nan = 0;
-  for (; i < n; ++i) {
-    result = x[i] > result ? x[i] : result;
-    nan |= static_cast<uint32_t>(x[i] != x[i]);
-  }
+  int32_t any_nan = 0;
   for (int j = 0; j < kLanes; ++j) {
-    result = lane_max[j] > result ? lane_max[j] : result;
-    nan |= lane_nan[j];
+    result = m[j] > result ? m[j] : result;
+    any_nan |= nan[j];
   }
-  if (nan) *has_nan = true;
+  if (any_nan) *has_nan = true;
   return result;
 }
 
@@ -51,49 +42,47 @@ LVRPO_MULTIVERSION float block_max(const float* x, int64_t n, bool* has_nan) {
 // Subtracting before scaling makes d exact near the maximum (0 for the maximum itself), so a row
 // whose mass sits on one logit of 1e4 gets S = 1, U = 0 and entropy exactly 0. The second sum is
 // relative to the running maximum so that entropy = log S - U / S does not cancel either; a -inf
-// logit contributes 0 to both (not 0 * -inf).
+// logit (and the -inf padding of a partial vector) contributes 0 to both, not 0 * -inf.
 LVRPO_MULTIVERSION void exp_moments(const float* x, int64_t n, float inv_t, float m, float* sum_exp,
                                     float* sum_exp_d) {
-  float lane_s[kLanes];
-  float lane_u[kLanes];
-  for (int j = 0; j < kLanes; ++j) {
-    lane_s[j] = 0.0f;
-    lane_u[j] = 0.0f;
-  }
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      const float d = (x[i + j] - m) * inv_t;
-      const float e = exp_f32(d);
-      lane_s[j] += e;
-      lane_u[j] += e > 0.0f ? e * d : 0.0f;
-    }
-  }
-  float s = 0.0f, u = 0.0f;
-  for (; i < n; ++i) {
-    const float d = (x[i] - m) * inv_t;
-    const float e = exp_f32(d);
+  vfloat s = vfloat{}, u = vfloat{};
+  const vfloat running_max = splat(m), scale = splat(inv_t), zero = splat(0.0f);
+  auto visit = [&](vfloat v) {
+    const vfloat d = (v - running_max) * scale;
+    const vfloat e = exp_lanes(d);
     s += e;
-    u += e > 0.0f ? e * d : 0.0f;
-  }
+    u += select(e > zero, e * d, zero);
+  };
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) visit(load(x + i));
+  if (i < n) visit(load_partial(x + i, n - i, kNegInf));
+  float total_s = 0.0f, total_u = 0.0f;
   for (int j = 0; j < kLanes; ++j) {
-    s += lane_s[j];
-    u += lane_u[j];
+    total_s += s[j];
+    total_u += u[j];
   }
-  *sum_exp = s;
-  *sum_exp_d = u;
+  *sum_exp = total_s;
+  *sum_exp_d = total_u;
 }
 
 // In place: x <- (-grad_logp * p - grad_entropy * p * (log p + entropy)) / T with log p = x / T - lse,
 // the gradient of every non-target logit (the caller fixes the target's). One read and one write.
 LVRPO_MULTIVERSION void grad_block(float* x, int64_t n, float inv_t, float lse, float grad_logp,
                                    float grad_entropy, float entropy) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float log_p = x[i] * inv_t - lse;
-    const float p = exp_f32(log_p);
+  const vfloat zero = splat(0.0f);
+  auto grad = [&](vfloat v) {
+    const vfloat log_p = v * inv_t - lse;
+    const vfloat p = exp_lanes(log_p);
     // p log p -> 0 as p -> 0: a -inf logit gets 0, not 0 * -inf.
-    const float entropy_term = p > 0.0f ? p * (log_p + entropy) : 0.0f;
-    x[i] = (-grad_logp * p - grad_entropy * entropy_term) * inv_t;
+    const vfloat entropy_term = select(p > zero, p * (log_p + entropy), zero);
+    return (-grad_logp * p - grad_entropy * entropy_term) * inv_t;
+  };
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) store(x + i, grad(load(x + i)));
+  if (i < n) {
+    float lanes[kLanes];
+    store(lanes, grad(load_partial(x + i, n - i, 0.0f)));
+    std::memcpy(x + i, lanes, sizeof(float) * (n - i));
   }
 }
 
