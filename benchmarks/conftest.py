@@ -721,7 +721,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             tr.write_line(
                 f"{case:34} {shape + ' ' + dtype:28} {impl:11} {_fmt(med, '{:.2f}', 1e3):>10} "
                 f"{_fmt(speed, '{:.2f}x'):>9} {_fmt(mem, '{:.1f}', 1 / MiB):>15} {_fmt(ratio, '{:.3f}'):>10} "
-                f"{_fmt(info.get('tflops'), '{:.3f}'):>8} {_fmt(info.get('roofline_fraction'), '{:.0%}'):>6}")
+                f"{_fmt(info.get('tflops'), '{:.3g}'):>8} {_fmt(info.get('roofline_fraction'), '{:.0%}'):>6}")
     target = ISSUE5
     key = (target["case"], target["shape"].id, str(target["dtype"]).replace("torch.", ""))
     impls = _ratios(results).get(key, {})

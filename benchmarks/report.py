@@ -93,7 +93,7 @@ def header(data):
     ceilings = lv.get("matmul_ceilings_tflops", {})
     if ceilings:
         lines.append("- Matmul ceilings measured in the session (torch.mm, M x K x N): "
-                     + ", ".join(f"{k}: {v:.3f} TFLOP/s" for k, v in ceilings.items()))
+                     + ", ".join(f"{k}: {v:.3g} TFLOP/s" for k, v in ceilings.items()))
     methods = sorted({r.get("memory_method") for r in data_rows(data) if r.get("memory_method")})
     if methods:
         lines.append("- Peak extra memory (beyond inputs, outputs and input gradients): " + "; ".join(methods))
@@ -128,7 +128,7 @@ def tables(cases):
                 lines.append(
                     f"| {n} | {hd or '-'} | {dtype} | {impl} | {fmt(row.get('median_s'), '{:.3f}', 1e3)} "
                     f"| {fmt(speed, '{:.2f}x')} | {fmt(row.get('peak_extra_bytes'), '{:.1f}', 1 / MiB)} "
-                    f"| {fmt(mem, '{:.3f}')} | {fmt(row.get('tflops'), '{:.3f}')} "
+                    f"| {fmt(mem, '{:.3f}')} | {fmt(row.get('tflops'), '{:.3g}')} "
                     f"| {fmt(row.get('roofline_fraction'), '{:.0%}')} | {fmt(row.get('gbps'), '{:.3g}')} "
                     f"| {row.get('rounds', '-')} |")
         lines.append("")
