@@ -63,11 +63,11 @@ def base_options(loss_type, level="token", length=T):
 
 
 def make_inputs(b=B, t=T, *, old=True, ref=True, weights=None, entropy=False, masked_row=1, spread=0.3,
-                generator=None):
+                density=0.75, generator=None):
     """Fresh random float32 CPU inputs of grpo_loss as a dict.
 
     logp in [-3, -0.05]; logp_old and logp_ref = logp + N(0, spread) so that the ratios straddle the
-    clip bounds; mask ~75 % ones with row `masked_row` fully masked (None: none is)."""
+    clip bounds; mask a fraction `density` of ones with row `masked_row` fully masked (None: none is)."""
     def randn(*shape):
         return torch.randn(*shape, generator=generator)
 
@@ -75,7 +75,7 @@ def make_inputs(b=B, t=T, *, old=True, ref=True, weights=None, entropy=False, ma
         return torch.rand(*shape, generator=generator)
 
     logp = -(rand(b, t) * 2.95 + 0.05)
-    mask = rand(b, t) < 0.75
+    mask = rand(b, t) < density
     if masked_row is not None and masked_row < b:
         mask[masked_row] = False
     data = {"logp": logp, "advantages": randn(b), "mask": mask,

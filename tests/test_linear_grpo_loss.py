@@ -44,7 +44,7 @@ HALF_CASES = ("grpo", "gspo_k3_bias_kl_entropy", "cispo")
 
 
 def make_inputs(b=B, t=T, d=D, v=V, *, group_size=G, bias=False, weights=None, temperature=1.0,
-                masked_row=1, generator=None):
+                masked_row=1, density=0.8, generator=None):
     """Fresh random float32 CPU inputs of fused_linear_grpo_loss as a dict.
 
     Logits ~ N(0, 1); advantages from group rewards; logp_old and logp_ref are the float64 reference
@@ -55,7 +55,7 @@ def make_inputs(b=B, t=T, d=D, v=V, *, group_size=G, bias=False, weights=None, t
     hidden = randn(b, t, d)
     weight = randn(v, d) / d ** 0.5
     targets = torch.randint(0, v, (b, t), generator=generator)
-    mask = torch.rand(b, t, generator=generator) < 0.8
+    mask = torch.rand(b, t, generator=generator) < density
     if masked_row is not None and masked_row < b:
         mask[masked_row] = False
     targets[~mask] = -100  # masked ids may hold anything, an ignore index included
