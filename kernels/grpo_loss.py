@@ -35,9 +35,12 @@ LOSS_KINDS = {"clip": 0, "cispo": 1, "sapo": 2}
 KL_KINDS = {"k1": 1, "k2": 2, "k3": 3}  # 0: no KL term (beta == 0)
 
 # Sequences are short (T ~ 1e2..1e4) and the work per token is a few dozen flops on ~7 loaded
-# values: a block of up to 1024 tokens keeps each program's loop short with 8 fp32 accumulators
-# per lane staying in registers at 4 warps.
+# values: a block of up to 1024 tokens keeps each program's loop short. Warps scale with the block
+# so that each thread holds 4 tokens of each of the 9 accumulators: compiled for sm_90 (triton 3.9,
+# cuobjdump -res-usage, the everything-on GSPO variant) that is 106 registers and no spills at 1024
+# tokens / 8 warps, against 230 registers at 4 warps.
 MAX_BLOCK_T = 1024
+TOKENS_PER_THREAD = 4
 
 _LOSS = tl.constexpr(STAT_LOSS)
 _COUNT = tl.constexpr(STAT_COUNT)
@@ -243,7 +246,8 @@ def _grpo_loss_kernel(
                 tl.store(grad_ptr + offs, tl.where(m, grad, 0.0), mask=in_row)
 
     # One reduction for all the metric sums: the per-lane partial sums side by side in a
-    # [BLOCK_T, N_STATS] tile, reduced over the lanes at once and written with one store.
+    # [BLOCK_T, N_STATS] tile, reduced over the lanes at once (one shared-memory exchange instead of
+    # eight, and one call instead of eight under the interpreter) and written with one store.
     stat_cols = tl.arange(0, N_STATS)
     tile = tl.full([BLOCK_T, N_STATS], 0.0, tl.float32)
     tile = tl.where(stat_cols[None, :] == _LOSS, acc_loss[:, None], tile)
@@ -290,6 +294,7 @@ def grpo_token_loss(logp, logp_old, logp_ref, advantages, mask, rollout_weights,
     # Absent tensors are never read (their constexpr flag is off); logp stands in for the pointer.
     old, ref, weights, ent = (_f32(t) for t in (logp_old, logp_ref, rollout_weights, entropy))
     block = min(triton.next_power_of_2(max(T, 1)), MAX_BLOCK_T)
+    num_warps = max(1, min(8, block // (32 * TOKENS_PER_THREAD)))
     _grpo_loss_kernel[(B,)](
         logp, logp if old is None else old, logp if ref is None else ref, _f32(advantages), mask_bytes,
         logp if weights is None else weights, logp if ent is None else ent, _f32(row_scale),
@@ -300,6 +305,6 @@ def grpo_token_loss(logp, logp_old, logp_ref, advantages, mask, rollout_weights,
         BIAS_CORRECTED=bool(o.use_bias_correction_kl) and kl_kind != 0, HAS_DELTA=o.delta is not None,
         DUAL_CLIP=o.clip_ratio_c is not None, HAS_OLD=old is not None, HAS_WEIGHTS=weights is not None,
         HAS_ENTROPY=ent is not None, ENTROPY_BONUS=entropy_bonus, NEED_GRAD=bool(need_grad),
-        N_STATS=NSTATS, BLOCK_T=block,
+        N_STATS=NSTATS, BLOCK_T=block, num_warps=num_warps,
     )
     return stats, grad
