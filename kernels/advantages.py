@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .grpo_loss import on_device
+
 SCALES = {"none": 0, "group": 1, "batch": 2}
 
 # Rewards are few (B ~ 1e2..1e4): one warp-sized block keeps small groups cheap, and the loops over
@@ -95,10 +97,11 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str, eps: fl
         return out
     groups = B // group_size
     std = torch.empty(1, dtype=torch.float32, device=rewards.device)
-    if scale == "batch":
-        _batch_std_kernel[(1,)](rewards, std, B, BLOCK=BLOCK_BATCH)
     block = min(triton.next_power_of_2(group_size), MAX_BLOCK_GROUP)
     loo_factor = group_size / (group_size - 1) if leave_one_out else 1.0
-    _group_advantages_kernel[(groups,)](rewards, std, out, group_size, float(eps), float(loo_factor),
-                                        SCALE=SCALES[scale], BLOCK=block)
+    with on_device(rewards):
+        if scale == "batch":
+            _batch_std_kernel[(1,)](rewards, std, B, BLOCK=BLOCK_BATCH)
+        _group_advantages_kernel[(groups,)](rewards, std, out, group_size, float(eps), float(loo_factor),
+                                            SCALE=SCALES[scale], BLOCK=block)
     return out

@@ -22,14 +22,15 @@ branch gives the total -A of an unclipped surrogate.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 
 from ..backends import (NSTATS, STAT_CLIP_HIGH, STAT_CLIP_LOW, STAT_CLIP_REGION, STAT_COUNT, STAT_ENTROPY,
                         STAT_KL, STAT_LOSS, STAT_RATIO)
-
-LOG_RATIO_CLAMP = 20.0  # SPEC 3, the same constant as lvrpo_fast.reference
+from ..reference import LOG_RATIO_CLAMP
 
 LOSS_KINDS = {"clip": 0, "cispo": 1, "sapo": 2}
 KL_KINDS = {"k1": 1, "k2": 2, "k3": 3}  # 0: no KL term (beta == 0)
@@ -42,6 +43,7 @@ KL_KINDS = {"k1": 1, "k2": 2, "k3": 3}  # 0: no KL term (beta == 0)
 MAX_BLOCK_T = 1024
 TOKENS_PER_THREAD = 4
 
+_CLAMP = tl.constexpr(LOG_RATIO_CLAMP)  # SPEC 3, one constant with the reference
 _LOSS = tl.constexpr(STAT_LOSS)
 _COUNT = tl.constexpr(STAT_COUNT)
 _KL = tl.constexpr(STAT_KL)
@@ -61,8 +63,8 @@ def _log_ratio(logp_ptr, old_ptr, offs, in_row, HAS_OLD: tl.constexpr):
     else:
         # logp_old defaults to logp.detach(): ratio 1, but the gradient still flows through logp.
         raw = tl.full(logp.shape, 0.0, tl.float32)
-    d = tl.minimum(tl.maximum(raw, -20.0), 20.0)
-    passes = ((raw >= -20.0) & (raw <= 20.0)).to(tl.float32)
+    d = tl.minimum(tl.maximum(raw, -_CLAMP), _CLAMP)
+    passes = ((raw >= -_CLAMP) & (raw <= _CLAMP)).to(tl.float32)
     return logp, d, passes
 
 
@@ -267,6 +269,11 @@ def _f32(t):
     return None if t is None else t.float().contiguous()
 
 
+def on_device(tensor):
+    """Launches on the tensor's GPU, not the current one (a model on cuda:1 with cuda:0 current)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 def grpo_token_loss(logp, logp_old, logp_ref, advantages, mask, rollout_weights, entropy, row_scale, options,
                     need_grad):
     """The grpo_token_loss primitive of lvrpo_fast.backends.
@@ -290,21 +297,21 @@ def grpo_token_loss(logp, logp_old, logp_ref, advantages, mask, rollout_weights,
         raise ValueError(f"entropy_coef={o.entropy_coef} needs entropy [B, T]")
     if rollout_weights is not None and rollout_weights.dim() == 1:
         rollout_weights = rollout_weights.unsqueeze(1).expand(B, T)
-    loss_kind = LOSS_KINDS.get(o.loss_type, LOSS_KINDS["clip"])
     # Absent tensors are never read (their constexpr flag is off); logp stands in for the pointer.
     old, ref, weights, ent = (_f32(t) for t in (logp_old, logp_ref, rollout_weights, entropy))
     block = min(triton.next_power_of_2(max(T, 1)), MAX_BLOCK_T)
     num_warps = max(1, min(8, block // (32 * TOKENS_PER_THREAD)))
-    _grpo_loss_kernel[(B,)](
-        logp, logp if old is None else old, logp if ref is None else ref, _f32(advantages), mask_bytes,
-        logp if weights is None else weights, logp if ent is None else ent, _f32(row_scale),
-        stats, logp if grad is None else grad, T,
-        float(o.epsilon_low), float(o.epsilon_high), float(o.delta or 0.0), float(o.clip_ratio_c or 0.0),
-        float(o.beta), float(o.entropy_coef), float(o.sapo_temperature_pos), float(o.sapo_temperature_neg),
-        LOSS_KIND=loss_kind, SEQUENCE_LEVEL=o.sequence_level, KL_KIND=kl_kind,
-        BIAS_CORRECTED=bool(o.use_bias_correction_kl) and kl_kind != 0, HAS_DELTA=o.delta is not None,
-        DUAL_CLIP=o.clip_ratio_c is not None, HAS_OLD=old is not None, HAS_WEIGHTS=weights is not None,
-        HAS_ENTROPY=ent is not None, ENTROPY_BONUS=entropy_bonus, NEED_GRAD=bool(need_grad),
-        N_STATS=NSTATS, BLOCK_T=block, num_warps=num_warps,
-    )
+    with on_device(logp):
+        _grpo_loss_kernel[(B,)](
+            logp, logp if old is None else old, logp if ref is None else ref, _f32(advantages), mask_bytes,
+            logp if weights is None else weights, logp if ent is None else ent, _f32(row_scale),
+            stats, logp if grad is None else grad, T,
+            float(o.epsilon_low), float(o.epsilon_high), float(o.delta or 0.0), float(o.clip_ratio_c or 0.0),
+            float(o.beta), float(o.entropy_coef), float(o.sapo_temperature_pos), float(o.sapo_temperature_neg),
+            LOSS_KIND=LOSS_KINDS.get(o.loss_type, LOSS_KINDS["clip"]), SEQUENCE_LEVEL=o.sequence_level,
+            KL_KIND=kl_kind, BIAS_CORRECTED=bool(o.use_bias_correction_kl) and kl_kind != 0,
+            HAS_DELTA=o.delta is not None, DUAL_CLIP=o.clip_ratio_c is not None, HAS_OLD=old is not None,
+            HAS_WEIGHTS=weights is not None, HAS_ENTROPY=ent is not None, ENTROPY_BONUS=entropy_bonus,
+            NEED_GRAD=bool(need_grad), N_STATS=NSTATS, BLOCK_T=block, num_warps=num_warps,
+        )
     return stats, grad
