@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .grpo_loss import on_device
+from .autotune import on_device
 
 SCALES = {"none": 0, "group": 1, "batch": 2}
 

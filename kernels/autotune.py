@@ -12,10 +12,12 @@ by measurement: LVRPO_AUTOTUNE=1 is the way to check them on a given GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, Tuple
 
+import torch
 import triton
 
 
@@ -122,3 +124,8 @@ def kernel_and_meta(name: str, kernel) -> Tuple[Callable, Dict[str, int]]:
             )(kernel)
         return _tuned[name], {}
     return kernel, config_for(name).launch_kwargs()
+
+
+def on_device(tensor: "torch.Tensor"):
+    """Launch on the tensor's GPU, not the current one (a model on cuda:1 while cuda:0 is current)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()

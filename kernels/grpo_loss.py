@@ -22,8 +22,6 @@ branch gives the total -A of an unclipped surrogate.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
@@ -31,6 +29,7 @@ import triton.language as tl
 from ..backends import (NSTATS, STAT_CLIP_HIGH, STAT_CLIP_LOW, STAT_CLIP_REGION, STAT_COUNT, STAT_ENTROPY,
                         STAT_KL, STAT_LOSS, STAT_RATIO)
 from ..reference import LOG_RATIO_CLAMP
+from .autotune import on_device
 
 LOSS_KINDS = {"clip": 0, "cispo": 1, "sapo": 2}
 KL_KINDS = {"k1": 1, "k2": 2, "k3": 3}  # 0: no KL term (beta == 0)
@@ -267,11 +266,6 @@ def _grpo_loss_kernel(
 
 def _f32(t):
     return None if t is None else t.float().contiguous()
-
-
-def on_device(tensor):
-    """Launches on the tensor's GPU, not the current one (a model on cuda:1 with cuda:0 current)."""
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def grpo_token_loss(logp, logp_old, logp_ref, advantages, mask, rollout_weights, entropy, row_scale, options,

@@ -149,8 +149,9 @@ def logits_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float
     if rows == 0:
         return logp, lse, entropy
     kernel, meta = autotune.kernel_and_meta("logits_stats", _logits_stats_kernel)
-    kernel[(rows,)](logits, targets, logp, lse, lse if entropy is None else entropy, vocab, logits.stride(0),
-                    1.0 / float(temperature), WITH_ENTROPY=bool(with_entropy), **meta)
+    with autotune.on_device(logits):
+        kernel[(rows,)](logits, targets, logp, lse, lse if entropy is None else entropy, vocab, logits.stride(0),
+                        1.0 / float(temperature), WITH_ENTROPY=bool(with_entropy), **meta)
     return logp, lse, entropy
 
 
@@ -175,6 +176,7 @@ def logits_grad_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
     if rows == 0 or vocab == 0:
         return
     kernel, meta = autotune.kernel_and_meta("logits_grad", _logits_grad_kernel)
-    kernel[(rows,)](logits, targets, lse, entropy if has_entropy else lse, grad_logp,
-                    grad_entropy if has_entropy else grad_logp, vocab, logits.stride(0), 1.0 / float(temperature),
-                    HAS_ENTROPY=has_entropy, **meta)
+    with autotune.on_device(logits):
+        kernel[(rows,)](logits, targets, lse, entropy if has_entropy else lse, grad_logp,
+                        grad_entropy if has_entropy else grad_logp, vocab, logits.stride(0), 1.0 / float(temperature),
+                        HAS_ENTROPY=has_entropy, **meta)

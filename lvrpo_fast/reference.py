@@ -114,7 +114,7 @@ def grpo_loss_impl(logp, advantages, mask, logp_old, logp_ref, entropy, rollout_
     m = mask.to(compute)
     B = logp.shape[0]
     A = advantages.to(compute).unsqueeze(1)
-    old = logp.detach() if logp_old is None else logp_old.to(compute)
+    old = logp.detach() if logp_old is None else logp_old.detach().to(compute)  # constants (SPEC 3, 5)
 
     # 3. importance ratio
     log_ratio = torch.clamp(logp - old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
@@ -139,14 +139,14 @@ def grpo_loss_impl(logp, advantages, mask, logp_old, logp_ref, entropy, rollout_
         if o.clip_ratio_c is not None:
             policy = torch.where(A < 0, torch.minimum(policy, -o.clip_ratio_c * A), policy)
     if rollout_weights is not None:
-        w = rollout_weights.to(compute)
+        w = rollout_weights.detach().to(compute)
         policy = policy * (w if w.dim() == 2 else w.unsqueeze(1))
     per_token = policy
 
     # 5. KL regularizer and entropy bonus
     kl = None
     if o.beta > 0:
-        x = logp_ref.to(compute) - logp
+        x = logp_ref.detach().to(compute) - logp
         if o.kl_estimator == "k1":
             kl = -x
         elif o.kl_estimator == "k2":
