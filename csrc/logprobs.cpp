@@ -38,12 +38,13 @@ LVRPO_MULTIVERSION float block_max(const float* x, int64_t n, bool* has_nan) {
   return result;
 }
 
-// With d = (x - m) / T (m >= every x, a raw logit): sum exp(d) and sum exp(d) * d over x[0:n).
-// Subtracting before scaling makes d exact near the maximum (0 for the maximum itself), so a row
-// whose mass sits on one logit of 1e4 gets S = 1, U = 0 and entropy exactly 0. The second sum is
-// relative to the running maximum so that entropy = log S - U / S does not cancel either; a -inf
-// logit (and the -inf padding of a partial vector) contributes 0 to both, not 0 * -inf.
-LVRPO_MULTIVERSION void exp_moments(const float* x, int64_t n, float inv_t, float m, float* sum_exp,
+// With d = (x - m) / T (m >= every x, a raw logit): sum exp(d) and, with_entropy, sum exp(d) * d
+// over x[0:n). Subtracting before scaling makes d exact near the maximum (0 for the maximum itself),
+// so a row whose mass sits on one logit of 1e4 gets S = 1, U = 0 and entropy exactly 0. The second
+// sum is relative to the running maximum so that entropy = log S - U / S does not cancel either; a
+// -inf logit (and the -inf padding of a partial vector) contributes 0 to both, not 0 * -inf.
+template <bool kWithEntropy>
+LVRPO_INLINE void exp_moments_lanes(const float* x, int64_t n, float inv_t, float m, float* sum_exp,
                                     float* sum_exp_d) {
   vfloat s = vfloat{}, u = vfloat{};
   const vfloat running_max = splat(m), scale = splat(inv_t), zero = splat(0.0f);
@@ -51,7 +52,7 @@ LVRPO_MULTIVERSION void exp_moments(const float* x, int64_t n, float inv_t, floa
     const vfloat d = (v - running_max) * scale;
     const vfloat e = exp_lanes(d);
     s += e;
-    u += select(e > zero, e * d, zero);
+    if constexpr (kWithEntropy) u += select(e > zero, e * d, zero);
   };
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) visit(load(x + i));
@@ -65,17 +66,30 @@ LVRPO_MULTIVERSION void exp_moments(const float* x, int64_t n, float inv_t, floa
   *sum_exp_d = total_u;
 }
 
+LVRPO_MULTIVERSION void exp_moments(const float* x, int64_t n, float inv_t, float m, bool with_entropy,
+                                    float* sum_exp, float* sum_exp_d) {
+  if (with_entropy) {
+    exp_moments_lanes<true>(x, n, inv_t, m, sum_exp, sum_exp_d);
+  } else {
+    exp_moments_lanes<false>(x, n, inv_t, m, sum_exp, sum_exp_d);
+  }
+}
+
 // In place: x <- (-grad_logp * p - grad_entropy * p * (log p + entropy)) / T with log p = x / T - lse,
 // the gradient of every non-target logit (the caller fixes the target's). One read and one write.
-LVRPO_MULTIVERSION void grad_block(float* x, int64_t n, float inv_t, float lse, float grad_logp,
-                                   float grad_entropy, float entropy) {
+// x / T is rounded before lse is subtracted, as logits_stats rounded it: fused, a logit of 1e4 with
+// p = 1 would get log p = the product's rounding error (~5e-4) instead of 0.
+template <bool kWithEntropy>
+LVRPO_INLINE void grad_lanes(float* x, int64_t n, float inv_t, float lse, float grad_logp, float grad_entropy,
+                             float entropy) {
   const vfloat zero = splat(0.0f);
   auto grad = [&](vfloat v) {
-    const vfloat log_p = v * inv_t - lse;
+    const vfloat log_p = rounded(v * inv_t) - lse;
     const vfloat p = exp_lanes(log_p);
+    vfloat g = -grad_logp * p;
     // p log p -> 0 as p -> 0: a -inf logit gets 0, not 0 * -inf.
-    const vfloat entropy_term = select(p > zero, p * (log_p + entropy), zero);
-    return (-grad_logp * p - grad_entropy * entropy_term) * inv_t;
+    if constexpr (kWithEntropy) g -= grad_entropy * select(p > zero, p * (log_p + entropy), zero);
+    return g * inv_t;
   };
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) store(x + i, grad(load(x + i)));
@@ -83,6 +97,15 @@ LVRPO_MULTIVERSION void grad_block(float* x, int64_t n, float inv_t, float lse, 
     float lanes[kLanes];
     store(lanes, grad(load_partial(x + i, n - i, 0.0f)));
     std::memcpy(x + i, lanes, sizeof(float) * (n - i));
+  }
+}
+
+LVRPO_MULTIVERSION void grad_block(float* x, int64_t n, float inv_t, float lse, float grad_logp, bool with_entropy,
+                                   float grad_entropy, float entropy) {
+  if (with_entropy) {
+    grad_lanes<true>(x, n, inv_t, lse, grad_logp, grad_entropy, entropy);
+  } else {
+    grad_lanes<false>(x, n, inv_t, lse, grad_logp, grad_entropy, entropy);
   }
 }
 
@@ -144,7 +167,7 @@ void stats_rows(const scalar_t* logits, const int64_t* targets, int64_t begin, i
       }
       if (m == kNegInf) continue;  // everything so far is -inf: nothing to add
       float block_s, block_u;
-      exp_moments(x, n, inv_t, m, &block_s, &block_u);
+      exp_moments(x, n, inv_t, m, entropy != nullptr, &block_s, &block_u);
       s += block_s;
       u += block_u;
     }
@@ -184,14 +207,15 @@ void grad_rows(scalar_t* logits, const int64_t* targets, const float* lse, const
       continue;
     }
     const float H = entropy == nullptr ? 0.0f : entropy[r];
-    const float z_target = static_cast<float>(row[t]) * inv_t;
+    const bool with_entropy = grad_entropy != nullptr;
+    const float z_target = rounded(static_cast<float>(row[t]) * inv_t);
     for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
       const int64_t n = std::min(kBlock, V - b0);
       if constexpr (std::is_same_v<scalar_t, float>) {
-        grad_block(row + b0, n, inv_t, lse[r], g_logp, g_ent, H);
+        grad_block(row + b0, n, inv_t, lse[r], g_logp, with_entropy, g_ent, H);
       } else {
         widen(row + b0, buffer, n);
-        grad_block(buffer, n, inv_t, lse[r], g_logp, g_ent, H);
+        grad_block(buffer, n, inv_t, lse[r], g_logp, with_entropy, g_ent, H);
         narrow(buffer, row + b0, n);
       }
     }
