@@ -7,13 +7,14 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <c10/util/Optional.h>
 
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
+#include <type_traits>
 
 namespace lvrpo {
 
@@ -82,10 +83,11 @@ inline void check_tensor(const at::Tensor& t, const char* name, at::IntArrayRef 
   TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
 }
 
+// GCC or clang: the hot loops use their vector extensions and an empty asm (a compiler without them
+// fails to build, and the package falls back to the reference with that reason).
 // The compiled library may be reused on another CPU (the build cache is shared), so no -march flag:
 // hot leaf loops are compiled once per ISA level and the loader's ifunc resolver picks the best one
-// for the running CPU. GCC only (clang's target_clones does not accept arch= levels); elsewhere
-// the baseline build is used.
+// for the running CPU (GCC on x86-64 Linux; other compilers and CPUs get the baseline build).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define LVRPO_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
