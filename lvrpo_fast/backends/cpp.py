@@ -36,7 +36,7 @@ name = "cpp"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SOURCES = ("logprobs.cpp", "grpo_loss.cpp", "advantages.cpp", "bindings.cpp")
 HEADERS = ("common.h",)
-COMPILING_MESSAGE = "lvrpo_fast: compiling the C++ CPU backend (once, ~1 min)..."
+COMPILING_MESSAGE = "lvrpo_fast: compiling the C++ CPU backend (once, ~1-2 min)..."
 _STAT_COLUMNS = (STAT_LOSS, STAT_COUNT, STAT_KL, STAT_CLIP_LOW, STAT_CLIP_HIGH, STAT_CLIP_REGION, STAT_RATIO,
                  STAT_ENTROPY, NSTATS)
 
