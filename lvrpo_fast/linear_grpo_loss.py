@@ -29,11 +29,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import dispatch, validate
 from .backends import STAT_LOSS
-from .chunking import rows_per_chunk
+from .chunking import head_into, logits_tile, rows_per_chunk
 from .grpo_loss import entropy_grad, metrics_from_stats, prepare_rollout_weights, row_scales
 from .options import GRPOOptions
 
@@ -56,12 +55,13 @@ def _forward(prims, hidden, weight, bias, targets, mask, advantages, logp_old, l
     grad_bias = torch.zeros(V, dtype=torch.float32, device=hidden.device) if need_b else None
     flat_grad_hidden = None if grad_hidden is None else grad_hidden.view(B * T, D)
     stats_parts = []
+    tile = logits_tile(min(seqs, B) * T, V, hidden)
     for s0 in range(0, B, seqs):
         s1 = min(s0 + seqs, B)
         r0, r1 = s0 * T, s1 * T
         h = flat_hidden[r0:r1]
         tgt = targets[s0:s1].reshape(-1)
-        logits = F.linear(h, weight, bias)
+        logits = head_into(tile, h, weight, bias)
         logp, lse, entropy = prims.logits_stats(logits, tgt, temperature, need_entropy)
         m = mask[s0:s1]
         logp = logp.view(s1 - s0, T).masked_fill(~m, 0.0)
@@ -83,7 +83,6 @@ def _forward(prims, hidden, weight, bias, targets, mask, advantages, logp_old, l
                 grad_weight.addmm_(logits.t(), h)
             if need_b:
                 grad_bias += logits.sum(0, dtype=torch.float32)
-        del logits
     stats = torch.cat(stats_parts)
     loss = stats[:, STAT_LOSS].sum()
     if need_b:

@@ -21,10 +21,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import dispatch, validate
-from .chunking import rows_per_chunk
+from .chunking import head_into, logits_tile, rows_per_chunk
 
 
 def _chunks(n_rows: int, rows: int):
@@ -40,14 +39,14 @@ def _forward(prims, hidden, weight, bias, targets, mask, temperature, return_ent
     logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
     lse = torch.empty_like(logp)
     entropy = torch.empty_like(logp) if return_entropy else None
+    tile = logits_tile(min(rows, N), V, hidden)
     for start, end in _chunks(N, rows):
-        logits = F.linear(hidden[start:end], weight, bias)
+        logits = head_into(tile, hidden[start:end], weight, bias)
         lp, ls, ent = prims.logits_stats(logits, targets[start:end], temperature, return_entropy)
         logp[start:end] = lp
         lse[start:end] = ls
         if return_entropy:
             entropy[start:end] = ent
-        del logits
     if mask is not None:
         logp.masked_fill_(~mask, 0.0)
         if return_entropy:
@@ -91,9 +90,10 @@ class LinearLogprobsFunction(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight) if need_w else None
         grad_bias = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_b else None
         rows = rows_per_chunk(V, hidden.element_size(), hidden.device)
+        tile = logits_tile(min(rows, N), V, hidden)
         for start, end in _chunks(N, rows):
             h = hidden[start:end]
-            logits = F.linear(h, weight, bias)
+            logits = head_into(tile, h, weight, bias)
             prims.logits_grad_(logits, targets[start:end], lse[start:end],
                                None if grad_entropy is None else entropy[start:end], grad_logp[start:end],
                                None if grad_entropy is None else grad_entropy[start:end], ctx.temperature)
@@ -103,7 +103,6 @@ class LinearLogprobsFunction(torch.autograd.Function):
                 grad_weight.addmm_(logits.t(), h)
             if need_b:
                 grad_bias += logits.sum(0, dtype=torch.float32)
-            del logits
         if need_b:
             grad_bias = grad_bias.to(bias.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None

@@ -84,6 +84,8 @@ def check_linear_inputs(hidden, weight, targets, *, bias=None, mask=None, temper
         raise TypeError(f"hidden and weight must have the same dtype, got {hidden.dtype} and {weight.dtype}")
     if bias is not None:
         _shape("bias", bias, (weight.shape[0],), "weight's V")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
     mask = as_mask(mask, targets.shape)
     _same_device(hidden=hidden, weight=weight, targets=targets, bias=bias, mask=mask)
     temperature = check_temperature(temperature)
