@@ -404,7 +404,7 @@ class InputCache:
 
 _INPUTS = InputCache()
 _REFERENCE: Dict[str, object] = {"key": None, "result": None}
-_SESSION: Dict[str, object] = {"results": [], "skipped": []}
+_SESSION: Dict[str, object] = {"results": [], "skipped": [], "paired": []}
 
 # Agreement with the eager reference before timing: a gross check (wrong sign, temperature, target,
 # normalizer), not the kernel tests (tests/ hold those, with the tolerance table). Error relative to
@@ -468,6 +468,9 @@ class Bench:
         self.device = DEVICE
         self.shape_set = SHAPE_SET
         self.dtype = DTYPES[SHAPE_SET]
+        # The shape of issue 5's paired check: its acceptance shape in the cpu set, a smoke-sized one in
+        # the tiny set, none on the GPU (the C++ backend takes CPU tensors).
+        self.issue5_shape = {"cpu": ISSUE5["shape"], "tiny": SHAPES["tiny"]["linear_grpo_loss"][0]}.get(SHAPE_SET)
 
     # The helpers reach the test modules through the fixture: a test module importing `conftest`
     # would get whichever conftest.py pytest loaded last (tests/ has one too).
@@ -490,6 +493,10 @@ class Bench:
     @staticmethod
     def require_cuda(peer: str) -> None:
         require_cuda(peer)
+
+    @staticmethod
+    def case(**fields) -> Case:
+        return Case(**fields)
 
     def run(self, **fields) -> None:
         """Builds a Case from the keyword fields and measures it."""
@@ -541,6 +548,56 @@ class Bench:
         if _REFERENCE["result"] is None:
             return "not checked: the reference ran out of memory"
         return _compare(first, _REFERENCE["result"], case.checked, case.dtype) if case.checked else "not checked"
+
+    def paired(self, cases: Dict[str, Case], name: str, min_pairs: int = 5) -> None:
+        """Times two implementations of one case call by call, alternately, on the same input sets.
+
+        On a shared machine the speed of the whole machine drifts by a factor of 2-3 within minutes
+        (other processes), so the ratio of two medians taken minutes apart is mostly that drift.
+        Within a pair the two calls see the same conditions: the median of the per-pair ratios is the
+        robust speed-up. Each pair is one pytest-benchmark round; the order alternates between pairs."""
+        (first_impl, first), (second_impl, second) = cases.items()
+        sets = _INPUTS.get((first.op, first.shape, first.dtype, str(DEVICE)), first.make_set)
+        timers = {}
+        for impl, case in cases.items():
+            def timed(inputs, case=case):
+                out = case.call(inputs)
+                synchronize()
+                return out
+            timers[impl] = timed
+            timed(sets[0])  # warm-up
+        times: Dict[str, list] = {first_impl: [], second_impl: []}
+        counter = iter(range(10**9))
+
+        def setup():
+            i = next(counter)
+            return (i, sets[i % len(sets)]), {}
+
+        def pair(i, inputs):
+            order = (first_impl, second_impl) if i % 2 == 0 else (second_impl, first_impl)
+            for impl in order:
+                start = time.perf_counter()
+                timers[impl](inputs)
+                times[impl].append(time.perf_counter() - start)
+
+        self.benchmark.group = f"{name} | {first.shape.id} | {str(first.dtype).replace('torch.', '')}"
+        if self.benchmark.disabled:
+            self.benchmark.pedantic(pair, args=(0, sets[0]))
+            return
+        self.benchmark.pedantic(pair, setup=setup, rounds=min_pairs, iterations=1, warmup_rounds=0)
+        ratios = sorted(a / b for a, b in zip(times[first_impl], times[second_impl]))
+        info = {
+            "paired": True, "case": first.case, "op": first.op, "impl": f"{first_impl} / {second_impl}",
+            "shape": first.shape.id, "N": first.shape.N, "D": first.shape.D, "V": first.shape.V,
+            "T": first.shape.T, "dtype": str(first.dtype).replace("torch.", ""), "device": str(DEVICE),
+            "shape_set": SHAPE_SET, "pairs": len(ratios), "numerator": first_impl, "denominator": second_impl,
+            "times_s": {k: v for k, v in times.items()}, "ratios": ratios,
+            "median_ratio": ratios[len(ratios) // 2] if len(ratios) % 2 else
+            0.5 * (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]),
+            "load_average": _load_average(),
+        }
+        self.benchmark.extra_info.update(info)
+        _SESSION["paired"].append(info)
 
     def _run(self, case: Case) -> None:
         # The smoke run (--benchmark-disable) makes one call: one input set is enough.
@@ -708,7 +765,7 @@ def _fmt(value, spec: str, scale: float = 1.0) -> str:
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     results = _SESSION["results"]
-    if not results:
+    if not results and not _SESSION["paired"]:
         return
     tr = terminalreporter
     tr.section(f"lvrpo_fast benchmarks ({SHAPE_SET} set on {DEVICE}): against the eager reference")
@@ -740,3 +797,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         else:
             tr.write_line(f"issue 5 ({key[0]}, {key[1]}): not measured in this run (needs both the reference "
                           f"and the cpp results, timed)")
+    for info in _SESSION["paired"]:
+        ok = info["median_ratio"] >= target["speedup"]
+        tr.write_line(
+            f"paired ({info['case']}, {info['shape']}, {info['dtype']}): {info['numerator']} time / "
+            f"{info['denominator']} time, median over {info['pairs']} alternating pairs = "
+            f"{info['median_ratio']:.2f}x (range {info['ratios'][0]:.2f}-{info['ratios'][-1]:.2f}; "
+            f"issue 5 target >= {target['speedup']}x: {'met' if ok else 'NOT met'})")

@@ -95,8 +95,7 @@ def make_call(fn):
     return call
 
 
-@pytest.mark.bench_op("linear_grpo_loss", impls=IMPLS)
-def test_linear_grpo_loss(bench, shape, impl):
+def case_fields(bench, shape, impl):
     dtype, device = bench.dtype, bench.device
     if impl in ("triton", "cpp"):
         bench.backend(impl, dtype)
@@ -106,8 +105,23 @@ def test_linear_grpo_loss(bench, shape, impl):
         s["mask_float"] = s["mask"].float()  # Liger multiplies by the mask
         return s
 
-    bench.run(
+    return dict(
         case="linear_grpo_loss fwd+bwd", op="linear_grpo_loss", impl=impl, shape=shape, dtype=dtype,
         make_set=inputs, call=make_call(loss_fn(bench, impl)), reference_call=make_call(loss_fn(bench, "reference")),
         checked=("loss", "grad_hidden", "grad_weight"), flops=(8 if impl == "liger" else 6) * shape.N * shape.V * shape.D,
         mm=(shape.N, shape.D, shape.V))
+
+
+@pytest.mark.bench_op("linear_grpo_loss", impls=IMPLS)
+def test_linear_grpo_loss(bench, shape, impl):
+    bench.run(**case_fields(bench, shape, impl))
+
+
+def test_issue5_paired(bench):
+    """Issue 5's speed-up measured robustly: the reference and the C++ backend called alternately, on
+    the same inputs, the speed-up the median of the per-pair time ratios (see Bench.paired)."""
+    if bench.issue5_shape is None:
+        pytest.skip(f"issue 5 compares the C++ backend on CPU tensors; this {bench.shape_set} set runs on {bench.device}")
+    bench.backend("cpp", bench.dtype)
+    bench.paired({impl: bench.case(**case_fields(bench, bench.issue5_shape, impl)) for impl in ("reference", "cpp")},
+                 name="issue 5 paired")
