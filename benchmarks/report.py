@@ -79,7 +79,9 @@ def header(data):
         "",
         f"- Device: {lv.get('device_name', '?')}"
         + (f" (CUDA {lv['cuda']})" if lv.get("cuda") else "")
-        + f"; {lv.get('cpu_count', '?')} CPU cores ({lv.get('cpu', '?')}), torch threads {lv.get('torch_threads', '?')}",
+        + f"; {lv.get('cpu_count', '?')} CPU cores"
+        + (f" ({lv['cpu']})" if lv.get("cpu") and lv.get("cpu") != lv.get("device_name") else "")
+        + f", torch threads {lv.get('torch_threads', '?')}",
         f"- Versions: Python {lv.get('python', '?')}, {versions}",
         f"- Commit: {lv.get('commit') or commit.get('id', '?')}"
         + (f", branch {commit['branch']}" if commit.get("branch") else "")
