@@ -8,7 +8,7 @@
 
 Each module imports its codebase only when loaded, so ``import lvrpo_fast`` never needs TRL or verl.
 :func:`load` imports one by name and says what to install when its codebase is missing. The one-line
-switch for each, and what it does not support, is in docs/integrations.md.
+switch for each, and what it does not support, is in README.md, section "Drop-in use".
 """
 from __future__ import annotations
 
