@@ -11,14 +11,8 @@ if shutil.which("nvidia-smi") is None or os.environ.get("LVRPO_TEST_INTERPRET") 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from backends_under_test import KERNEL_BACKENDS, device  # noqa: E402
 from lvrpo_fast import dispatch  # noqa: E402
-
-KERNEL_BACKENDS = ("triton", "cpp")
-
-
-def device() -> torch.device:
-    """Where kernel tests run: the GPU when there is one, else the CPU (Triton interpreted)."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,7 @@ import lvrpo_fast
 from lvrpo_fast import dispatch, reference
 from tolerances import assert_close_to_truth
 
-from conftest import device as _test_device
+from backends_under_test import device as _test_device
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
