@@ -5,10 +5,17 @@ one [C, V] tile of logits (in the input dtype; its gradient overwrites it in pla
 that the tile takes at most LVRPO_CHUNK_BYTES bytes (default 512 MiB on CUDA, which keeps the peak
 extra memory of the 151,936-token vocabularies under 1 GB, and 64 MiB on the CPU, where a smaller
 tile stays closer to the caches and costs nothing in BLAS efficiency).
+
+Rows that a mask excludes (padding after a completion, prompt tokens) get log-probability 0 and no
+gradient, so their logits are never needed: the chunk plans below list the *live* rows of each chunk,
+the ops gather those rows of the hidden states (a [C, D] copy per chunk) and run the LM head on them
+alone. With GRPO's variable completion lengths this skips the padding's share of the 2-6 N V D FLOPs.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import List, Optional
 
 import torch
 
@@ -48,3 +55,65 @@ def head_into(tile: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bi
     if bias is None:
         return torch.mm(hidden, weight.t(), out=out)
     return torch.addmm(bias, hidden, weight.t(), out=out)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Rows [start, end) of a flattened [N, ...] batch, of which `size` are computed: all of them when
+    `live` is None, else the rows whose absolute indices `live` (int64, ascending) holds."""
+    start: int
+    end: int
+    size: int
+    live: Optional[torch.Tensor] = None
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        """The computed rows of t [N, ...]: a view when all rows are live, else a gathered copy."""
+        return t[self.start:self.end] if self.live is None else t.index_select(0, self.live)
+
+    def put_(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """dst[computed rows] = src (dst [N, ...]); the other rows of dst are left as they are."""
+        if self.live is None:
+            dst[self.start:self.end] = src
+        else:
+            dst.index_copy_(0, self.live, src)
+
+    def local(self) -> Optional[torch.Tensor]:
+        """The live rows' indices relative to start (None when all rows are live)."""
+        return None if self.live is None else self.live - self.start
+
+
+def row_chunks(n_rows: int, budget: int, mask: Optional[torch.Tensor]) -> List[Chunk]:
+    """Chunks of at most `budget` computed rows over n_rows rows; with a mask [n_rows] bool, only its
+    true rows are computed (one host sync to find them)."""
+    live = None
+    if mask is not None:
+        live = mask.nonzero().squeeze(1)
+        if live.numel() == n_rows:
+            live = None
+    if live is None:
+        return [Chunk(s, min(s + budget, n_rows), min(s + budget, n_rows) - s) for s in range(0, n_rows, budget)]
+    bounds = live.tolist()
+    chunks = []
+    for i in range(0, len(bounds), budget):
+        j = min(i + budget, len(bounds))
+        chunks.append(Chunk(bounds[i], bounds[j - 1] + 1, j - i, live[i:j]))
+    return chunks
+
+
+def sequence_chunks(mask: torch.Tensor, budget: int) -> List[Chunk]:
+    """Chunks of whole sequences of mask [B, T] bool, each with at most `budget` true (computed) rows
+    or a single sequence; row indices are those of the flattened [B * T] batch (one host sync)."""
+    B, T = mask.shape
+    counts = mask.sum(1).tolist()
+    padded = sum(counts) < B * T
+    live = mask.reshape(-1).nonzero().squeeze(1) if padded else None
+    chunks, s0, offset = [], 0, 0
+    while s0 < B:
+        s1, size = s0 + 1, counts[s0]
+        while s1 < B and size + counts[s1] <= budget:
+            size += counts[s1]
+            s1 += 1
+        full = size == (s1 - s0) * T
+        chunks.append(Chunk(s0 * T, s1 * T, size, None if full else live[offset:offset + size]))
+        s0, offset = s1, offset + size
+    return chunks

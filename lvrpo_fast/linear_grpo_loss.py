@@ -6,6 +6,7 @@ sequence (and on batch-level normalizers known from the mask alone, lvrpo_fast.g
 So the op walks the batch in chunks of whole sequences (C = k * T rows, so GSPO's sequence-level
 ratio is exact) and, for each chunk:
 
+    hidden_c = the chunk's unmasked rows of hidden   (a view, or a [C, D] gather when padded)
     logits  = hidden_c @ W^T + b                    [C, V] tile, input dtype     2 C V D FLOPs
     logp, lse, entropy = logits_stats(logits)        online log-sum-exp, fp32
     stats, dloss/dlogp = grpo_token_loss(...)        one program per sequence
@@ -18,10 +19,15 @@ second backward through the same graph raises). A recompute design would save ls
 logits in the backward (8 N V D); storing the gradients instead costs nothing extra because they
 are exactly the input gradients autograd would allocate anyway.
 
+Masked tokens (padding, prompt) never reach the LM head: a chunk holds whole sequences whose
+*unmasked* tokens fill the tile, so N in the FLOP counts is the number of unmasked tokens, and a batch
+with a quarter of padding costs three quarters of the work (lvrpo_fast.chunking.sequence_chunks).
+
 Peak extra memory beyond inputs, outputs and input gradients:
-    C * V * s  +  O(N) float32 per-token vectors  (+ 4 V bytes for a float32 bias accumulator)
-with s the element size and C = whole sequences filling LVRPO_CHUNK_BYTES (512 MiB on CUDA, 64 MiB on
-the CPU; at least one sequence). grad_weight is accumulated in weight's dtype, one rounding per chunk.
+    C * V * s  +  2 C * D * s (gathered hidden rows and their gradient, when padded)
+               +  O(N) float32 per-token vectors  (+ 4 V bytes for a float32 bias accumulator)
+with s the element size and C = the unmasked tokens of whole sequences filling LVRPO_CHUNK_BYTES
+(512 MiB on CUDA, 64 MiB on the CPU; at least one sequence). grad_weight is accumulated in weight's dtype, one rounding per chunk.
 Under torch.no_grad (or when nothing requires grad) only the 2 N V D forward runs.
 """
 from __future__ import annotations
@@ -32,7 +38,7 @@ import torch
 
 from . import dispatch, validate
 from .backends import STAT_LOSS
-from .chunking import head_into, logits_tile, rows_per_chunk
+from .chunking import head_into, logits_tile, rows_per_chunk, sequence_chunks
 from .grpo_loss import entropy_grad, metrics_from_stats, prepare_rollout_weights, row_scales
 from .options import GRPOOptions
 
@@ -48,37 +54,47 @@ def _forward(prims, hidden, weight, bias, targets, mask, advantages, logp_old, l
     V = weight.shape[0]
     need_grad = need_h or need_w or need_b
     scale = row_scales(mask, options)
-    seqs = rows_per_chunk(V, hidden.element_size(), hidden.device, multiple=T) // T
+    chunks = sequence_chunks(mask, rows_per_chunk(V, hidden.element_size(), hidden.device))
+    padded = any(c.live is not None for c in chunks)
     flat_hidden = hidden.view(B * T, D)
-    grad_hidden = torch.empty_like(hidden) if need_h else None
+    flat_targets = targets.view(B * T)
+    grad_hidden = (torch.zeros_like if padded else torch.empty_like)(hidden) if need_h else None
     grad_weight = torch.zeros_like(weight) if need_w else None
     grad_bias = torch.zeros(V, dtype=torch.float32, device=hidden.device) if need_b else None
     flat_grad_hidden = None if grad_hidden is None else grad_hidden.view(B * T, D)
     stats_parts = []
-    tile = logits_tile(min(seqs, B) * T, V, hidden)
-    for s0 in range(0, B, seqs):
-        s1 = min(s0 + seqs, B)
-        r0, r1 = s0 * T, s1 * T
-        h = flat_hidden[r0:r1]
-        tgt = targets[s0:s1].reshape(-1)
-        logits = head_into(tile, h, weight, bias)
-        logp, lse, entropy = prims.logits_stats(logits, tgt, temperature, need_entropy)
+    tile = logits_tile(max(c.size for c in chunks), V, hidden)
+    for c in chunks:
+        s0, s1 = c.start // T, c.end // T
         m = mask[s0:s1]
-        logp = logp.view(s1 - s0, T).masked_fill(~m, 0.0)
-        if entropy is not None:
-            entropy = entropy.view(s1 - s0, T).masked_fill(~m, 0.0)
+        local = c.local()
+        logp = torch.zeros(c.end - c.start, dtype=torch.float32, device=hidden.device)
+        entropy = torch.zeros_like(logp) if need_entropy else None
+        if c.size:
+            h = c.take(flat_hidden)
+            tgt = c.take(flat_targets)
+            logits = head_into(tile, h, weight, bias)
+            lp, lse, ent = prims.logits_stats(logits, tgt, temperature, need_entropy)
+            _put(logp, lp, local)
+            if need_entropy:
+                _put(entropy, ent, local)
+        logp = logp.view(s1 - s0, T)  # masked rows: 0, never computed (a chunk without padding has none)
         stats, grad_logp = prims.grpo_token_loss(
             logp, _slice(logp_old, s0, s1), _slice(logp_ref, s0, s1), advantages[s0:s1], m,
-            _slice(rollout_weights, s0, s1), entropy, scale[s0:s1], options, need_grad)
+            _slice(rollout_weights, s0, s1), None if entropy is None else entropy.view(s1 - s0, T),
+            scale[s0:s1], options, need_grad)
         stats_parts.append(stats)
-        if need_grad:
+        if need_grad and c.size:
             grad_ent = None
             if options.entropy_coef != 0:
-                grad_ent = entropy_grad(m, scale[s0:s1], options).reshape(-1)
-            prims.logits_grad_(logits, tgt, lse, None if grad_ent is None else entropy.reshape(-1),
-                               grad_logp.reshape(-1), grad_ent, temperature)
+                grad_ent = _take(entropy_grad(m, scale[s0:s1], options).reshape(-1), local)
+            prims.logits_grad_(logits, tgt, lse, None if grad_ent is None else ent,
+                               _take(grad_logp.reshape(-1), local), grad_ent, temperature)
             if need_h:
-                torch.mm(logits, weight, out=flat_grad_hidden[r0:r1])
+                if c.live is None:
+                    torch.mm(logits, weight, out=flat_grad_hidden[c.start:c.end])
+                else:
+                    c.put_(flat_grad_hidden, torch.mm(logits, weight))
             if need_w:
                 grad_weight.addmm_(logits.t(), h)
             if need_b:
@@ -88,6 +104,18 @@ def _forward(prims, hidden, weight, bias, targets, mask, advantages, logp_old, l
     if need_b:
         grad_bias = grad_bias.to(bias.dtype)
     return loss, stats, (grad_hidden, grad_weight, grad_bias)
+
+
+def _take(t, local):
+    """The computed rows of a chunk-local vector (all of it when local is None)."""
+    return t if local is None else t.index_select(0, local).contiguous()
+
+
+def _put(dst, src, local):
+    if local is None:
+        dst.copy_(src)
+    else:
+        dst.index_copy_(0, local, src)
 
 
 class LinearGRPOLossFunction(torch.autograd.Function):

@@ -9,9 +9,13 @@ the gradient of the logits, and multiplies it back through the head:
     forward          2 N V D FLOPs   (under torch.no_grad: this and nothing saved)
     backward         2 N V D (recompute) + 4 N V D (grad hidden, grad weight)  -> 8 N V D in all
 
+With a mask, N counts only its true rows: masked rows are never computed (their log-probability and
+entropy are 0, their gradient is 0), the chunks gather the live rows of hidden instead
+(lvrpo_fast.chunking.row_chunks).
+
 Peak extra memory, beyond inputs, outputs and input gradients:
-    forward   C * V * s  +  4 N * (2 + entropy)          bytes
-    backward  C * V * s  +  4 N * 2  (+ 4 V for a bias accumulated in float32)
+    forward   C * V * s  +  4 N * (2 + entropy)          bytes  (+ C * D * s gathered rows with a mask)
+    backward  C * V * s  +  4 N * 2  (+ 4 V for a bias accumulated in float32; + 2 C * D * s with a mask)
 with s the element size of the input dtype and C = LVRPO_CHUNK_BYTES / (V * s) rows (512 MiB on
 CUDA by default, 64 MiB on the CPU). The term that grows with N is only the O(N) per-row vectors.
 grad_weight is accumulated across chunks in weight's dtype (one rounding per chunk for bf16/fp16).
@@ -23,34 +27,32 @@ from typing import Optional
 import torch
 
 from . import dispatch, validate
-from .chunking import head_into, logits_tile, rows_per_chunk
+from .chunking import head_into, logits_tile, row_chunks, rows_per_chunk
 
 
-def _chunks(n_rows: int, rows: int):
-    for start in range(0, n_rows, rows):
-        yield start, min(start + rows, n_rows)
+def _plan(hidden, weight, mask):
+    """The chunks of rows to compute (only mask's true rows) and the one [C, V] tile they share."""
+    rows = rows_per_chunk(weight.shape[0], hidden.element_size(), hidden.device)
+    chunks = row_chunks(hidden.shape[0], rows, mask)
+    return chunks, logits_tile(max((c.size for c in chunks), default=0), weight.shape[0], hidden)
 
 
 def _forward(prims, hidden, weight, bias, targets, mask, temperature, return_entropy):
-    """The forward pass alone: 2 N V D FLOPs, one [C, V] tile alive at a time."""
+    """The forward pass alone: 2 N V D FLOPs (N: the unmasked rows), one [C, V] tile alive at a time."""
     N = hidden.shape[0]
-    V = weight.shape[0]
-    rows = rows_per_chunk(V, hidden.element_size(), hidden.device)
-    logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
-    lse = torch.empty_like(logp)
-    entropy = torch.empty_like(logp) if return_entropy else None
-    tile = logits_tile(min(rows, N), V, hidden)
-    for start, end in _chunks(N, rows):
-        logits = head_into(tile, hidden[start:end], weight, bias)
-        lp, ls, ent = prims.logits_stats(logits, targets[start:end], temperature, return_entropy)
-        logp[start:end] = lp
-        lse[start:end] = ls
+    chunks, tile = _plan(hidden, weight, mask)
+    padded = any(c.live is not None for c in chunks)
+    new = torch.zeros if padded else torch.empty  # masked rows are never computed and stay 0
+    logp = new(N, dtype=torch.float32, device=hidden.device)
+    lse = new(N, dtype=torch.float32, device=hidden.device)
+    entropy = new(N, dtype=torch.float32, device=hidden.device) if return_entropy else None
+    for c in chunks:
+        logits = head_into(tile, c.take(hidden), weight, bias)
+        lp, ls, ent = prims.logits_stats(logits, c.take(targets), temperature, return_entropy)
+        c.put_(logp, lp)
+        c.put_(lse, ls)
         if return_entropy:
-            entropy[start:end] = ent
-    if mask is not None:
-        logp.masked_fill_(~mask, 0.0)
-        if return_entropy:
-            entropy.masked_fill_(~mask, 0.0)
+            c.put_(entropy, ent)
     return logp, lse, entropy
 
 
@@ -75,30 +77,29 @@ class LinearLogprobsFunction(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy=None):
         hidden, weight, bias, targets, mask, lse, entropy = ctx.saved_tensors
         prims = ctx.prims
-        N, V = hidden.shape[0], weight.shape[0]
+        V = weight.shape[0]
         if grad_logp is None and grad_entropy is None:
             return (None,) * 8
         grad_logp = (torch.zeros_like(lse) if grad_logp is None else grad_logp.float().contiguous())
         if grad_entropy is not None:
             grad_entropy = grad_entropy.float().contiguous()
-        if mask is not None:
-            grad_logp = grad_logp.masked_fill(~mask, 0.0)
-            if grad_entropy is not None:
-                grad_entropy = grad_entropy.masked_fill(~mask, 0.0)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_hidden = torch.empty_like(hidden) if need_h else None
+        chunks, tile = _plan(hidden, weight, mask)
+        padded = any(c.live is not None for c in chunks)
+        grad_hidden = (torch.zeros_like if padded else torch.empty_like)(hidden) if need_h else None
         grad_weight = torch.zeros_like(weight) if need_w else None
         grad_bias = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_b else None
-        rows = rows_per_chunk(V, hidden.element_size(), hidden.device)
-        tile = logits_tile(min(rows, N), V, hidden)
-        for start, end in _chunks(N, rows):
-            h = hidden[start:end]
+        for c in chunks:
+            h = c.take(hidden)
             logits = head_into(tile, h, weight, bias)
-            prims.logits_grad_(logits, targets[start:end], lse[start:end],
-                               None if grad_entropy is None else entropy[start:end], grad_logp[start:end],
-                               None if grad_entropy is None else grad_entropy[start:end], ctx.temperature)
+            prims.logits_grad_(logits, c.take(targets), c.take(lse),
+                               None if grad_entropy is None else c.take(entropy), c.take(grad_logp),
+                               None if grad_entropy is None else c.take(grad_entropy), ctx.temperature)
             if need_h:
-                torch.mm(logits, weight, out=grad_hidden[start:end])
+                if c.live is None:
+                    torch.mm(logits, weight, out=grad_hidden[c.start:c.end])
+                else:
+                    c.put_(grad_hidden, torch.mm(logits, weight))
             if need_w:
                 grad_weight.addmm_(logits.t(), h)
             if need_b:

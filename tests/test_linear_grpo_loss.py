@@ -255,3 +255,26 @@ def test_input_errors(kernel_backend):
         lvrpo_fast.fused_linear_grpo_loss(hidden, weight, targets, mask, adv, temperature=0.0, backend=name)
     with pytest.raises(ValueError, match="logp_ref"):
         lvrpo_fast.fused_linear_grpo_loss(hidden, weight, targets, mask, adv, beta=0.1, backend=name)
+
+
+def test_masked_tokens_never_reach_the_head(kernel_backend, monkeypatch):
+    """Chunks of one sequence's worth of rows: logits_stats sees exactly each chunk's unmasked rows (a
+    fully masked sequence makes an empty chunk that runs no kernel), and the result is the reference's."""
+    name, device = kernel_backend
+    options, extras = CASES["gspo_k3_bias_kl_entropy"]
+    data = make_inputs(b=5, v=V_SMALL, bias=True, weights=extras["weights"], temperature=extras["temperature"],
+                       masked_row=0, density=0.6)
+    counts = data["mask"].sum(1).tolist()
+    assert counts[0] == 0 and 0 < min(counts[1:]) and max(counts) < T, counts
+    module, why = dispatch._load(name)
+    assert module is not None, why
+    real_stats, calls = module.logits_stats, []
+
+    def counting_stats(logits, *rest):
+        calls.append(logits.shape[0])
+        return real_stats(logits, *rest)
+
+    monkeypatch.setattr(module, "logits_stats", counting_stats)
+    monkeypatch.setenv("LVRPO_CHUNK_BYTES", str(V_SMALL * 4))  # one row: every chunk is one sequence
+    check_linear(name, device, data, options, torch.float32, temperature=extras["temperature"])
+    assert calls == counts[1:], f"logits_stats saw rows {calls}, the unmasked tokens per sequence are {counts}"
