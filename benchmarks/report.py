@@ -139,28 +139,70 @@ def tables(cases):
     return lines
 
 
-def targets(data, cases):
+CHECK_LABELS = {"speedup": "speed-up vs {vs}", "memory_ratio": "peak extra memory / {vs}'s",
+                "roofline_fraction": "roofline fraction", "peak_extra_bytes": "peak extra memory"}
+
+
+def _measure(check, impls, impl):
+    """The value a check reads off one shape's results, or None when an implementation is missing."""
+    row, other = impls.get(impl), impls.get(check.get("vs"))
+    if row is None:
+        return None
+    metric = check["metric"]
+    if metric in ("speedup", "memory_ratio"):
+        if other is None:
+            return None
+        speed, mem = ratios(row, other)
+        return speed if metric == "speedup" else mem
+    return row.get(metric)
+
+
+def _show(metric, value):
+    if value is None:
+        return "not measured"
+    if metric == "speedup":
+        return f"{value:.2f}x"
+    if metric == "peak_extra_bytes":
+        return f"{value / MiB:.0f} MiB"
+    if metric == "roofline_fraction":
+        return f"{value:.0%}"
+    return f"{value:.3f}"
+
+
+def evaluate_targets(targets, rows):
+    """One line per acceptance target: each check's measured value and whether it holds.
+
+    A target names a case, a shape (N, D, V), a dtype and the implementation under test; its checks are
+    {"metric": "speedup" | "memory_ratio", "vs": impl, "min" | "max": bound} (against another
+    implementation at the same shape) or {"metric": "roofline_fraction" | "peak_extra_bytes", ...}.
+    A check without a bound is reported, not judged."""
+    cases = by_case(rows)
     lines = []
-    for target in data.get("lvrpo_targets", []):
-        shapes = cases.get(target["case"], {})
-        found = [impls for (n, hd, dtype), impls in shapes.items()
-                 if n == target["N"] and dtype == target["dtype"] and hd.startswith(f"D={target['D']} V={target['V']}")]
+    for target in targets:
         label = (f"{target['name']}: {target['case']}, N={target['N']}, D={target['D']}, V={target['V']}, "
-                 f"{target['dtype']}, {target['impl']} vs reference")
-        if not found or target["impl"] not in found[0] or "reference" not in found[0]:
+                 f"{target['dtype']}, {target['impl']}")
+        found = [impls for (n, hd, dtype), impls in cases.get(target["case"], {}).items()
+                 if n == target["N"] and dtype == target["dtype"] and hd.startswith(f"D={target['D']} V={target['V']}")]
+        if not found or target["impl"] not in found[0]:
             lines.append(f"- {label}: not measured in this run")
             continue
-        speed, mem = ratios(found[0][target["impl"]], found[0]["reference"])
-        verdict = lambda ok: "met" if ok else "NOT met"  # noqa: E731
-        lines.append(
-            f"- {label}: speed-up {fmt(speed, '{:.2f}x')} (target >= {target['speedup']}x: "
-            f"{verdict(speed is not None and speed >= target['speedup'])}), peak extra memory ratio "
-            f"{fmt(mem, '{:.3f}')} (target <= {target['memory_ratio']:.3f}: "
-            f"{verdict(mem is not None and mem <= target['memory_ratio'])})")
-    for bench in data["benchmarks"]:
-        info = bench["extra_info"]
-        if not info.get("paired"):
-            continue
+        parts = []
+        for check in target["checks"]:
+            metric = check["metric"]
+            value = _measure(check, found[0], target["impl"])
+            text = f"{CHECK_LABELS[metric].format(vs=check.get('vs'))} {_show(metric, value)}"
+            for bound, op in (("min", ">="), ("max", "<=")):
+                if bound in check:
+                    ok = value is not None and (value >= check[bound] if bound == "min" else value <= check[bound])
+                    text += f" (target {op} {_show(metric, check[bound])}: {'met' if ok else 'NOT met'})"
+            parts.append(text)
+        lines.append(f"- {label}: " + "; ".join(parts))
+    return lines
+
+
+def paired_lines(infos):
+    lines = []
+    for info in infos:
         times = info["times_s"]
         lines.append(
             f"- Paired ({info['case']}, N={info['N']}, D={info['D']}, V={info['V']}, {info['dtype']}): "
@@ -169,6 +211,12 @@ def targets(data, cases):
             f"{info['median_ratio']:.2f}x, per pair {', '.join(f'{r:.2f}' for r in info['ratios'])}; "
             f"times (s) {info['numerator']} {', '.join(f'{t:.3g}' for t in times[info['numerator']])}, "
             f"{info['denominator']} {', '.join(f'{t:.3g}' for t in times[info['denominator']])}")
+    return lines
+
+
+def targets(data, rows):
+    lines = evaluate_targets(data.get("lvrpo_targets", []), rows)
+    lines += paired_lines([b["extra_info"] for b in data["benchmarks"] if b["extra_info"].get("paired")])
     return (["## Acceptance targets", ""] + lines + [""]) if lines else []
 
 
@@ -242,7 +290,7 @@ def main(argv=None):
     md_path = args.md or args.json.with_suffix(".md")
     png_path = args.png or args.json.with_suffix(".png")
     lines = header(data)
-    lines += [f"![time and memory by N]({png_path.name})", ""] + targets(data, cases) + tables(cases) + skipped(data)
+    lines += [f"![time and memory by N]({png_path.name})", ""] + targets(data, rows) + tables(cases) + skipped(data)
     if args.notes:
         lines += ["## Notes", "", args.notes.read_text().strip(), ""]
     md_path.write_text("\n".join(lines))

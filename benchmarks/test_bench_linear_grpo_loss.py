@@ -6,13 +6,16 @@ logp_old and logp_ref near the current log-probabilities (computed once per inpu
 ratios, clipping and the KL term behave as in a real step. Options: loss_type="dapo", beta=0.04 (k3),
 epsilon 0.2, temperature 1: TRL's and Liger's defaults with a KL term. Gradients w.r.t. hidden and weight.
 
-FLOPs counted, what each design executes: 6 N V D (logits, grad hidden, grad weight; N = B * T), 8 N V D
-for Liger, whose backward recomputes the logits. Issue 5's acceptance shape is N = 2048, D = 512,
+FLOPs counted (`flops`), what each design needs on all N = B * T tokens: 6 N V D (logits, grad hidden,
+grad weight), 8 N V D for Liger, whose backward recomputes the logits. The kernel backends skip masked
+tokens, so on a padded batch they execute 6 N_live V D (`executed_flops`, from which the TFLOP/s and
+the roofline fraction are computed). Issue 5's acceptance shape is N = 2048, D = 512,
 V = 32000, fp32 in the cpu set (C++ backend vs the eager reference).
 
 The kernel backends never compute masked tokens (lvrpo_fast.chunking): on this mask, about a quarter
-fewer rows reach the LM head than in the reference and the peers. The FLOPs counted above are those of
-all N tokens, the work the reference does; test_issue5_paired also times the case without padding.
+fewer rows reach the LM head than in the reference and the peers. test_linear_grpo_loss_no_padding
+(the headline shape: issue 5's on the CPU, N = 8192, D = 4096, V = 151936 on a GPU) and
+test_issue5_paired[no_padding] time the same inputs with every token unmasked, where all do the same work.
 
 Implementations: the eager reference, torch.compile of lvrpo_fast.reference.linear_grpo_loss_impl, the
 Triton and C++ backends, and Liger-Kernel's LigerFusedLinearGRPOLoss (chunked PyTorch; its loss math
@@ -115,17 +118,30 @@ def case_fields(bench, shape, impl, padded=True):
         s["mask_full"] = torch.ones_like(s["mask"])
         return s
 
+    per_token = 8 if impl == "liger" else 6
+    executed = None
+    if impl in ("triton", "cpp") and padded:  # the kernel backends compute the unmasked tokens only
+        def executed(s):
+            return per_token * int(s["mask"].sum()) * shape.V * shape.D
+
     return dict(
         case="linear_grpo_loss fwd+bwd" + ("" if padded else ", no padding"), op="linear_grpo_loss", impl=impl,
         shape=shape, dtype=dtype, make_set=inputs, call=make_call(loss_fn(bench, impl), padded),
         reference_call=make_call(loss_fn(bench, "reference"), padded),
-        checked=("loss", "grad_hidden", "grad_weight"), flops=(8 if impl == "liger" else 6) * shape.N * shape.V * shape.D,
-        mm=(shape.N, shape.D, shape.V))
+        checked=("loss", "grad_hidden", "grad_weight"), flops=per_token * shape.N * shape.V * shape.D,
+        executed_flops=executed, mm=(shape.N, shape.D, shape.V))
 
 
 @pytest.mark.bench_op("linear_grpo_loss", impls=IMPLS)
 def test_linear_grpo_loss(bench, shape, impl):
     bench.run(**case_fields(bench, shape, impl))
+
+
+@pytest.mark.bench_op("linear_grpo_loss_full", impls=IMPLS)
+def test_linear_grpo_loss_no_padding(bench, shape, impl):
+    """The headline shape with every token unmasked: every implementation does the same work, so the
+    speed-ups and roofline fractions measure the kernels alone."""
+    bench.run(**case_fields(bench, shape, impl, padded=False))
 
 
 @pytest.mark.parametrize("padded", [True, False], ids=["padded", "no_padding"])
