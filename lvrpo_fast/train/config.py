@@ -47,15 +47,15 @@ class TrainConfig:
     train_scenes: int = _opt(4000, "scenes in the training split (one prompt of each task per scene)")
     eval_scenes: int = _opt(256, "scenes in the held-out split, used only for evaluation")
     # supervised warm-up
-    warmup_steps: int = _opt(500, "supervised warm-up steps before GRPO")
-    warmup_reading_steps: int = _opt(150, "the first N warm-up steps train the understanding task only (read first)")
+    warmup_steps: int = _opt(400, "supervised warm-up steps before GRPO")
+    warmup_reading_steps: int = _opt(75, "the first N warm-up steps train the understanding task only (read first)")
     warmup_understanding_share: float = _opt(0.125, "after the reading steps, the share of each warm-up batch "
                                                    "from the understanding task (the rest: generation)")
     warmup_fraction: float = _opt(0.05, "fraction of the training split the warm-up sees")
     warmup_batch_size: int = _opt(64, "warm-up examples per step")
     warmup_lr: float = _opt(1e-3, "warm-up learning rate (AdamW)")
     # GRPO
-    steps: int = _opt(150, "GRPO steps")
+    steps: int = _opt(200, "GRPO steps")
     prompts_per_step: int = _opt(32, "prompts per step and process")
     understanding_share: float = _opt(0.25, "share of each step's prompts from the understanding task (the rest: "
                                             "generation, the slower learner)")
