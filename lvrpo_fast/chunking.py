@@ -57,6 +57,35 @@ def head_into(tile: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bi
     return torch.addmm(bias, hidden, weight.t(), out=out)
 
 
+def head_grad_buffers(hidden: torch.Tensor, weight: torch.Tensor, need_h: bool, need_w: bool, need_b: bool,
+                      chunks: List["Chunk"]):
+    """(grad_hidden, grad_weight, grad_bias float32) to accumulate into, None where not needed.
+    grad_hidden is zeroed only when some chunk skips rows (those rows are never written)."""
+    padded = any(c.live is not None for c in chunks)
+    grad_hidden = (torch.zeros_like if padded else torch.empty_like)(hidden) if need_h else None
+    grad_weight = torch.zeros_like(weight) if need_w else None
+    grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+    return grad_hidden, grad_weight, grad_bias
+
+
+def head_backward_(chunk: "Chunk", dlogits: torch.Tensor, hidden_rows: torch.Tensor, weight: torch.Tensor,
+                   grad_hidden: Optional[torch.Tensor], grad_weight: Optional[torch.Tensor],
+                   grad_bias: Optional[torch.Tensor]) -> None:
+    """Takes one chunk's d(loss)/d(logits) [C, V] back through the LM head (4 C V D FLOPs):
+    grad_hidden[chunk rows] = dlogits @ weight (grad_hidden [N, D]; its other rows untouched),
+    grad_weight += dlogits^T @ hidden_rows, grad_bias (float32) += dlogits summed over rows.
+    Any of the three may be None (that input needs no gradient)."""
+    if grad_hidden is not None:
+        if chunk.live is None:
+            torch.mm(dlogits, weight, out=grad_hidden[chunk.start:chunk.end])
+        else:
+            chunk.put_(grad_hidden, torch.mm(dlogits, weight))
+    if grad_weight is not None:
+        grad_weight.addmm_(dlogits.t(), hidden_rows)
+    if grad_bias is not None:
+        grad_bias += dlogits.sum(0, dtype=torch.float32)
+
+
 @dataclass(frozen=True)
 class Chunk:
     """Rows [start, end) of a flattened [N, ...] batch, of which `size` are computed: all of them when

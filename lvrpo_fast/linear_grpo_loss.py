@@ -38,7 +38,7 @@ import torch
 
 from . import dispatch, validate
 from .backends import STAT_LOSS
-from .chunking import head_into, logits_tile, rows_per_chunk, sequence_chunks
+from .chunking import head_backward_, head_grad_buffers, head_into, logits_tile, rows_per_chunk, sequence_chunks
 from .grpo_loss import entropy_grad, metrics_from_stats, prepare_rollout_weights, row_scales
 from .options import GRPOOptions
 
@@ -55,12 +55,9 @@ def _forward(prims, hidden, weight, bias, targets, mask, advantages, logp_old, l
     need_grad = need_h or need_w or need_b
     scale = row_scales(mask, options)
     chunks = sequence_chunks(mask, rows_per_chunk(V, hidden.element_size(), hidden.device))
-    padded = any(c.live is not None for c in chunks)
     flat_hidden = hidden.view(B * T, D)
     flat_targets = targets.view(B * T)
-    grad_hidden = (torch.zeros_like if padded else torch.empty_like)(hidden) if need_h else None
-    grad_weight = torch.zeros_like(weight) if need_w else None
-    grad_bias = torch.zeros(V, dtype=torch.float32, device=hidden.device) if need_b else None
+    grad_hidden, grad_weight, grad_bias = head_grad_buffers(hidden, weight, need_h, need_w, need_b, chunks)
     flat_grad_hidden = None if grad_hidden is None else grad_hidden.view(B * T, D)
     stats_parts = []
     tile = logits_tile(max(c.size for c in chunks), V, hidden)
@@ -90,15 +87,7 @@ def _forward(prims, hidden, weight, bias, targets, mask, advantages, logp_old, l
                 grad_ent = _take(entropy_grad(m, scale[s0:s1], options).reshape(-1), local)
             prims.logits_grad_(logits, tgt, lse, None if grad_ent is None else ent,
                                _take(grad_logp.reshape(-1), local), grad_ent, temperature)
-            if need_h:
-                if c.live is None:
-                    torch.mm(logits, weight, out=flat_grad_hidden[c.start:c.end])
-                else:
-                    c.put_(flat_grad_hidden, torch.mm(logits, weight))
-            if need_w:
-                grad_weight.addmm_(logits.t(), h)
-            if need_b:
-                grad_bias += logits.sum(0, dtype=torch.float32)
+            head_backward_(c, logits, h, weight, flat_grad_hidden, grad_weight, grad_bias)
     stats = torch.cat(stats_parts)
     loss = stats[:, STAT_LOSS].sum()
     if need_b:

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from . import dispatch, validate
-from .chunking import head_into, logits_tile, row_chunks, rows_per_chunk
+from .chunking import head_backward_, head_grad_buffers, head_into, logits_tile, row_chunks, rows_per_chunk
 
 
 def _plan(hidden, weight, mask):
@@ -77,7 +77,6 @@ class LinearLogprobsFunction(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy=None):
         hidden, weight, bias, targets, mask, lse, entropy = ctx.saved_tensors
         prims = ctx.prims
-        V = weight.shape[0]
         if grad_logp is None and grad_entropy is None:
             return (None,) * 8
         grad_logp = (torch.zeros_like(lse) if grad_logp is None else grad_logp.float().contiguous())
@@ -85,25 +84,14 @@ class LinearLogprobsFunction(torch.autograd.Function):
             grad_entropy = grad_entropy.float().contiguous()
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         chunks, tile = _plan(hidden, weight, mask)
-        padded = any(c.live is not None for c in chunks)
-        grad_hidden = (torch.zeros_like if padded else torch.empty_like)(hidden) if need_h else None
-        grad_weight = torch.zeros_like(weight) if need_w else None
-        grad_bias = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_b else None
+        grad_hidden, grad_weight, grad_bias = head_grad_buffers(hidden, weight, need_h, need_w, need_b, chunks)
         for c in chunks:
             h = c.take(hidden)
             logits = head_into(tile, h, weight, bias)
             prims.logits_grad_(logits, c.take(targets), c.take(lse),
                                None if grad_entropy is None else c.take(entropy), c.take(grad_logp),
                                None if grad_entropy is None else c.take(grad_entropy), ctx.temperature)
-            if need_h:
-                if c.live is None:
-                    torch.mm(logits, weight, out=grad_hidden[c.start:c.end])
-                else:
-                    c.put_(grad_hidden, torch.mm(logits, weight))
-            if need_w:
-                grad_weight.addmm_(logits.t(), h)
-            if need_b:
-                grad_bias += logits.sum(0, dtype=torch.float32)
+            head_backward_(c, logits, h, weight, grad_hidden, grad_weight, grad_bias)
         if need_b:
             grad_bias = grad_bias.to(bias.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None

@@ -12,7 +12,7 @@ Backend interface used by :mod:`lvrpo_fast.dispatch` (inputs already validated):
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
