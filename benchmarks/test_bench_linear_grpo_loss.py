@@ -119,10 +119,12 @@ def case_fields(bench, shape, impl, padded=True):
         return s
 
     per_token = 8 if impl == "liger" else 6
-    executed = None
-    if impl in ("triton", "cpp") and padded:  # the kernel backends compute the unmasked tokens only
-        def executed(s):
-            return per_token * int(s["mask"].sum()) * shape.V * shape.D
+
+    def unmasked_flops(s):
+        return per_token * int(s["mask"].sum()) * shape.V * shape.D
+
+    # the kernel backends compute the unmasked tokens only
+    executed = unmasked_flops if impl in ("triton", "cpp") and padded else None
 
     return dict(
         case="linear_grpo_loss fwd+bwd" + ("" if padded else ", no padding"), op="linear_grpo_loss", impl=impl,
