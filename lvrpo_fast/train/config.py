@@ -48,7 +48,7 @@ class TrainConfig:
     eval_scenes: int = _opt(256, "scenes in the held-out split, used only for evaluation")
     # supervised warm-up
     warmup_steps: int = _opt(400, "supervised warm-up steps before GRPO")
-    warmup_reading_steps: int = _opt(75, "the first N warm-up steps train the understanding task only (read first)")
+    warmup_reading_steps: int = _opt(50, "the first N warm-up steps train the understanding task only (read first)")
     warmup_understanding_share: float = _opt(0.125, "after the reading steps, the share of each warm-up batch "
                                                    "from the understanding task (the rest: generation)")
     warmup_fraction: float = _opt(0.05, "fraction of the training split the warm-up sees")
