@@ -50,6 +50,8 @@ import torch  # noqa: E402
 
 from lvrpo_fast import dispatch  # noqa: E402
 
+import report  # noqa: E402  benchmarks/report.py beside this file: ratios, formats and targets, written once
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 MiB = float(1 << 20)
 
@@ -588,13 +590,14 @@ class Bench:
             return "not checked: the reference ran out of memory"
         return _compare(first, _REFERENCE["result"], case.checked, case.dtype) if case.checked else "not checked"
 
-    def paired(self, cases: Dict[str, Case], name: str, min_pairs: int = 5) -> None:
+    def paired(self, cases: Dict[str, Case], name: str, target: Optional[float] = None, min_pairs: int = 5) -> None:
         """Times two implementations of one case call by call, alternately, on the same input sets.
 
         On a shared machine the speed of the whole machine drifts by a factor of 2-3 within minutes
         (other processes), so the ratio of two medians taken minutes apart is mostly that drift.
         Within a pair the two calls see the same conditions: the median of the per-pair ratios is the
-        robust speed-up. Each pair is one pytest-benchmark round; the order alternates between pairs."""
+        robust speed-up, judged against `target` (a minimum) when given. Each pair is one
+        pytest-benchmark round; the order alternates between pairs."""
         (first_impl, first), (second_impl, second) = cases.items()
         sets = _INPUTS.get((first.op, first.shape, first.dtype, str(DEVICE)), first.make_set)
         timers = {}
@@ -633,7 +636,7 @@ class Bench:
             "times_s": {k: v for k, v in times.items()}, "ratios": ratios,
             "median_ratio": ratios[len(ratios) // 2] if len(ratios) % 2 else
             0.5 * (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]),
-            "load_average": _load_average(),
+            "load_average": _load_average(), "target_speedup": target,
         }
         self.benchmark.extra_info.update(info)
         _SESSION["paired"].append(info)
@@ -799,10 +802,6 @@ def _ratios(results):
     return groups
 
 
-def _fmt(value, spec: str, scale: float = 1.0) -> str:
-    return "-" if value is None else spec.format(value * scale)
-
-
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     results = _SESSION["results"]
     if not results and not _SESSION["paired"]:
@@ -814,21 +813,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for (case, shape, dtype), impls in _ratios(results).items():
         ref = impls.get("reference")
         for impl, info in impls.items():
-            med, mem = info["median_s"], info["peak_extra_bytes"]
-            speed = (ref["median_s"] / med) if ref and ref["median_s"] and med else None
-            ratio = (mem / ref["peak_extra_bytes"]) if ref and ref["peak_extra_bytes"] and mem is not None else None
+            speed, ratio = report.ratios(info, ref)
             tr.write_line(
-                f"{case:34} {shape + ' ' + dtype:28} {impl:11} {_fmt(med, '{:.2f}', 1e3):>10} "
-                f"{_fmt(speed, '{:.2f}x'):>9} {_fmt(mem, '{:.1f}', 1 / MiB):>15} {_fmt(ratio, '{:.3f}'):>10} "
-                f"{_fmt(info.get('tflops'), '{:.3g}'):>8} {_fmt(info.get('roofline_fraction'), '{:.0%}'):>6}")
-    import report  # benchmarks/report.py, next to this file: one evaluation of the targets for both
-
-    for line in report.evaluate_targets(TARGETS.get(SHAPE_SET, []), results):
+                f"{case:34} {shape + ' ' + dtype:28} {impl:11} {report.fmt(info['median_s'], '{:.2f}', 1e3):>10} "
+                f"{report.fmt(speed, '{:.2f}x'):>9} {report.fmt(info['peak_extra_bytes'], '{:.1f}', 1 / MiB):>15} "
+                f"{report.fmt(ratio, '{:.3f}'):>10} {report.fmt(info.get('tflops'), '{:.3g}'):>8} "
+                f"{report.fmt(info.get('roofline_fraction'), '{:.0%}'):>6}")
+    for line in report.evaluate_targets(TARGETS.get(SHAPE_SET, []), results) + report.paired_lines(_SESSION["paired"]):
         tr.write_line(line)
-    for info in _SESSION["paired"]:
-        ok = info["median_ratio"] >= 1.5
-        tr.write_line(
-            f"paired ({info['case']}, {info['shape']}, {info['dtype']}): {info['numerator']} time / "
-            f"{info['denominator']} time, median over {info['pairs']} alternating pairs = "
-            f"{info['median_ratio']:.2f}x (range {info['ratios'][0]:.2f}-{info['ratios'][-1]:.2f}; "
-            f"issue 5 target >= 1.5x: {'met' if ok else 'NOT met'})")

@@ -41,9 +41,9 @@ tests)
         tests/test_logprobs.py tests/test_linear_grpo_loss.py tests/test_grpo_loss.py tests/test_advantages.py \
         tests/test_property.py tests/test_modules.py tests/test_sm90_compile.py 2>&1 | tee "$OUT/tests-kernels.log" | tail -30
     python3 -m pytest -q -n 8 -p no:cacheprovider --junitxml="$OUT/tests-rest.xml" tests \
-        --deselect tests/test_logprobs.py --deselect tests/test_linear_grpo_loss.py \
-        --deselect tests/test_grpo_loss.py --deselect tests/test_advantages.py --deselect tests/test_property.py \
-        --deselect tests/test_modules.py --deselect tests/test_sm90_compile.py 2>&1 | tee "$OUT/tests-rest.log" | tail -30
+        --ignore tests/test_logprobs.py --ignore tests/test_linear_grpo_loss.py \
+        --ignore tests/test_grpo_loss.py --ignore tests/test_advantages.py --ignore tests/test_property.py \
+        --ignore tests/test_modules.py --ignore tests/test_sm90_compile.py 2>&1 | tee "$OUT/tests-rest.log" | tail -30
     ;;
 headline)
     json="$OUT/$(date +%F)-gpu-headline.json"

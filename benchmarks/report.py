@@ -201,14 +201,20 @@ def evaluate_targets(targets, rows):
 
 
 def paired_lines(infos):
+    """One line per paired measurement (conftest.Bench.paired): the median per-pair ratio, its range,
+    the verdict against the measurement's target when it has one, and every pair's times."""
     lines = []
     for info in infos:
-        times = info["times_s"]
+        times, ratios_ = info["times_s"], info["ratios"]
+        verdict = ""
+        if info.get("target_speedup") is not None:
+            ok = info["median_ratio"] >= info["target_speedup"]
+            verdict = f" (target >= {info['target_speedup']:.2f}x: {'met' if ok else 'NOT met'})"
         lines.append(
             f"- Paired ({info['case']}, N={info['N']}, D={info['D']}, V={info['V']}, {info['dtype']}): "
             f"{info['numerator']} and {info['denominator']} called alternately on the same inputs, "
             f"{info['pairs']} pairs; {info['numerator']} time / {info['denominator']} time: median "
-            f"{info['median_ratio']:.2f}x, per pair {', '.join(f'{r:.2f}' for r in info['ratios'])}; "
+            f"{info['median_ratio']:.2f}x{verdict}, per pair {', '.join(f'{r:.2f}' for r in ratios_)}; "
             f"times (s) {info['numerator']} {', '.join(f'{t:.3g}' for t in times[info['numerator']])}, "
             f"{info['denominator']} {', '.join(f'{t:.3g}' for t in times[info['denominator']])}")
     return lines

@@ -157,4 +157,4 @@ def test_issue5_paired(bench, padded):
     bench.backend("cpp", bench.dtype)
     bench.paired({impl: bench.case(**case_fields(bench, bench.issue5_shape, impl, padded))
                   for impl in ("reference", "cpp")},
-                 name="issue 5 paired" + ("" if padded else ", no padding"))
+                 name="issue 5 paired" + ("" if padded else ", no padding"), target=1.5)

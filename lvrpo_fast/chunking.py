@@ -57,12 +57,16 @@ def head_into(tile: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bi
     return torch.addmm(bias, hidden, weight.t(), out=out)
 
 
+def skips_rows(chunks: List["Chunk"]) -> bool:
+    """Whether some row is never computed (and outputs must be zero-initialized for it)."""
+    return any(c.live is not None for c in chunks)
+
+
 def head_grad_buffers(hidden: torch.Tensor, weight: torch.Tensor, need_h: bool, need_w: bool, need_b: bool,
                       chunks: List["Chunk"]):
     """(grad_hidden, grad_weight, grad_bias float32) to accumulate into, None where not needed.
     grad_hidden is zeroed only when some chunk skips rows (those rows are never written)."""
-    padded = any(c.live is not None for c in chunks)
-    grad_hidden = (torch.zeros_like if padded else torch.empty_like)(hidden) if need_h else None
+    grad_hidden = (torch.zeros_like if skips_rows(chunks) else torch.empty_like)(hidden) if need_h else None
     grad_weight = torch.zeros_like(weight) if need_w else None
     grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
     return grad_hidden, grad_weight, grad_bias
@@ -106,9 +110,10 @@ class Chunk:
         else:
             dst.index_copy_(0, self.live, src)
 
-    def local(self) -> Optional[torch.Tensor]:
-        """The live rows' indices relative to start (None when all rows are live)."""
-        return None if self.live is None else self.live - self.start
+    def relative(self) -> "Chunk":
+        """The same rows indexed from the chunk's start: take / put_ on chunk-local tensors [end - start, ...]."""
+        live = None if self.live is None else self.live - self.start
+        return Chunk(0, self.end - self.start, self.size, live)
 
 
 def row_chunks(n_rows: int, budget: int, mask: Optional[torch.Tensor]) -> List[Chunk]:
@@ -121,12 +126,13 @@ def row_chunks(n_rows: int, budget: int, mask: Optional[torch.Tensor]) -> List[C
             live = None
     if live is None:
         return [Chunk(s, min(s + budget, n_rows), min(s + budget, n_rows) - s) for s in range(0, n_rows, budget)]
-    bounds = live.tolist()
-    chunks = []
-    for i in range(0, len(bounds), budget):
-        j = min(i + budget, len(bounds))
-        chunks.append(Chunk(bounds[i], bounds[j - 1] + 1, j - i, live[i:j]))
-    return chunks
+    n_live = live.numel()
+    firsts = list(range(0, n_live, budget))
+    lasts = [min(i + budget, n_live) - 1 for i in firsts]
+    # Only each chunk's first and last row index come to the host, not all of them.
+    bounds = live[torch.tensor(firsts + lasts, dtype=torch.long, device=live.device)].tolist() if firsts else []
+    return [Chunk(bounds[k], bounds[len(firsts) + k] + 1, last - first + 1, live[first:last + 1])
+            for k, (first, last) in enumerate(zip(firsts, lasts))]
 
 
 def sequence_chunks(mask: torch.Tensor, budget: int) -> List[Chunk]:

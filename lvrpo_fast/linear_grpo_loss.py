@@ -64,7 +64,7 @@ def _forward(prims, hidden, weight, bias, targets, mask, advantages, logp_old, l
     for c in chunks:
         s0, s1 = c.start // T, c.end // T
         m = mask[s0:s1]
-        local = c.local()
+        rel = c.relative()  # the chunk's rows within its own [k * T] vectors
         logp = torch.zeros(c.end - c.start, dtype=torch.float32, device=hidden.device)
         entropy = torch.zeros_like(logp) if need_entropy else None
         if c.size:
@@ -72,9 +72,9 @@ def _forward(prims, hidden, weight, bias, targets, mask, advantages, logp_old, l
             tgt = c.take(flat_targets)
             logits = head_into(tile, h, weight, bias)
             lp, lse, ent = prims.logits_stats(logits, tgt, temperature, need_entropy)
-            _put(logp, lp, local)
+            rel.put_(logp, lp)
             if need_entropy:
-                _put(entropy, ent, local)
+                rel.put_(entropy, ent)
         logp = logp.view(s1 - s0, T)  # masked rows: 0, never computed (a chunk without padding has none)
         stats, grad_logp = prims.grpo_token_loss(
             logp, _slice(logp_old, s0, s1), _slice(logp_ref, s0, s1), advantages[s0:s1], m,
@@ -84,27 +84,15 @@ def _forward(prims, hidden, weight, bias, targets, mask, advantages, logp_old, l
         if need_grad and c.size:
             grad_ent = None
             if options.entropy_coef != 0:
-                grad_ent = _take(entropy_grad(m, scale[s0:s1], options).reshape(-1), local)
+                grad_ent = rel.take(entropy_grad(m, scale[s0:s1], options).reshape(-1))
             prims.logits_grad_(logits, tgt, lse, None if grad_ent is None else ent,
-                               _take(grad_logp.reshape(-1), local), grad_ent, temperature)
+                               rel.take(grad_logp.reshape(-1)), grad_ent, temperature)
             head_backward_(c, logits, h, weight, flat_grad_hidden, grad_weight, grad_bias)
     stats = torch.cat(stats_parts)
     loss = stats[:, STAT_LOSS].sum()
     if need_b:
         grad_bias = grad_bias.to(bias.dtype)
     return loss, stats, (grad_hidden, grad_weight, grad_bias)
-
-
-def _take(t, local):
-    """The computed rows of a chunk-local vector (all of it when local is None)."""
-    return t if local is None else t.index_select(0, local).contiguous()
-
-
-def _put(dst, src, local):
-    if local is None:
-        dst.copy_(src)
-    else:
-        dst.index_copy_(0, local, src)
 
 
 class LinearGRPOLossFunction(torch.autograd.Function):

@@ -27,7 +27,8 @@ from typing import Optional
 import torch
 
 from . import dispatch, validate
-from .chunking import head_backward_, head_grad_buffers, head_into, logits_tile, row_chunks, rows_per_chunk
+from .chunking import (head_backward_, head_grad_buffers, head_into, logits_tile, row_chunks, rows_per_chunk,
+                       skips_rows)
 
 
 def _plan(hidden, weight, mask):
@@ -41,8 +42,7 @@ def _forward(prims, hidden, weight, bias, targets, mask, temperature, return_ent
     """The forward pass alone: 2 N V D FLOPs (N: the unmasked rows), one [C, V] tile alive at a time."""
     N = hidden.shape[0]
     chunks, tile = _plan(hidden, weight, mask)
-    padded = any(c.live is not None for c in chunks)
-    new = torch.zeros if padded else torch.empty  # masked rows are never computed and stay 0
+    new = torch.zeros if skips_rows(chunks) else torch.empty  # masked rows are never computed and stay 0
     logp = new(N, dtype=torch.float32, device=hidden.device)
     lse = new(N, dtype=torch.float32, device=hidden.device)
     entropy = new(N, dtype=torch.float32, device=hidden.device) if return_entropy else None

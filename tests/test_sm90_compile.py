@@ -21,6 +21,11 @@ import sys
 import traceback
 
 import pytest
+import torch
+
+from lvrpo_fast.kernels import advantages as A
+from lvrpo_fast.kernels import grpo_loss as G
+from lvrpo_fast.kernels import logprobs as L
 
 F32 = "*fp32"
 GRPO_SIGNATURE = {
@@ -30,9 +35,11 @@ GRPO_SIGNATURE = {
     "entropy_coef": "fp32", "sapo_pos": "fp32", "sapo_neg": "fp32",
 }
 _TOGGLES = ("HAS_DELTA", "DUAL_CLIP", "HAS_OLD", "HAS_WEIGHTS", "HAS_ENTROPY", "ENTROPY_BONUS", "NEED_GRAD")
-LOSS_KINDS = ("clip", "cispo", "sapo")
-KL_KINDS = (0, 1, 2, 3)  # 0: no KL term
-TILE_DTYPES = ("fp32", "fp16", "bf16")
+# The kernels' own tables, so a new loss kind, estimator or tile dtype is compiled here too.
+LOSS_KINDS = tuple(G.LOSS_KINDS)
+KL_KINDS = (0, *G.KL_KINDS.values())  # 0: no KL term
+TILE_DTYPES = tuple({torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[d] for d in L.TILE_DTYPES)
+ADVANTAGE_SCALES = tuple(A.SCALES)
 
 # Every loss kind and KL estimator with every toggle on and with every toggle off, and the sequence
 # level: a constexpr flag prunes code, so these are the distinct programs the launcher builds.
@@ -40,7 +47,7 @@ GRPO_VARIANTS = ([f"grpo_loss-{loss}-kl{kl}-tok-{flags}" for loss in LOSS_KINDS 
                   for flags in ("on", "off")] + [f"grpo_loss-clip-kl{kl}-seq-on" for kl in (0, 3)])
 LOGPROB_VARIANTS = [f"{kernel}-{dtype}-{'entropy' if ent else 'plain'}" for kernel in ("logits_stats", "logits_grad")
                     for dtype in TILE_DTYPES for ent in (False, True)]
-ADVANTAGE_VARIANTS = [f"advantages-{scale}" for scale in ("none", "group", "batch")] + ["batch_std"]
+ADVANTAGE_VARIANTS = [f"advantages-{scale}" for scale in ADVANTAGE_SCALES] + ["batch_std"]
 VARIANTS = LOGPROB_VARIANTS + GRPO_VARIANTS + ADVANTAGE_VARIANTS
 
 
@@ -50,10 +57,7 @@ def _compile_all():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from lvrpo_fast.kernels import advantages as A
     from lvrpo_fast.kernels import autotune
-    from lvrpo_fast.kernels import grpo_loss as G
-    from lvrpo_fast.kernels import logprobs as L
 
     target = GPUTarget("cuda", 90, 32)
 

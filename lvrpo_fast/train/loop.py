@@ -439,8 +439,10 @@ class Trainer:
             loss_time += time.perf_counter() - t0
             loss.backward()
             self._update(cfg.learning_rate)
-            for k, v in {"loss": loss, **metrics}.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.num_iterations
+            named = {"loss": loss, **metrics}
+            # One device-to-host copy for all the scalars, not one per metric.
+            for k, v in zip(named, torch.stack([v.detach().float() for v in named.values()]).tolist()):
+                sums[k] = sums.get(k, 0.0) + v / cfg.num_iterations
         self._sync()
         elapsed = time.perf_counter() - start
 
