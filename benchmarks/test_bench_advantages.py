@@ -1,4 +1,4 @@
-"""Group-relative advantages from rewards (SPEC section 2): rewards [B] float32 -> advantages [B] float32.
+"""Group-relative advantages from rewards (docs/math.md section 2): rewards [B] float32 -> advantages [B] float32.
 
 One variant: scale="group" (each reward minus its group's mean, over the group's std + eps), the TRL
 and verl default. A memory-bound op: min_bytes = 8 B (read the rewards, write the advantages), and

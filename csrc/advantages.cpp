@@ -1,4 +1,4 @@
-// Group-relative advantages (../shared/SPEC.md section 2): one task per group of G contiguous rewards,
+// Group-relative advantages (docs/math.md section 2): one task per group of G contiguous rewards,
 // statistics in double.
 #include "common.h"
 

@@ -8,26 +8,20 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lvrpo_fast C++ CPU backend: the primitives of lvrpo_fast.backends (see its docstring)";
 
-  pybind11::class_<lvrpo::LossParams>(m, "LossParams", "Scalar options of the per-token GRPO loss")
-      .def(pybind11::init<>())
-      .def_readwrite("policy", &lvrpo::LossParams::policy)
-      .def_readwrite("epsilon_low", &lvrpo::LossParams::epsilon_low)
-      .def_readwrite("epsilon_high", &lvrpo::LossParams::epsilon_high)
-      .def_readwrite("has_delta", &lvrpo::LossParams::has_delta)
-      .def_readwrite("delta", &lvrpo::LossParams::delta)
-      .def_readwrite("has_clip_ratio_c", &lvrpo::LossParams::has_clip_ratio_c)
-      .def_readwrite("clip_ratio_c", &lvrpo::LossParams::clip_ratio_c)
-      .def_readwrite("beta", &lvrpo::LossParams::beta)
-      .def_readwrite("kl_estimator", &lvrpo::LossParams::kl_estimator)
-      .def_readwrite("use_bias_correction_kl", &lvrpo::LossParams::use_bias_correction_kl)
-      .def_readwrite("sequence_level", &lvrpo::LossParams::sequence_level)
-      .def_readwrite("entropy_coef", &lvrpo::LossParams::entropy_coef)
-      .def_readwrite("sapo_temperature_pos", &lvrpo::LossParams::sapo_temperature_pos)
-      .def_readwrite("sapo_temperature_neg", &lvrpo::LossParams::sapo_temperature_neg);
+  auto params = pybind11::class_<lvrpo::LossParams>(m, "LossParams", "Scalar parameters of the per-token GRPO loss");
+  params.def(pybind11::init<>());
+  pybind11::list fields;
+#define LVRPO_BIND_FIELD(type, name)                   \
+  params.def_readwrite(#name, &lvrpo::LossParams::name); \
+  fields.append(#name);
+  LVRPO_LOSS_PARAMS(LVRPO_BIND_FIELD)
+#undef LVRPO_BIND_FIELD
+  m.attr("LOSS_PARAM_FIELDS") = pybind11::tuple(fields);
 
   m.attr("POLICY_CLIP") = static_cast<int64_t>(lvrpo::kPolicyClip);
   m.attr("POLICY_CISPO") = static_cast<int64_t>(lvrpo::kPolicyCispo);
   m.attr("POLICY_SAPO") = static_cast<int64_t>(lvrpo::kPolicySapo);
+  m.attr("LOG_RATIO_CLAMP") = lvrpo::kLogRatioClamp;
   m.attr("STAT_COLUMNS") = pybind11::make_tuple(
       static_cast<int64_t>(lvrpo::kStatLoss), static_cast<int64_t>(lvrpo::kStatCount),
       static_cast<int64_t>(lvrpo::kStatKl), static_cast<int64_t>(lvrpo::kStatClipLow),

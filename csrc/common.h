@@ -1,5 +1,5 @@
 // Shared pieces of the C++ CPU backend of lvrpo_fast: declarations of the primitives (the contract is
-// in lvrpo_fast/backends/__init__.py), the loss options, runtime ISA selection and a vectorizable exp.
+// in lvrpo_fast/contract.py), the loss parameters, runtime ISA selection and a vectorizable exp.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -18,8 +18,8 @@
 
 namespace lvrpo {
 
-// Columns of the per-sequence statistics, mirrored from lvrpo_fast/backends/__init__.py (the Python
-// side checks the two agree when the extension loads).
+// Columns of the per-sequence statistics, mirrored from lvrpo_fast/contract.py (the Python side checks
+// the two agree when the extension loads).
 enum Stat : int64_t {
   kStatLoss = 0,
   kStatCount = 1,
@@ -32,26 +32,37 @@ enum Stat : int64_t {
   kNumStats = 8,
 };
 
-enum PolicyKind : int64_t { kPolicyClip = 0, kPolicyCispo = 1, kPolicySapo = 2 };
-enum KlEstimator : int64_t { kKlK1 = 1, kKlK2 = 2, kKlK3 = 3 };
+// docs/math.md section 3: the log-ratio is clamped to [-20, 20] before exp (verl's guard against exp
+// overflow times a zero mask); lvrpo_fast.contract.LOG_RATIO_CLAMP, checked equal when the extension loads.
+constexpr double kLogRatioClamp = 20.0;
 
-// The scalar options of lvrpo_fast.GRPOOptions that the per-token math needs. Aggregation is not
-// here: it arrives folded into the per-sequence row scale.
+enum PolicyKind : int64_t { kPolicyClip = 0, kPolicyCispo = 1, kPolicySapo = 2 };
+enum KlEstimator : int64_t { kKlNone = 0, kKlK1 = 1, kKlK2 = 2, kKlK3 = 3 };
+
+// The scalar parameters of the per-token math: exactly the keys of lvrpo_fast.contract.token_loss_params
+// (the Python side fills the struct field by field from that dict and checks, when the extension
+// loads, that the two lists agree). Aggregation is not here: it arrives folded into the per-sequence
+// row scale. One list (type, name) written once, expanded into the struct and into its bindings.
+#define LVRPO_LOSS_PARAMS(X)          \
+  X(int64_t, policy)                  \
+  X(double, epsilon_low)              \
+  X(double, epsilon_high)             \
+  X(bool, has_delta)                  \
+  X(double, delta)                    \
+  X(bool, has_clip_ratio_c)           \
+  X(double, clip_ratio_c)             \
+  X(double, beta)                     \
+  X(int64_t, kl_estimator)            \
+  X(bool, use_bias_correction_kl)     \
+  X(bool, sequence_level)             \
+  X(double, entropy_coef)             \
+  X(double, sapo_temperature_pos)     \
+  X(double, sapo_temperature_neg)
+
 struct LossParams {
-  int64_t policy = kPolicyClip;
-  double epsilon_low = 0.2;
-  double epsilon_high = 0.2;
-  bool has_delta = false;
-  double delta = 0.0;
-  bool has_clip_ratio_c = false;
-  double clip_ratio_c = 0.0;
-  double beta = 0.0;
-  int64_t kl_estimator = kKlK3;
-  bool use_bias_correction_kl = false;
-  bool sequence_level = false;
-  double entropy_coef = 0.0;
-  double sapo_temperature_pos = 1.0;
-  double sapo_temperature_neg = 1.05;
+#define LVRPO_FIELD(type, name) type name{};
+  LVRPO_LOSS_PARAMS(LVRPO_FIELD)
+#undef LVRPO_FIELD
 };
 
 std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> logits_stats(const at::Tensor& logits,

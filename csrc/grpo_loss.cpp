@@ -1,5 +1,5 @@
 // The per-token GRPO loss of whole sequences, its gradient w.r.t. logp and the metric sums
-// (../shared/SPEC.md sections 3 to 7), written to match autograd through lvrpo_fast.reference.
+// (docs/math.md sections 3 to 7), written to match autograd through lvrpo_fast.reference.
 // One task per sequence, so GSPO's sequence-level ratio is exact. The token math runs in double:
 // it is O(B T) work next to the O(B T V) of the log-probabilities, and it keeps the clip tests and
 // the sums at least as accurate as the float32 reference.
@@ -14,7 +14,6 @@
 namespace lvrpo {
 namespace {
 
-constexpr double kLogRatioClamp = 20.0;  // SPEC 3: verl's guard against exp overflow times a zero mask
 
 // torch.clamp, NaN passing through (a NaN log-ratio must not become a finite ratio).
 inline double clamp(double x, double lo, double hi) { return x < lo ? lo : (x > hi ? hi : x); }
@@ -209,8 +208,9 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> grpo_token_loss(
   check_tensor(row_scale, "row_scale", {B}, at::kFloat);
   TORCH_CHECK(params.policy == kPolicyClip || params.policy == kPolicyCispo || params.policy == kPolicySapo,
               "unknown policy kind ", params.policy);
-  TORCH_CHECK(params.kl_estimator >= kKlK1 && params.kl_estimator <= kKlK3, "unknown kl_estimator ",
+  TORCH_CHECK(params.kl_estimator >= kKlNone && params.kl_estimator <= kKlK3, "unknown kl_estimator ",
               params.kl_estimator);
+  TORCH_CHECK((params.beta > 0.0) == (params.kl_estimator != kKlNone), "kl_estimator must be set exactly when beta > 0");
   TORCH_CHECK(params.beta == 0.0 || logp_ref.has_value(), "beta > 0 needs logp_ref");
   TORCH_CHECK(params.entropy_coef == 0.0 || entropy.has_value(), "entropy_coef != 0 needs entropy");
   SequenceInputs in{logp.const_data_ptr<float>(),

@@ -1,4 +1,4 @@
-"""Group advantage normalization (SPEC section 2): rewards [B] -> advantages [B], one program per group.
+"""Group advantage normalization (docs/math.md section 2): rewards [B] -> advantages [B], one program per group.
 
 Every group of G contiguous rewards is reduced in two passes over G (mean, then the sum of squared
 deviations, so the unbiased std does not suffer the cancellation of sum(r^2) - G mu^2) and written
@@ -12,14 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import on_device
+from . import autotune
 
 SCALES = {"none": 0, "group": 1, "batch": 2}
-
-# Rewards are few (B ~ 1e2..1e4): one warp-sized block keeps small groups cheap, and the loops over
-# G / B cover any size without a power-of-two limit on the group.
-MAX_BLOCK_GROUP = 1024
-BLOCK_BATCH = 1024
 
 
 @triton.jit
@@ -48,6 +43,7 @@ def _group_advantages_kernel(rewards_ptr, std_ptr, out_ptr, G, eps, loo_factor,
     total = tl.zeros([BLOCK], dtype=tl.float32)
     hi = tl.full([BLOCK], float("-inf"), tl.float32)
     lo = tl.full([BLOCK], float("inf"), tl.float32)
+    nans = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, G, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         in_group = offs < G
@@ -55,10 +51,13 @@ def _group_advantages_kernel(rewards_ptr, std_ptr, out_ptr, G, eps, loo_factor,
         total += r
         hi = tl.maximum(hi, tl.where(in_group, r, float("-inf")))
         lo = tl.minimum(lo, tl.where(in_group, r, float("inf")))
+        nans += (r != r).to(tl.float32)
     mean = tl.sum(total, axis=0) / G
     # Equality is decided on the rewards themselves, not on a computed std: a group of equal
-    # rewards gets exactly 0 even with eps = 0, where (r - mu) / std would be 0 / 0.
-    equal = tl.max(hi, axis=0) == tl.min(lo, axis=0)
+    # rewards gets exactly 0 even with eps = 0, where (r - mu) / std would be 0 / 0. The minimum and
+    # maximum skip a NaN, so a NaN is counted apart: a group with one is never "equal", and its NaN
+    # mean reaches every advantage of the group (never a 0 for its mates).
+    equal = (tl.max(hi, axis=0) == tl.min(lo, axis=0)) & (tl.sum(nans, axis=0) == 0)
     if SCALE == 1:
         sq = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, G, BLOCK):
@@ -97,11 +96,11 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str, eps: fl
         return out
     groups = B // group_size
     std = torch.empty(1, dtype=torch.float32, device=rewards.device)
-    block = min(triton.next_power_of_2(group_size), MAX_BLOCK_GROUP)
+    block = autotune.advantages_block(group_size)
     loo_factor = group_size / (group_size - 1) if leave_one_out else 1.0
-    with on_device(rewards):
+    with autotune.on_device(rewards):
         if scale == "batch":
-            _batch_std_kernel[(1,)](rewards, std, B, BLOCK=BLOCK_BATCH)
+            _batch_std_kernel[(1,)](rewards, std, B, BLOCK=autotune.ADVANTAGES_BLOCK_BATCH)
         _group_advantages_kernel[(groups,)](rewards, std, out, group_size, float(eps), float(loo_factor),
                                             SCALE=SCALES[scale], BLOCK=block)
     return out

@@ -1,6 +1,7 @@
-"""Every launch configuration of the log-prob kernels (kernels/logprobs.py), in one place.
+"""Every launch configuration of every Triton kernel of lvrpo_fast, in one place.
 
-Three regimes, chosen per launch:
+The log-prob kernels (kernels/logprobs.py) stream a [C, V] tile and have three regimes, chosen per
+launch:
     TRITON_INTERPRET=1     INTERPRETER: a small block, so the CPU test suite stays fast and the
                            V loop still runs several iterations with a ragged last block.
     LVRPO_AUTOTUNE=1       triton.autotune over SEARCH[kernel] (GPU only), keyed on V and the
@@ -90,6 +91,47 @@ KEYS: Dict[str, Tuple[str, ...]] = {
 RESTORE: Dict[str, Tuple[str, ...]] = {"logits_grad": ("logits_ptr",)}
 
 _tuned: Dict[str, Callable] = {}
+
+
+# --- the per-sequence GRPO loss (kernels/grpo_loss.py) --------------------------------------------------
+# Sequences are short (T ~ 1e2..1e4) and the work per token is a few dozen flops on ~7 loaded values: a
+# block of up to 1024 tokens keeps each program's loop short. Warps scale with the block so that each
+# thread holds 4 tokens of each of the 9 accumulators: compiled for sm_90 (triton 3.9, cuobjdump
+# -res-usage, the everything-on GSPO variant) that is 106 registers and no spills at 1024 tokens / 8
+# warps, against 230 registers at 4 warps.
+GRPO_LOSS_MAX_BLOCK_T = 1024
+GRPO_LOSS_TOKENS_PER_THREAD = 4
+GRPO_LOSS_MAX_WARPS = 8
+
+
+def grpo_loss_config(T: int) -> Tuple[int, int]:
+    """(BLOCK_T, num_warps) of the GRPO loss kernel for sequences of T tokens."""
+    block = min(triton.next_power_of_2(max(T, 1)), GRPO_LOSS_MAX_BLOCK_T)
+    return block, max(1, min(GRPO_LOSS_MAX_WARPS, block // (32 * GRPO_LOSS_TOKENS_PER_THREAD)))
+
+
+# --- group advantages (kernels/advantages.py) -------------------------------------------------------------
+# Rewards are few (B ~ 1e2..1e4): one program per group with a block of the group's size rounded up to
+# a power of two (at most 1024, the loops cover larger groups), and one 1024-wide program for the batch
+# standard deviation. Default warps (4): the work is negligible next to the launch.
+ADVANTAGES_MAX_BLOCK_GROUP = 1024
+ADVANTAGES_BLOCK_BATCH = 1024
+
+
+def advantages_block(group_size: int) -> int:
+    return min(triton.next_power_of_2(group_size), ADVANTAGES_MAX_BLOCK_GROUP)
+
+
+# --- in-place scaling of the fused loss's stored gradients (kernels/linear_grpo_loss.py) ------------------
+# A pure streaming kernel over [V, D] (1.2 GB in bf16 at V = 151936, D = 4096): 4096 elements per program
+# and 8 warps give 16 contiguous elements (two 16-byte vectors in bf16) per thread, as the log-prob
+# kernels. When the factor is exactly 1 each program returns after one scalar load.
+SCALE = LaunchConfig(block_v=4096, num_warps=8, num_stages=1)
+SCALE_INTERPRETER = LaunchConfig(block_v=1 << 16, num_warps=1, num_stages=1)
+
+
+def scale_config() -> LaunchConfig:
+    return SCALE_INTERPRETER if interpreted() else SCALE
 
 
 def interpreted() -> bool:

@@ -1,9 +1,9 @@
-"""The per-sequence GRPO loss (SPEC sections 3 to 7): loss, metric sums and d(loss)/d(logp) in one kernel.
+"""The per-sequence GRPO loss (docs/math.md sections 3 to 7): loss, metric sums and d(loss)/d(logp) in one kernel.
 
 One program per sequence loops over T in blocks. Every option is a tl.constexpr flag or a float
 argument of the one kernel, so each combination compiles to straight-line code without dead branches.
 
-Gradient, per token t of sequence b (m = mask, c = row_scale[b], L_t the per-token loss of SPEC 4-5):
+Gradient, per token t of sequence b (m = mask, c = row_scale[b], L_t the per-token loss of docs/math.md sections 4-5):
     d(loss)/d(logp_t) = c m_t (dL_t/dlogp_t |direct  +  dL_t/drho_t * drho_t/dlogp_t)
 The direct part is cispo's -cap A w and the KL's beta (rho) dKL/dlogp; the part through the ratio is
 every other policy term and the bias-corrected KL's beta KL. With d_t = clamp(logp_t - logp_old_t,
@@ -19,6 +19,11 @@ torch.minimum and torch.clamp are matched exactly as autograd differentiates the
 gradient where min <= x <= max (bounds included), minimum splits it in halves at ties. The tie is the
 common case, not a corner: inside the clip range rho_c = rho_1 = rho, and half of -A through each
 branch gives the total -A of an unclipped surrogate.
+
+NaN. Every minimum, maximum and clamp propagates NaN (tl.PropagateNan.ALL, as torch.minimum and
+torch.clamp do): Triton's default drops a NaN operand, which turned a NaN log-probability (a NaN in
+the hidden states, an inf in the head, an fp16 overflow) into a finite loss. Values at masked tokens
+are loaded but never reach a sum (tl.where on the mask), so a NaN there does not matter.
 """
 from __future__ import annotations
 
@@ -26,23 +31,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import (NSTATS, STAT_CLIP_HIGH, STAT_CLIP_LOW, STAT_CLIP_REGION, STAT_COUNT, STAT_ENTROPY,
-                        STAT_KL, STAT_LOSS, STAT_RATIO)
-from ..reference import LOG_RATIO_CLAMP
-from .autotune import on_device
+from lvrpo_fast.contract import (LOG_RATIO_CLAMP, NSTATS, STAT_CLIP_HIGH, STAT_CLIP_LOW, STAT_CLIP_REGION,
+                                 STAT_COUNT, STAT_ENTROPY, STAT_KL, STAT_LOSS, STAT_RATIO)
 
-LOSS_KINDS = {"clip": 0, "cispo": 1, "sapo": 2}
-KL_KINDS = {"k1": 1, "k2": 2, "k3": 3}  # 0: no KL term (beta == 0)
+from . import autotune
 
-# Sequences are short (T ~ 1e2..1e4) and the work per token is a few dozen flops on ~7 loaded
-# values: a block of up to 1024 tokens keeps each program's loop short. Warps scale with the block
-# so that each thread holds 4 tokens of each of the 9 accumulators: compiled for sm_90 (triton 3.9,
-# cuobjdump -res-usage, the everything-on GSPO variant) that is 106 registers and no spills at 1024
-# tokens / 8 warps, against 230 registers at 4 warps.
-MAX_BLOCK_T = 1024
-TOKENS_PER_THREAD = 4
-
-_CLAMP = tl.constexpr(LOG_RATIO_CLAMP)  # SPEC 3, one constant with the reference
+_CLAMP = tl.constexpr(LOG_RATIO_CLAMP)  # docs/math.md section 3, one constant with the reference
 _LOSS = tl.constexpr(STAT_LOSS)
 _COUNT = tl.constexpr(STAT_COUNT)
 _KL = tl.constexpr(STAT_KL)
@@ -54,6 +48,18 @@ _ENTROPY = tl.constexpr(STAT_ENTROPY)
 
 
 @triton.jit
+def _min(x, y):
+    """torch.minimum: NaN if either operand is NaN."""
+    return tl.minimum(x, y, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _max(x, y):
+    """torch.maximum: NaN if either operand is NaN."""
+    return tl.maximum(x, y, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _log_ratio(logp_ptr, old_ptr, offs, in_row, HAS_OLD: tl.constexpr):
     """(logp, clamped log-ratio d, i = 1.0 where the clamp passes the gradient) of one block."""
     logp = tl.load(logp_ptr + offs, mask=in_row, other=0.0)
@@ -62,7 +68,7 @@ def _log_ratio(logp_ptr, old_ptr, offs, in_row, HAS_OLD: tl.constexpr):
     else:
         # logp_old defaults to logp.detach(): ratio 1, but the gradient still flows through logp.
         raw = tl.full(logp.shape, 0.0, tl.float32)
-    d = tl.minimum(tl.maximum(raw, -_CLAMP), _CLAMP)
+    d = _min(_max(raw, -_CLAMP), _CLAMP)
     passes = ((raw >= -_CLAMP) & (raw <= _CLAMP)).to(tl.float32)
     return logp, d, passes
 
@@ -79,10 +85,10 @@ def _token_terms(logp, rho, adv, logp_ref, weight, entropy,
                  LOSS_KIND: tl.constexpr, KL_KIND: tl.constexpr, BIAS_CORRECTED: tl.constexpr,
                  HAS_DELTA: tl.constexpr, DUAL_CLIP: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
                  ENTROPY_BONUS: tl.constexpr):
-    """Per-token loss L (SPEC 4-5, before masking), its partial derivatives w.r.t. logp (not through
+    """Per-token loss L (docs/math.md sections 4-5, before masking), its partial derivatives w.r.t. logp (not through
     rho) and w.r.t. rho, and the KL value of the metrics. adv is the sequence's advantage, broadcast."""
     if LOSS_KIND == 1:  # cispo: -stopgrad(min(rho, eps_high)) A logp
-        cap = tl.minimum(rho, eps_high)
+        cap = _min(rho, eps_high)
         policy = -cap * adv * logp
         d_policy_logp = -cap * adv
         d_policy_rho = tl.full(rho.shape, 0.0, tl.float32)
@@ -96,10 +102,10 @@ def _token_terms(logp, rho, adv, logp_ref, weight, entropy,
     else:  # clip family: -min(rho_1 A, clamp(rho, 1 - eps_low, 1 + eps_high) A)
         lower = 1.0 - eps_low
         upper = 1.0 + eps_high
-        rho_c = tl.minimum(tl.maximum(rho, lower), upper)
+        rho_c = _min(_max(rho, lower), upper)
         d_rho_c = ((rho >= lower) & (rho <= upper)).to(tl.float32)
         if HAS_DELTA:
-            rho_1 = tl.minimum(rho, delta)
+            rho_1 = _min(rho, delta)
             d_rho_1 = (rho <= delta).to(tl.float32)
         else:
             rho_1 = rho
@@ -107,14 +113,14 @@ def _token_terms(logp, rho, adv, logp_ref, weight, entropy,
         unclipped = rho_1 * adv
         clipped = rho_c * adv
         share = _min_grad_weight(unclipped, clipped)
-        policy = -tl.minimum(unclipped, clipped)
+        policy = -_min(unclipped, clipped)
         d_policy_rho = -adv * (share * d_rho_1 + (1.0 - share) * d_rho_c)
         if DUAL_CLIP:
             # where A < 0: L = min(L, -c A); -c A is constant, so L keeps its share of the gradient
             floor = -clip_c * adv
             keep = _min_grad_weight(policy, floor)
             d_policy_rho = tl.where(adv < 0, keep * d_policy_rho, d_policy_rho)
-            policy = tl.where(adv < 0, tl.minimum(policy, floor), policy)
+            policy = tl.where(adv < 0, _min(policy, floor), policy)
         d_policy_logp = tl.full(rho.shape, 0.0, tl.float32)
     if HAS_WEIGHTS:
         # the rollout correction multiplies the policy term only, never the KL
@@ -179,7 +185,7 @@ def _grpo_loss_kernel(
             _, d, _ = _log_ratio(logp_ptr + base, old_ptr + base, cols, in_row, HAS_OLD)
             ratio_sum += tl.where(m, d, 0.0)
             count_sum += m.to(tl.float32)
-        n_tokens = tl.maximum(tl.sum(count_sum, axis=0), 1.0)
+        n_tokens = tl.maximum(tl.sum(count_sum, axis=0), 1.0)  # a count: never NaN
         seq_ratio = tl.exp(tl.sum(ratio_sum, axis=0) / n_tokens)
 
     acc_loss = tl.full([BLOCK_T], 0.0, tl.float32)
@@ -264,48 +270,41 @@ def _grpo_loss_kernel(
     tl.store(stats_ptr + row * N_STATS + stat_cols, sums)
 
 
-def _f32(t):
-    return None if t is None else t.float().contiguous()
-
-
-def grpo_token_loss(logp, logp_old, logp_ref, advantages, mask, rollout_weights, entropy, row_scale, options,
+def grpo_token_loss(logp, logp_old, logp_ref, advantages, mask, rollout_weights, entropy, row_scale, params,
                     need_grad):
-    """The grpo_token_loss primitive of lvrpo_fast.backends.
+    """The grpo_token_loss primitive (lvrpo_fast.contract.Primitives).
 
-    logp, logp_old, logp_ref, rollout_weights, entropy: [B, T] float32 (all but logp may be None);
-    advantages, row_scale: [B] float32; mask: [B, T] bool; options: lvrpo_fast.GRPOOptions.
+    logp, logp_old, logp_ref, rollout_weights, entropy: [B, T] float32 contiguous (all but logp may be
+    None); advantages, row_scale: [B] float32; mask: [B, T] bool; params: contract.token_loss_params.
     Returns (stats [B, NSTATS] float32, grad_logp [B, T] float32 or None)."""
-    o = options
-    logp = _f32(logp)
+    p = params
     B, T = logp.shape
-    mask_bytes = mask.contiguous().view(torch.uint8)  # bool -> uint8 without a copy
+    mask_bytes = mask.view(torch.uint8)  # bool -> uint8 without a copy
+    if B == 0 or T == 0:  # no token: zero sums, zero gradient
+        stats = torch.zeros((B, NSTATS), dtype=torch.float32, device=logp.device)
+        return stats, torch.zeros((B, T), dtype=torch.float32, device=logp.device) if need_grad else None
+    # The kernel writes every element of both (masked tokens get a zero gradient).
     stats = torch.empty((B, NSTATS), dtype=torch.float32, device=logp.device)
     grad = torch.empty((B, T), dtype=torch.float32, device=logp.device) if need_grad else None
-    if B == 0:
-        return stats, grad
-    kl_kind = KL_KINDS[o.kl_estimator] if o.beta > 0 else 0
+    kl_kind = p["kl_estimator"]
     if kl_kind and logp_ref is None:
-        raise ValueError(f"beta={o.beta} > 0 needs logp_ref (the reference model's log-probabilities)")
-    entropy_bonus = o.entropy_coef != 0
+        raise ValueError(f"beta={p['beta']} > 0 needs logp_ref (the reference model's log-probabilities)")
+    entropy_bonus = p["entropy_coef"] != 0
     if entropy_bonus and entropy is None:
-        raise ValueError(f"entropy_coef={o.entropy_coef} needs entropy [B, T]")
-    if rollout_weights is not None and rollout_weights.dim() == 1:
-        rollout_weights = rollout_weights.unsqueeze(1).expand(B, T)
+        raise ValueError(f"entropy_coef={p['entropy_coef']} needs entropy [B, T]")
+    block, num_warps = autotune.grpo_loss_config(T)
     # Absent tensors are never read (their constexpr flag is off); logp stands in for the pointer.
-    old, ref, weights, ent = (_f32(t) for t in (logp_old, logp_ref, rollout_weights, entropy))
-    block = min(triton.next_power_of_2(max(T, 1)), MAX_BLOCK_T)
-    num_warps = max(1, min(8, block // (32 * TOKENS_PER_THREAD)))
-    with on_device(logp):
+    with autotune.on_device(logp):
         _grpo_loss_kernel[(B,)](
-            logp, logp if old is None else old, logp if ref is None else ref, _f32(advantages), mask_bytes,
-            logp if weights is None else weights, logp if ent is None else ent, _f32(row_scale),
-            stats, logp if grad is None else grad, T,
-            float(o.epsilon_low), float(o.epsilon_high), float(o.delta or 0.0), float(o.clip_ratio_c or 0.0),
-            float(o.beta), float(o.entropy_coef), float(o.sapo_temperature_pos), float(o.sapo_temperature_neg),
-            LOSS_KIND=LOSS_KINDS.get(o.loss_type, LOSS_KINDS["clip"]), SEQUENCE_LEVEL=o.sequence_level,
-            KL_KIND=kl_kind, BIAS_CORRECTED=bool(o.use_bias_correction_kl) and kl_kind != 0,
-            HAS_DELTA=o.delta is not None, DUAL_CLIP=o.clip_ratio_c is not None, HAS_OLD=old is not None,
-            HAS_WEIGHTS=weights is not None, HAS_ENTROPY=ent is not None, ENTROPY_BONUS=entropy_bonus,
-            NEED_GRAD=bool(need_grad), N_STATS=NSTATS, BLOCK_T=block, num_warps=num_warps,
+            logp, logp if logp_old is None else logp_old, logp if logp_ref is None else logp_ref, advantages,
+            mask_bytes, logp if rollout_weights is None else rollout_weights, logp if entropy is None else entropy,
+            row_scale, stats, logp if grad is None else grad, T,
+            p["epsilon_low"], p["epsilon_high"], p["delta"], p["clip_ratio_c"], p["beta"], p["entropy_coef"],
+            p["sapo_temperature_pos"], p["sapo_temperature_neg"],
+            LOSS_KIND=p["policy"], SEQUENCE_LEVEL=p["sequence_level"], KL_KIND=kl_kind,
+            BIAS_CORRECTED=p["use_bias_correction_kl"], HAS_DELTA=p["has_delta"], DUAL_CLIP=p["has_clip_ratio_c"],
+            HAS_OLD=logp_old is not None, HAS_WEIGHTS=rollout_weights is not None, HAS_ENTROPY=entropy is not None,
+            ENTROPY_BONUS=entropy_bonus, NEED_GRAD=bool(need_grad), N_STATS=NSTATS, BLOCK_T=block,
+            num_warps=num_warps,
         )
     return stats, grad

@@ -5,14 +5,17 @@ Public API (each takes `backend=` "auto" | "triton" | "cpp" | "reference"; see l
     group_advantages        rewards -> group-normalized advantages
     grpo_loss               per-token log-probabilities -> (loss, metrics)
     fused_linear_grpo_loss  hidden states + LM head -> (loss, metrics), gradients w.r.t. both
+    FusedLinearGRPOLoss     the same as an nn.Module, with Liger-Kernel's interface
     GRPOOptions             the loss options, validated
-The eager PyTorch reference of the same math is lvrpo_fast.reference.
+The eager PyTorch reference of the same math is lvrpo_fast.reference; the math is docs/math.md and
+the layers of the package are described in docs/architecture.md.
 """
 from . import reference
 from .advantages import group_advantages
 from .grpo_loss import grpo_loss
 from .linear_grpo_loss import fused_linear_grpo_loss
 from .logprobs import fused_linear_logprobs
+from .modules import FusedLinearGRPOLoss
 from .options import GRPOOptions
 
 __version__ = "0.1.0"
@@ -22,6 +25,7 @@ __all__ = [
     "group_advantages",
     "grpo_loss",
     "fused_linear_grpo_loss",
+    "FusedLinearGRPOLoss",
     "GRPOOptions",
     "reference",
 ]

@@ -1,4 +1,4 @@
-"""Group-relative advantages from rewards (SPEC section 2)."""
+"""group_advantages: rewards normalized within their groups (docs/math.md section 2)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -22,8 +22,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "gr
         backend: "auto", "triton", "cpp" or "reference".
 
     Returns:
-        [B] float32 advantages (float64 for float64 rewards); a group of equal rewards gets exactly 0.
+        [B] float32 advantages (float64 for float64 rewards); a group of equal rewards gets exactly 0,
+        a group holding a NaN reward gets NaN throughout (never a number).
     """
-    validate.check_advantage_inputs(rewards, group_size, scale, eps, leave_one_out)
+    group_size, eps = validate.check_advantage_inputs(rewards, group_size, scale, eps, leave_one_out)
     impl = dispatch.select(backend, rewards.device, rewards.dtype)
-    return impl.advantages_impl(rewards, group_size, scale, float(eps), leave_one_out)
+    return impl.advantages_impl(rewards, group_size, scale, eps, leave_one_out)

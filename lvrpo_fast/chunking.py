@@ -57,37 +57,63 @@ def head_into(tile: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bi
     return torch.addmm(bias, hidden, weight.t(), out=out)
 
 
-def skips_rows(chunks: List["Chunk"]) -> bool:
-    """Whether some row is never computed (and outputs must be zero-initialized for it)."""
-    return any(c.live is not None for c in chunks)
+def skips_rows(chunks: List["Chunk"], n_rows: int) -> bool:
+    """Whether some of the n_rows rows is never computed (outputs must then be zero-initialized for it):
+    a masked row, or every row when the plan is empty (all masked)."""
+    return sum(c.size for c in chunks) < n_rows
 
 
-def head_grad_buffers(hidden: torch.Tensor, weight: torch.Tensor, need_h: bool, need_w: bool, need_b: bool,
-                      chunks: List["Chunk"]):
-    """(grad_hidden, grad_weight, grad_bias float32) to accumulate into, None where not needed.
-    grad_hidden is zeroed only when some chunk skips rows (those rows are never written)."""
-    grad_hidden = (torch.zeros_like if skips_rows(chunks) else torch.empty_like)(hidden) if need_h else None
-    grad_weight = torch.zeros_like(weight) if need_w else None
-    grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
-    return grad_hidden, grad_weight, grad_bias
+class HeadGrads:
+    """The gradients of the LM head's inputs, accumulated chunk by chunk (:meth:`add_`).
 
+    grad_hidden [N, D] (rows a chunk computes are written, never accumulated; the other rows are 0),
+    grad_weight [V, D] in weight's dtype and grad_bias [V] in float32 (sums over chunks); any of the
+    three is None when that input needs no gradient. The first chunk *writes* the weight and bias
+    gradients (a matmul with beta = 0) instead of adding to zeros: no zero-fill pass over [V, D]
+    (1.2 GB of writes in bf16 at V = 151,936, D = 4,096) before the first chunk."""
 
-def head_backward_(chunk: "Chunk", dlogits: torch.Tensor, hidden_rows: torch.Tensor, weight: torch.Tensor,
-                   grad_hidden: Optional[torch.Tensor], grad_weight: Optional[torch.Tensor],
-                   grad_bias: Optional[torch.Tensor]) -> None:
-    """Takes one chunk's d(loss)/d(logits) [C, V] back through the LM head (4 C V D FLOPs):
-    grad_hidden[chunk rows] = dlogits @ weight (grad_hidden [N, D]; its other rows untouched),
-    grad_weight += dlogits^T @ hidden_rows, grad_bias (float32) += dlogits summed over rows.
-    Any of the three may be None (that input needs no gradient)."""
-    if grad_hidden is not None:
-        if chunk.live is None:
-            torch.mm(dlogits, weight, out=grad_hidden[chunk.start:chunk.end])
-        else:
-            chunk.put_(grad_hidden, torch.mm(dlogits, weight))
-    if grad_weight is not None:
-        grad_weight.addmm_(dlogits.t(), hidden_rows)
-    if grad_bias is not None:
-        grad_bias += dlogits.sum(0, dtype=torch.float32)
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, need_h: bool, need_w: bool, need_b: bool,
+                 chunks: List["Chunk"]):
+        n_rows = hidden.shape[0] if hidden.dim() == 2 else hidden.shape[0] * hidden.shape[1]
+        any_rows = any(c.size for c in chunks)
+        self.hidden = None
+        if need_h:
+            self.hidden = (torch.zeros_like if skips_rows(chunks, n_rows) else torch.empty_like)(hidden)
+        # Without a computed row the sums are 0; otherwise the first computed chunk writes them.
+        make = torch.empty_like if any_rows else torch.zeros_like
+        self.weight = make(weight) if need_w else None
+        self.bias = None
+        if need_b:
+            self.bias = (torch.empty if any_rows else torch.zeros)(weight.shape[0], dtype=torch.float32,
+                                                                    device=weight.device)
+        self._first = True
+
+    def add_(self, chunk: "Chunk", dlogits: torch.Tensor, hidden_rows: torch.Tensor, weight: torch.Tensor) -> None:
+        """Takes one chunk's d(loss)/d(logits) [C, V] back through the LM head (4 C V D FLOPs):
+        grad_hidden[chunk rows] = dlogits @ weight, grad_weight += dlogits^T @ hidden_rows,
+        grad_bias += dlogits summed over rows. Chunks that compute no row must not be passed."""
+        if self.hidden is not None:
+            flat = self.hidden.view(-1, self.hidden.shape[-1])
+            if chunk.live is None:
+                torch.mm(dlogits, weight, out=flat[chunk.start:chunk.end])
+            else:
+                chunk.put_(flat, torch.mm(dlogits, weight))
+        if self.weight is not None:
+            if self._first:
+                torch.mm(dlogits.t(), hidden_rows, out=self.weight)
+            else:
+                self.weight.addmm_(dlogits.t(), hidden_rows)
+        if self.bias is not None:
+            if self._first:
+                torch.sum(dlogits, 0, dtype=torch.float32, out=self.bias)
+            else:
+                self.bias += dlogits.sum(0, dtype=torch.float32)
+        self._first = False
+
+    def result(self, bias: Optional[torch.Tensor]):
+        """(grad_hidden, grad_weight, grad_bias in bias's dtype), None where not needed."""
+        grad_bias = None if self.bias is None else self.bias.to(bias.dtype)
+        return self.hidden, self.weight, grad_bias
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The one place that chooses a backend (../shared/SPEC.md section 9).
+"""The one place that chooses a backend (docs/math.md section 9).
 
 Backends:
     "triton"    fused Triton kernels (CUDA tensors; CPU tensors too under TRITON_INTERPRET=1, for tests)
@@ -10,22 +10,23 @@ Backends:
 The choice comes from the `backend=` keyword of every public function, else the environment
 variable LVRPO_BACKEND, else "auto". Asking for a backend that cannot run raises a RuntimeError
 saying why; "auto" falls back with a one-time warning naming the reason.
+
+The choice depends only on constants of a call (the keyword, the environment, the device and the
+dtype), so under torch.compile it is made once at trace time (assume_constant_result) and the
+compiled graph holds the chosen op.
 """
 from __future__ import annotations
 
-import importlib
 import os
 import warnings
 from typing import Optional
 
 import torch
 
-BACKENDS = ("auto", "triton", "cpp", "reference")
-_MODULES = {
-    "triton": "lvrpo_fast.backends.triton",
-    "cpp": "lvrpo_fast.backends.cpp",
-    "reference": "lvrpo_fast.reference",
-}
+from . import backends, reference
+from .contract import BACKENDS
+from .fused import KERNEL_BACKENDS
+
 _warned = set()
 
 
@@ -38,54 +39,42 @@ def requested(backend: Optional[str] = None) -> str:
     return name
 
 
-def _load(name: str):
-    """Imports a backend module; returns (module or None, reason it cannot load)."""
-    try:
-        return importlib.import_module(_MODULES[name]), ""
-    except Exception as exc:  # a missing triton or a broken build must not break the package
-        return None, f"{type(exc).__name__}: {exc}"
+def usable(name: str, device: torch.device, dtype: torch.dtype):
+    """(backend module, "") when `name` runs `dtype` tensors on `device`, else (None, the reason)."""
+    if name == "reference":
+        return reference, ""
+    return backends.usable(name, device, dtype)
 
 
-def _usable(name: str, device: torch.device, dtype: torch.dtype):
-    module, why = _load(name)
-    if module is None:
-        return None, why
-    ok, why = module.available(device, dtype)
-    return (module if ok else None), why
-
-
-def select(backend: Optional[str], device: torch.device, dtype: torch.dtype):
-    """Returns the backend object for tensors on `device` with floating dtype `dtype`.
-
-    A backend object has logprobs_impl, advantages_impl, grpo_loss_impl and linear_grpo_loss_impl
-    taking validated inputs (see lvrpo_fast.reference for their contracts)."""
+@torch.compiler.assume_constant_result
+def resolve(backend: Optional[str], device: str, dtype: torch.dtype) -> str:
+    """The name of the backend that runs a call: see the module docstring."""
+    device = torch.device(device)
     name = requested(backend)
     if name != "auto":
-        module, why = _usable(name, device, dtype)
+        module, why = usable(name, device, dtype)
         if module is None:
             raise RuntimeError(f"backend {name!r} cannot run on {device} with {dtype}: {why}")
-        return _backend_object(module)
+        return name
     if dtype == torch.float64:
-        return _backend_object(_load("reference")[0])
+        return "reference"
     preferred = {"cuda": "triton", "cpu": "cpp"}.get(device.type)
     if preferred is not None:
-        module, why = _usable(preferred, device, dtype)
+        module, why = usable(preferred, device, dtype)
         if module is not None:
-            return _backend_object(module)
+            return preferred
         key = (preferred, why)
         if key not in _warned:
             _warned.add(key)
             warnings.warn(f"lvrpo_fast: the {preferred} backend is unavailable ({why}); "
                           f"using the eager reference, which builds the full logits", RuntimeWarning,
-                          stacklevel=3)
-    return _backend_object(_load("reference")[0])
+                          stacklevel=4)
+    return "reference"
 
 
-def _backend_object(module):
-    # The reference module implements the *_impl functions itself; the kernel backends export
-    # primitives, wrapped once in a KernelBackend that drives the shared autograd Functions.
-    if hasattr(module, "logprobs_impl"):
-        return module
-    from .backends import KernelBackend
-
-    return KernelBackend.for_primitives(module)
+def select(backend: Optional[str], device: torch.device, dtype: torch.dtype):
+    """The backend object for tensors on `device` with floating dtype `dtype`: the reference module, or
+    a lvrpo_fast.fused.KernelBackend. Each has logprobs_impl, advantages_impl, grpo_loss_impl and
+    linear_grpo_loss_impl taking validated inputs (see lvrpo_fast.reference for their contracts)."""
+    name = resolve(backend, str(device), dtype)
+    return reference if name == "reference" else KERNEL_BACKENDS[name]

@@ -11,13 +11,13 @@ result is Liger's structure: ``(loss, (kl, clip_ratio))`` with ``kl`` present on
 Checked against liger-kernel 0.8.5 (tests/test_modules.py).
 
 What is not supported, and why (each raises a ValueError rather than silently changing the numbers):
-    loss_type="vespo"      not in ../shared/SPEC.md: no kernel implements VESPO's gamma weighting.
+    loss_type="vespo"      not in docs/math.md: no kernel implements VESPO's gamma weighting.
     loss_type="luspo" with token-level ratios, beta != 0 (with a reference) or per-token vllm_is_ratio:
                            Liger then averages the loss over all B x T positions, padding included,
                            so the result depends on log-probabilities at padded positions; lvrpo_fast
-                           sums unmasked tokens only (SPEC section 10). Sequence-level luspo with
+                           sums unmasked tokens only (docs/math.md section 10). Sequence-level luspo with
                            beta = 0 (the LUSPO recipe) is supported and equal.
-    delta <= 1             Liger accepts any delta > 0; SPEC needs delta > 1 (the bound of an
+    delta <= 1             Liger accepts any delta > 0; docs/math.md needs delta > 1 (the bound of an
                            un-clipped ratio that is at least the clip bound 1 + epsilon_high).
 Accepted and ignored because they do not change the numbers: ``compiled`` (Liger's torch.compile of
 the loss math; the kernels are compiled already) and ``chunk_size`` (Liger's rows per chunk; lvrpo_fast
@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import dispatch, validate
 from .linear_grpo_loss import fused_linear_grpo_loss
 from .logprobs import fused_linear_logprobs
 from .options import GRPOOptions, world_size
@@ -77,7 +78,7 @@ class FusedLinearGRPOLoss(nn.Module):
         if loss_type == "luspo" and importance_sampling_level != "sequence":
             raise ValueError("loss_type='luspo' is supported with importance_sampling_level='sequence' only: with "
                              "token-level ratios Liger averages the loss over padded positions too, which "
-                             "lvrpo_fast does not reproduce (SPEC section 10)")
+                             "lvrpo_fast does not reproduce (docs/math.md section 10)")
         self.beta = beta
         self.compiled = compiled
         self.use_ref_model = use_ref_model
@@ -97,7 +98,11 @@ class FusedLinearGRPOLoss(nn.Module):
         self.vespo_k_neg = vespo_k_neg
         self.vespo_lambda_neg = vespo_lambda_neg
         self.backend = backend
-        self._options(beta)  # every option error at construction, not at the first batch
+        # Every option error at construction, not at the first batch.
+        self.temperature = validate.check_temperature(temperature)
+        if backend is not None:
+            dispatch.requested(backend)
+        self._options(beta)
 
     def _options(self, beta, num_items_in_batch=None) -> GRPOOptions:
         return GRPOOptions(loss_type=self.loss_type, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
@@ -155,7 +160,7 @@ class FusedLinearGRPOLoss(nn.Module):
             _input: [B, T, D] hidden states predicting selected_token_ids (float16/bfloat16/float32/float64).
             lin_weight: [V, D] LM head weight (cast to _input's dtype if it differs); bias: [V] or None.
             selected_token_ids: [B, T] integer ids of the sampled completion tokens.
-            attention_mask: [B, T] 0/1 completion mask.
+            attention_mask: [B, T] 0/1 completion mask, or None: every token counts.
             advantages: [B] float.
             ref_per_token_logps, old_per_token_logps: [B, T] float or None.
             ref_input: [B, T, D] reference-model hidden states; ref_weight [V, D]; ref_bias [V].
@@ -174,6 +179,12 @@ class FusedLinearGRPOLoss(nn.Module):
         weight = lin_weight if lin_weight.dtype == _input.dtype else lin_weight.to(_input.dtype)
         if bias is not None and bias.dtype != _input.dtype:
             bias = bias.to(_input.dtype)
+        if attention_mask is None:
+            if not isinstance(selected_token_ids, torch.Tensor):
+                raise TypeError(f"selected_token_ids must be a torch.Tensor, got {type(selected_token_ids).__name__}")
+            attention_mask = torch.ones(selected_token_ids.shape, dtype=torch.bool, device=selected_token_ids.device)
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a torch.Tensor or None, got {type(attention_mask).__name__}")
         mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
         logp_ref = self._reference_logps(ref_per_token_logps, ref_input, ref_weight, ref_bias, selected_token_ids,
                                          mask)
@@ -184,10 +195,10 @@ class FusedLinearGRPOLoss(nn.Module):
         if self.loss_type == "luspo":
             if beta != 0:
                 raise ValueError("loss_type='luspo' with beta != 0 and a reference model is not supported: Liger "
-                                 "then averages the KL over padded positions too (SPEC section 10)")
+                                 "then averages the KL over padded positions too (docs/math.md section 10)")
             if rollout_weights is not None and rollout_weights.dim() == 2:
                 raise ValueError("loss_type='luspo' takes a per-sequence vllm_is_ratio ([B] or [B, 1]) only: with "
-                                 "a per-token one Liger averages over padded positions too (SPEC section 10)")
+                                 "a per-token one Liger averages over padded positions too (docs/math.md section 10)")
         options = self._options(beta, self._dapo_normalizer(mask, num_items_in_batch))
         loss, metrics = fused_linear_grpo_loss(
             _input, weight, selected_token_ids, mask, advantages, bias=bias, logp_old=old_per_token_logps,

@@ -1,4 +1,4 @@
-"""The scalar options of the GRPO loss (../shared/SPEC.md sections 3 to 6 and 9), validated once.
+"""The scalar options of the GRPO loss (docs/math.md sections 3 to 6 and 9), validated once.
 
 Every backend receives a frozen :class:`GRPOOptions` instead of a dozen positional arguments, so a
 new option is added in one place. Tensor-valued inputs (rollout weights, log-probabilities) are not
@@ -8,25 +8,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "seq_mean_token_sum", "cispo", "sapo")
-KL_ESTIMATORS = ("k1", "k2", "k3")
-IS_LEVELS = ("token", "sequence")
-ADVANTAGE_SCALES = ("group", "batch", "none")
-
-# Loss types whose policy term is the PPO-style clipped surrogate.
-CLIP_FAMILY = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "seq_mean_token_sum")
+from .contract import ADVANTAGE_SCALES, CLIP_FAMILY, IS_LEVELS, KL_ESTIMATORS, LOSS_TYPES  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
 class GRPOOptions:
     """Scalar options of the GRPO loss, with the defaults of TRL's GRPOConfig where it has one.
 
-    loss_type: aggregation and policy term, one of LOSS_TYPES (SPEC section 6).
+    loss_type: aggregation and policy term, one of LOSS_TYPES (docs/math.md section 6).
     epsilon_low / epsilon_high: clip range [1 - epsilon_low, 1 + epsilon_high]; epsilon_high
         defaults to epsilon_low. For cispo, epsilon_high is the absolute cap of the ratio.
     delta: optional upper bound of the un-clipped ratio (two-sided clip), must be > 1.
@@ -66,24 +61,28 @@ class GRPOOptions:
             raise ValueError(
                 f"importance_sampling_level must be one of {IS_LEVELS}, got {self.importance_sampling_level!r}"
             )
-        _check_number("epsilon_low", self.epsilon_low, minimum=0.0)
+        # Numbers are stored as Python floats (numpy scalars and ints accepted), so every backend and the
+        # custom ops' schemas see one type.
+        self._set("epsilon_low", _check_number("epsilon_low", self.epsilon_low, minimum=0.0))
         if self.epsilon_high is None:
-            object.__setattr__(self, "epsilon_high", float(self.epsilon_low))
-        _check_number("epsilon_high", self.epsilon_high, minimum=0.0)
+            self._set("epsilon_high", self.epsilon_low)
+        self._set("epsilon_high", _check_number("epsilon_high", self.epsilon_high, minimum=0.0))
         if self.loss_type in CLIP_FAMILY and self.epsilon_low >= 1.0:
             raise ValueError(f"epsilon_low must be < 1 (the lower clip bound is 1 - epsilon_low), got {self.epsilon_low}")
         if self.delta is not None:
-            _check_number("delta", self.delta)
+            self._set("delta", _check_number("delta", self.delta))
             if self.delta <= 1.0:
                 raise ValueError(f"delta must be > 1 when set, got {self.delta}")
         if self.clip_ratio_c is not None:
-            _check_number("clip_ratio_c", self.clip_ratio_c)
+            self._set("clip_ratio_c", _check_number("clip_ratio_c", self.clip_ratio_c))
             if self.clip_ratio_c <= 1.0:
                 raise ValueError(f"clip_ratio_c must be > 1 when set, got {self.clip_ratio_c}")
-        _check_number("beta", self.beta, minimum=0.0)
-        _check_number("entropy_coef", self.entropy_coef)
-        _check_number("sapo_temperature_pos", self.sapo_temperature_pos, minimum=0.0, strict=True)
-        _check_number("sapo_temperature_neg", self.sapo_temperature_neg, minimum=0.0, strict=True)
+        self._set("beta", _check_number("beta", self.beta, minimum=0.0))
+        self._set("entropy_coef", _check_number("entropy_coef", self.entropy_coef))
+        self._set("sapo_temperature_pos",
+                  _check_number("sapo_temperature_pos", self.sapo_temperature_pos, minimum=0.0, strict=True))
+        self._set("sapo_temperature_neg",
+                  _check_number("sapo_temperature_neg", self.sapo_temperature_neg, minimum=0.0, strict=True))
         if not isinstance(self.use_bias_correction_kl, bool):
             raise TypeError(f"use_bias_correction_kl must be a bool, got {type(self.use_bias_correction_kl).__name__}")
         if self.loss_type in ("cispo", "sapo") and self.importance_sampling_level != "token":
@@ -95,17 +94,28 @@ class GRPOOptions:
             if self.max_completion_length is None:
                 raise ValueError("loss_type='dr_grpo' needs max_completion_length (its normalizer)")
         if self.max_completion_length is not None:
-            if isinstance(self.max_completion_length, bool) or not isinstance(self.max_completion_length, int):
-                raise TypeError(f"max_completion_length must be an int, got {self.max_completion_length!r}")
-            if self.max_completion_length < 1:
-                raise ValueError(f"max_completion_length must be >= 1, got {self.max_completion_length}")
+            value = self.max_completion_length
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"max_completion_length must be an int, got {value!r}")
+            if value < 1:
+                raise ValueError(f"max_completion_length must be >= 1, got {value}")
+            self._set("max_completion_length", int(value))
         n = self.num_items_in_batch
         if n is not None:
             if isinstance(n, torch.Tensor):
-                if n.numel() != 1:
-                    raise ValueError(f"num_items_in_batch must be a scalar, got a tensor of shape {tuple(n.shape)}")
+                # Its value (finite, > 0) is checked where the loss reads it, inside the op: reading a
+                # GPU tensor here would synchronize the host at every call (validate.num_items_value).
+                if n.numel() != 1 or n.dim() > 1:
+                    raise ValueError(f"num_items_in_batch must be a scalar (a 0-dim or one-element tensor), got a "
+                                     f"tensor of shape {tuple(n.shape)}")
+                if n.dtype == torch.bool or n.is_complex():
+                    raise TypeError(f"num_items_in_batch must be a real number, got a tensor of dtype {n.dtype}")
             else:
-                _check_number("num_items_in_batch", n, minimum=0.0, strict=True)
+                self._set("num_items_in_batch",
+                          _check_number("num_items_in_batch", n, minimum=0.0, strict=True))
+
+    def _set(self, name, value):
+        object.__setattr__(self, name, value)
 
     @property
     def is_clip_family(self) -> bool:
@@ -118,21 +128,32 @@ class GRPOOptions:
     @classmethod
     def from_kwargs(cls, **options) -> "GRPOOptions":
         """Builds options from keyword arguments, refusing unknown names with a TypeError."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - known)
+        unknown = sorted(set(options) - set(OPTION_FIELDS))
         if unknown:
-            raise TypeError(f"unknown GRPO option(s) {unknown}; known options: {sorted(known)}")
+            raise TypeError(f"unknown GRPO option(s) {unknown}; known options: {sorted(OPTION_FIELDS)}")
         return cls(**options)
 
+    def as_dict(self):
+        """The options as {field: value}, in field order (what the fused ops pass on)."""
+        return {name: getattr(self, name) for name in OPTION_FIELDS}
 
-def _check_number(name, value, minimum=None, strict=False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+
+# The field names, computed once: torch.compile traces the ops' Python code, and dataclasses.fields()
+# inside a traced function is not supported by dynamo, while a tuple of names is.
+OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(GRPOOptions))
+
+
+def _check_number(name, value, minimum=None, strict=False) -> float:
+    """value as a float: a real number (Python or numpy scalar, not a bool), finite, above `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {value!r}")
+    value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     if minimum is not None and (value < minimum or (strict and value == minimum)):
         relation = ">" if strict else ">="
         raise ValueError(f"{name} must be {relation} {minimum}, got {value}")
+    return value
 
 
 def world_size() -> int:

@@ -1,12 +1,18 @@
-"""The pure-PyTorch reference: the executable form of ../shared/SPEC.md, and a backend like the others.
+"""The pure-PyTorch reference: the executable form of docs/math.md, and a backend like the others.
 
-Plain eager PyTorch, written for clarity rather than speed: it builds the full [N, V] logits. It
-works in any floating dtype; float64 inputs compute in float64 (the tests' ground truth), every
-other dtype computes the softmax statistics in float32 after forming the logits in the input dtype,
-as an eager Hugging Face model does. Gradients come from autograd.
+Plain eager PyTorch, written for clarity rather than speed: it builds the [N, V] logits of the rows it
+needs. It works in any floating dtype; float64 inputs compute in float64 (the tests' ground truth),
+every other dtype computes the softmax statistics in float32 after forming the logits in the input
+dtype, as an eager Hugging Face model does. Gradients come from autograd. It is the oracle: it shares
+no chunking and no hand-written gradient with the kernel backends.
 
-Public functions (validated, same names and keywords as the package's top level):
-    fused_linear_logprobs, group_advantages, grpo_loss, fused_linear_grpo_loss
+Values at masked positions never matter (docs/math.md section 8): masked rows never reach the LM head,
+and the per-token inputs of the loss are replaced at masked positions before any arithmetic, so that
+neither a NaN there nor its gradient (0 * NaN) can leak into the result. A NaN or inf at an unmasked
+position reaches the loss.
+
+Public functions (the same names, keywords and entry checks as the package's top level, see
+lvrpo_fast.validate): fused_linear_logprobs, group_advantages, grpo_loss, fused_linear_grpo_loss.
 Backend interface used by :mod:`lvrpo_fast.dispatch` (inputs already validated):
     logprobs_impl, advantages_impl, grpo_loss_impl, linear_grpo_loss_impl
 """
@@ -18,10 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from . import validate
+from .contract import LOG_RATIO_CLAMP
 from .options import GRPOOptions, world_size
 
 name = "reference"
-LOG_RATIO_CLAMP = 20.0  # SPEC 3: verl's guard against exp overflow times a zero mask
 
 
 def available(device: torch.device, dtype: torch.dtype) -> Tuple[bool, str]:
@@ -35,24 +41,35 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------
 # 1. Per-token log-probabilities and entropy
 # ----------------------------------------------------------------------------------------------
-def logprobs_impl(hidden, weight, targets, bias, temperature, return_entropy, mask):
-    """hidden [N, D], weight [V, D], targets [N] int, bias [V]|None, mask [N] bool|None.
-
-    Returns (logp [N], entropy [N] or None) in float32 (float64 for float64 inputs)."""
+def _row_stats(hidden, weight, targets, bias, temperature, return_entropy):
+    """Every row of hidden [n, D] through the head: (logp [n], entropy [n] or None) in the compute dtype."""
     compute = _compute_dtype(hidden.dtype)
-    logits = F.linear(hidden, weight, bias)  # [N, V] in the input dtype, as an eager LM head
+    logits = F.linear(hidden, weight, bias)  # [n, V] in the input dtype, as an eager LM head
     z = logits.to(compute) / temperature
     lse = torch.logsumexp(z, dim=-1)
-    safe_targets = targets if mask is None else torch.where(mask, targets, torch.zeros_like(targets))
-    logp = z.gather(-1, safe_targets.long().unsqueeze(-1)).squeeze(-1) - lse
-    entropy = None
-    if return_entropy:
-        entropy = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
-    if mask is not None:
-        logp = torch.where(mask, logp, torch.zeros_like(logp))
-        if entropy is not None:
-            entropy = torch.where(mask, entropy, torch.zeros_like(entropy))
+    logp = z.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1) - lse
+    entropy = lse - (torch.softmax(z, dim=-1) * z).sum(-1) if return_entropy else None
     return logp, entropy
+
+
+def logprobs_impl(hidden, weight, targets, bias, temperature, return_entropy, mask):
+    """hidden [..., D], weight [V, D], targets [...] int, bias [V]|None, mask [...] bool|None.
+
+    Returns (logp [...], entropy [...] or None) in float32 (float64 for float64 inputs). Masked rows
+    are never computed: they get 0 and no gradient, whatever hidden holds there."""
+    validate.check_target_range(targets, weight.shape[0], mask)
+    shape = targets.shape
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    if mask is None:
+        logp, entropy = _row_stats(hidden, weight, targets, bias, temperature, return_entropy)
+    else:
+        live = mask.reshape(-1).nonzero().squeeze(1)
+        logp_live, entropy_live = _row_stats(hidden.index_select(0, live), weight, targets.index_select(0, live),
+                                             bias, temperature, return_entropy)
+        zeros = torch.zeros(targets.shape[0], dtype=_compute_dtype(hidden.dtype), device=hidden.device)
+        logp = zeros.index_put((live,), logp_live)
+        entropy = zeros.index_put((live,), entropy_live) if return_entropy else None
+    return logp.reshape(shape), None if entropy is None else entropy.reshape(shape)
 
 
 def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, return_entropy=False,
@@ -62,15 +79,11 @@ def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
     hidden [..., D], weight [V, D], targets [...] int, bias [V], mask [...] (masked positions give 0).
     Returns logp [...] (and entropy [...] if return_entropy) in float32 (float64 for float64 input).
     """
-    mask, temperature = validate.check_linear_inputs(hidden, weight, targets, bias=bias, mask=mask,
-                                                     temperature=temperature)
-    shape = targets.shape
-    D = hidden.shape[-1]
-    logp, entropy = logprobs_impl(hidden.reshape(-1, D), weight, targets.reshape(-1), bias, temperature,
-                                  return_entropy, None if mask is None else mask.reshape(-1))
-    if return_entropy:
-        return logp.reshape(shape), entropy.reshape(shape)
-    return logp.reshape(shape)
+    hidden, weight, targets, bias, mask, temperature, return_entropy = validate.linear_logprobs_inputs(
+        hidden, weight, targets, bias, mask, temperature, return_entropy)
+    with validate.autocast_off(hidden.device):
+        logp, entropy = logprobs_impl(hidden, weight, targets, bias, temperature, return_entropy, mask)
+    return (logp, entropy) if return_entropy else logp
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,7 +102,7 @@ def advantages_impl(rewards, group_size, scale, eps, leave_one_out):
         adv = centered / (r.reshape(-1).std() + eps)
     else:
         adv = centered
-    # A group of equal rewards carries no signal: exactly 0, never 0/0 (SPEC 2).
+    # A group of equal rewards carries no signal: exactly 0, never 0/0 (docs/math.md section 2).
     equal = (r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True))
     adv = torch.where(equal, torch.zeros_like(adv), adv)
     return adv.reshape(-1).to(rewards.dtype if rewards.dtype == torch.float64 else torch.float32)
@@ -97,8 +110,8 @@ def advantages_impl(rewards, group_size, scale, eps, leave_one_out):
 
 def group_advantages(rewards, group_size, *, scale="group", eps=1e-4, leave_one_out=False):
     """Reference group-normalized advantages. rewards [B] float, B = P * group_size -> [B] float32."""
-    validate.check_advantage_inputs(rewards, group_size, scale, eps, leave_one_out)
-    return advantages_impl(rewards, group_size, scale, float(eps), leave_one_out)
+    group_size, eps = validate.check_advantage_inputs(rewards, group_size, scale, eps, leave_one_out)
+    return advantages_impl(rewards, group_size, scale, eps, leave_one_out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,11 +123,24 @@ def grpo_loss_impl(logp, advantages, mask, logp_old, logp_ref, entropy, rollout_
     rollout_weights [B, T] or [B]. Returns (loss 0-dim, metrics dict of detached 0-dim)."""
     o = options
     compute = _compute_dtype(logp.dtype)
-    logp = logp.to(compute)
-    m = mask.to(compute)
     B = logp.shape[0]
-    A = advantages.to(compute).unsqueeze(1)
-    old = logp.detach() if logp_old is None else logp_old.detach().to(compute)  # constants (SPEC 3, 5)
+    m = mask.to(compute)
+
+    def live(t, fill=0.0):
+        """t at unmasked tokens, `fill` elsewhere: a NaN at a masked token never enters the arithmetic,
+        and torch.where passes no gradient (not even 0 * NaN) to the masked entries."""
+        return torch.where(mask, t, torch.full_like(t, fill))
+
+    logp = live(logp.to(compute))
+    A = live(advantages.to(compute).unsqueeze(1).expand_as(logp))
+    # logp_old, logp_ref and the weights are constants (docs/math.md sections 3 and 5).
+    old = logp.detach() if logp_old is None else live(logp_old.detach().to(compute))
+    if rollout_weights is not None:
+        w = rollout_weights.detach().to(compute)
+        rollout_weights = live(w if w.dim() == 2 else w.unsqueeze(1).expand_as(logp))
+    ref = None if logp_ref is None else live(logp_ref.detach().to(compute))
+    if entropy is not None:
+        entropy = live(entropy.to(compute))
 
     # 3. importance ratio
     log_ratio = torch.clamp(logp - old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
@@ -139,14 +165,13 @@ def grpo_loss_impl(logp, advantages, mask, logp_old, logp_ref, entropy, rollout_
         if o.clip_ratio_c is not None:
             policy = torch.where(A < 0, torch.minimum(policy, -o.clip_ratio_c * A), policy)
     if rollout_weights is not None:
-        w = rollout_weights.detach().to(compute)
-        policy = policy * (w if w.dim() == 2 else w.unsqueeze(1))
+        policy = policy * rollout_weights
     per_token = policy
 
     # 5. KL regularizer and entropy bonus
     kl = None
     if o.beta > 0:
-        x = logp_ref.detach().to(compute) - logp
+        x = ref - logp
         if o.kl_estimator == "k1":
             kl = -x
         elif o.kl_estimator == "k2":
@@ -157,31 +182,32 @@ def grpo_loss_impl(logp, advantages, mask, logp_old, logp_ref, entropy, rollout_
             kl = kl * rho
         per_token = per_token + o.beta * kl
     if o.entropy_coef != 0:
-        per_token = per_token - o.entropy_coef * entropy.to(compute)
+        per_token = per_token - o.entropy_coef * entropy
 
-    # 6. aggregation
-    masked = per_token * m
+    # 6. aggregation (an empty batch, B = 0 or T = 0, gives 0: every divisor is at least 1)
+    masked = live(per_token)
     count = m.sum()
+    batch = max(B, 1)
     if o.loss_type in ("grpo", "sapo"):
-        loss = (masked.sum(1) / m.sum(1).clamp(min=1.0)).mean()
+        loss = (masked.sum(1) / m.sum(1).clamp(min=1.0)).sum() / batch
     elif o.loss_type == "bnpo":
         loss = masked.sum() / count.clamp(min=1.0)
     elif o.loss_type == "dr_grpo":
-        loss = masked.sum() / (B * o.max_completion_length)
+        loss = masked.sum() / (batch * o.max_completion_length)
     elif o.loss_type in ("dapo", "cispo"):
         if o.num_items_in_batch is None:
             normalizer = count.clamp(min=1.0)
         else:
-            normalizer = torch.as_tensor(o.num_items_in_batch, dtype=compute, device=logp.device) / world_size()
+            normalizer = validate.num_items_value(o.num_items_in_batch, logp.device).to(compute) / world_size()
         loss = masked.sum() / normalizer
     else:  # luspo, seq_mean_token_sum
-        loss = masked.sum(1).mean()
+        loss = masked.sum(1).sum() / batch
 
     # 7. metrics: masked means over the batch
     denom = count.clamp(min=1.0)
     with torch.no_grad():
         def mean(x):
-            return ((x.to(compute) * m).sum() / denom).float()
+            return (live(x.to(compute)).sum() / denom).float()
 
         high_bound = o.epsilon_high if o.loss_type == "cispo" else 1.0 + o.epsilon_high
         low = (rho < 1.0 - o.epsilon_low) & (A < 0)
@@ -196,7 +222,7 @@ def grpo_loss_impl(logp, advantages, mask, logp_old, logp_ref, entropy, rollout_
             metrics["kl"] = mean(kl.detach())
         if entropy is not None:
             metrics["entropy"] = mean(entropy.detach())
-    return loss, metrics
+    return loss.to(torch.float64 if compute == torch.float64 else torch.float32), metrics
 
 
 def grpo_loss(logp, advantages, mask, *, logp_old=None, logp_ref=None, entropy=None, rollout_weights=None,
@@ -210,20 +236,14 @@ def grpo_loss(logp, advantages, mask, *, logp_old=None, logp_ref=None, entropy=N
     opts = GRPOOptions.from_kwargs(**options)
     mask = validate.check_grpo_inputs(logp, advantages, mask, logp_old=logp_old, logp_ref=logp_ref,
                                       entropy=entropy, rollout_weights=rollout_weights, options=opts)
-    if opts.entropy_coef != 0 and entropy is None:
-        raise ValueError(f"entropy_coef={opts.entropy_coef} needs entropy [B, T]")
     return grpo_loss_impl(logp, advantages, mask, logp_old, logp_ref, entropy, rollout_weights, opts)
 
 
 def linear_grpo_loss_impl(hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref,
                           rollout_weights, temperature, return_entropy, options: GRPOOptions):
     """hidden [B, T, D], weight [V, D], targets [B, T], mask [B, T] bool, advantages [B]."""
-    B, T, D = hidden.shape
     need_entropy = return_entropy or options.entropy_coef != 0
-    logp, entropy = logprobs_impl(hidden.reshape(B * T, D), weight, targets.reshape(-1), bias, temperature,
-                                  need_entropy, mask.reshape(-1))
-    logp = logp.view(B, T)
-    entropy = None if entropy is None else entropy.view(B, T)
+    logp, entropy = logprobs_impl(hidden, weight, targets, bias, temperature, need_entropy, mask)
     return grpo_loss_impl(logp, advantages, mask, logp_old, logp_ref, entropy, rollout_weights, options)
 
 
@@ -232,15 +252,11 @@ def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, bias=No
                            **options):
     """Reference GRPO loss from hidden states: logits, log-softmax, then :func:`grpo_loss`.
 
-    hidden [B, T, D], weight [V, D], targets [B, T] int, mask [B, T], advantages [B];
+    hidden [B, T, D], weight [V, D], targets [B, T] int, mask [B, T] (None: every token), advantages [B];
     logp_old / logp_ref [B, T]; bias [V]. Returns (loss, metrics)."""
     opts = GRPOOptions.from_kwargs(**options)
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
-        raise ValueError(f"hidden must be a 3-D tensor [B, T, D], got "
-                         f"{tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__}")
-    mask_b, temperature = validate.check_linear_inputs(hidden, weight, targets, bias=bias, mask=mask,
-                                                       temperature=temperature)
-    mask_b = validate.check_grpo_inputs(targets, advantages, mask_b, logp_old=logp_old, logp_ref=logp_ref,
-                                        rollout_weights=rollout_weights, options=opts, need_logp=False)
-    return linear_grpo_loss_impl(hidden, weight, targets, mask_b, advantages, bias, logp_old, logp_ref,
-                                 rollout_weights, temperature, return_entropy, opts)
+    hidden, weight, bias, mask, temperature = validate.linear_grpo_loss_inputs(
+        hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref, rollout_weights, temperature, opts)
+    with validate.autocast_off(hidden.device):
+        return linear_grpo_loss_impl(hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref,
+                                     rollout_weights, temperature, bool(return_entropy), opts)

@@ -1,18 +1,28 @@
-"""Input checks shared by every backend (../shared/SPEC.md section 8).
+"""Input checks shared by every backend (docs/math.md section 8), and the entry rules every public
+function applies before dispatching.
 
-Each check raises a ValueError or TypeError whose message names the argument and the sizes. The
-public functions call these before dispatching, so the Triton, C++ and reference backends all see
-inputs of the same, checked form.
+Each check raises a ValueError or TypeError whose message names the argument, the value and what was
+expected. The dispatching public functions (lvrpo_fast.fused_linear_logprobs, ...) and the reference's
+public functions (lvrpo_fast.reference.fused_linear_logprobs, ...) call the same `*_inputs` functions
+below, so every backend sees inputs of the same checked form.
+
+Two kinds of checks:
+  - on shapes, dtypes, devices and Python numbers: here, before dispatch (static under torch.compile);
+  - on tensor *values* (target ids in range, a tensor num_items_in_batch finite and > 0): they need
+    the data on the host, so the ops run them where they already synchronize (inside the fused ops'
+    custom ops, and in the reference), never in traced code. See check_target_range, num_items_value.
 """
 from __future__ import annotations
 
 import math
+import numbers
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
-from .options import ADVANTAGE_SCALES, GRPOOptions
+from .contract import ADVANTAGE_SCALES
+from .options import GRPOOptions
 
 
 def _tensor(name: str, value, *, floating: bool = False, integer: bool = False) -> torch.Tensor:
@@ -41,11 +51,13 @@ def _shape(name: str, tensor: torch.Tensor, expected, expected_from: str) -> Non
 
 
 def check_temperature(temperature) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+    """temperature as a float: a real number (Python or numpy scalar), finite and > 0."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a number, got {temperature!r}")
-    if not math.isfinite(temperature) or temperature <= 0:
+    value = float(temperature)
+    if not math.isfinite(value) or value <= 0:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    return float(temperature)
+    return value
 
 
 def as_mask(mask: Optional[torch.Tensor], shape, name: str = "mask") -> Optional[torch.Tensor]:
@@ -57,12 +69,39 @@ def as_mask(mask: Optional[torch.Tensor], shape, name: str = "mask") -> Optional
     return mask if mask.dtype == torch.bool else mask != 0
 
 
+def head_autocast(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """The LM head's inputs in the dtype an eager head would compute in.
+
+    Under torch.autocast for hidden's device type, a model's own head (F.linear) computes in autocast's
+    dtype; so do the fused ops, on every backend: hidden, weight and bias are cast to it here (a
+    differentiable cast: gradients flow back to the inputs' dtypes), and the op itself then runs with
+    autocast disabled, so every backend sees inputs of one dtype and its statistics stay in float32.
+    Outside autocast, or for inputs autocast would not cast (float64, or already the autocast dtype),
+    the inputs are returned unchanged."""
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    if hidden.dtype == torch.float64 or (hidden.dtype == dtype and weight.dtype == dtype):
+        return hidden, weight, bias
+    cast = [t if t is None or not t.is_floating_point() else t.to(dtype) for t in (hidden, weight, bias)]
+    return cast[0], cast[1], cast[2]
+
+
+def autocast_off(device: torch.device):
+    """A context in which the op's own matmuls are not cast again (see head_autocast)."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Entry checks of the public functions (called by the dispatching op and by the reference alike)
+# ------------------------------------------------------------------------------------------------------
 def check_linear_inputs(hidden, weight, targets, *, bias=None, mask=None, temperature=1.0):
     """Checks the inputs of the fused linear ops; returns (mask as bool or None, temperature).
 
     hidden: [..., D] floating; weight: [V, D] of hidden's dtype; targets: [...] integer ids;
-    bias: [V] or None; mask: [...] or None.
-    """
+    bias: [V] of weight's dtype or None; mask: [...] or None. Target ids are range-checked where the
+    op reads them (check_target_range)."""
     _tensor("hidden", hidden, floating=True)
     _tensor("weight", weight, floating=True)
     _tensor("targets", targets, integer=True)
@@ -89,28 +128,33 @@ def check_linear_inputs(hidden, weight, targets, *, bias=None, mask=None, temper
     mask = as_mask(mask, targets.shape)
     _same_device(hidden=hidden, weight=weight, targets=targets, bias=bias, mask=mask)
     temperature = check_temperature(temperature)
-    check_target_range(targets, weight.shape[0], mask)
     return mask, temperature
 
 
-def check_target_range(targets: torch.Tensor, vocab_size: int, mask: Optional[torch.Tensor]) -> None:
-    """Raises a ValueError if a target id at an unmasked position is outside [0, V).
+def linear_logprobs_inputs(hidden, weight, targets, bias, mask, temperature, return_entropy):
+    """The entry rule of fused_linear_logprobs on every backend.
 
-    This costs one device synchronization; LVRPO_SKIP_TARGET_CHECK=1 turns it off for users who
-    guarantee their ids (the Triton kernels then give NaN for such a row; the other backends may read
-    out of bounds).
-    """
-    if targets.numel() == 0 or os.environ.get("LVRPO_SKIP_TARGET_CHECK") == "1":
-        return
-    bad = (targets < 0) | (targets >= vocab_size)
-    if mask is not None:
-        bad &= mask
-    if bool(bad.any()):
-        first = tuple(int(i) for i in bad.nonzero()[0].tolist())
-        raise ValueError(
-            f"targets must lie in [0, V={vocab_size}) at unmasked positions; "
-            f"targets{list(first)} = {int(targets[first])}"
-        )
+    Returns (hidden [..., D], weight, targets [...], bias, mask [...] bool or None, temperature,
+    return_entropy), hidden / weight / bias cast for autocast (head_autocast)."""
+    mask, temperature = check_linear_inputs(hidden, weight, targets, bias=bias, mask=mask, temperature=temperature)
+    hidden, weight, bias = head_autocast(hidden, weight, bias)
+    return hidden, weight, targets, bias, mask, temperature, bool(return_entropy)
+
+
+def linear_grpo_loss_inputs(hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref, rollout_weights,
+                            temperature, options: GRPOOptions):
+    """The entry rule of fused_linear_grpo_loss on every backend; returns (hidden, weight, bias, mask as
+    bool, temperature), hidden / weight / bias cast for autocast (head_autocast)."""
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+        raise ValueError(f"hidden must be a 3-D tensor [B, T, D], got {got}")
+    if mask is None and isinstance(targets, torch.Tensor):  # no completion mask: every token counts
+        mask = torch.ones(targets.shape, dtype=torch.bool, device=targets.device)
+    mask, temperature = check_linear_inputs(hidden, weight, targets, bias=bias, mask=mask, temperature=temperature)
+    mask = check_grpo_inputs(targets, advantages, mask, logp_old=logp_old, logp_ref=logp_ref,
+                             rollout_weights=rollout_weights, options=options, need_logp=False)
+    hidden, weight, bias = head_autocast(hidden, weight, bias)
+    return hidden, weight, bias, mask, temperature
 
 
 def check_grpo_inputs(logp, advantages, mask, *, logp_old=None, logp_ref=None, entropy=None,
@@ -119,8 +163,7 @@ def check_grpo_inputs(logp, advantages, mask, *, logp_old=None, logp_ref=None, e
 
     logp, logp_old, logp_ref, entropy: [B, T] floating; advantages: [B] floating; mask: [B, T];
     rollout_weights: [B, T] or [B] floating. With need_logp=False (the fused linear op, where logp
-    is computed inside), `logp` is only used for its shape.
-    """
+    is computed inside and the entropy too), `logp` is only used for its shape."""
     if need_logp:
         _tensor("logp", logp, floating=True)
     if len(logp.shape) != 2:
@@ -143,24 +186,73 @@ def check_grpo_inputs(logp, advantages, mask, *, logp_old=None, logp_ref=None, e
             )
     if options.beta > 0 and logp_ref is None:
         raise ValueError(f"beta={options.beta} > 0 needs logp_ref (the reference model's log-probabilities)")
+    if need_logp and options.entropy_coef != 0 and entropy is None:
+        raise ValueError(f"entropy_coef={options.entropy_coef} needs entropy [B, T]")
+    n = options.num_items_in_batch
     _same_device(logp=logp if need_logp else None, advantages=advantages, mask=mask, logp_old=logp_old,
-                 logp_ref=logp_ref, entropy=entropy, rollout_weights=rollout_weights)
+                 logp_ref=logp_ref, entropy=entropy, rollout_weights=rollout_weights,
+                 num_items_in_batch=n if isinstance(n, torch.Tensor) and n.device.type != "cpu" else None)
     return mask if mask.dtype == torch.bool else mask != 0
 
 
-def check_advantage_inputs(rewards, group_size, scale, eps, leave_one_out) -> None:
+def check_advantage_inputs(rewards, group_size, scale, eps, leave_one_out) -> Tuple[int, float]:
+    """Checks group_advantages' inputs; returns (group_size, eps) as Python int and float."""
     _tensor("rewards", rewards, floating=True)
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D [B], got shape {tuple(rewards.shape)}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int):
+    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
         raise TypeError(f"group_size must be an int, got {group_size!r}")
+    group_size = int(group_size)
     if group_size < 2:
         raise ValueError(f"group_size must be >= 2 (a group needs a baseline), got {group_size}")
     if rewards.shape[0] % group_size != 0:
         raise ValueError(f"group_size={group_size} must divide the number of rewards B={rewards.shape[0]}")
     if scale not in ADVANTAGE_SCALES:
         raise ValueError(f"scale must be one of {ADVANTAGE_SCALES}, got {scale!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     if not isinstance(leave_one_out, bool):
         raise TypeError(f"leave_one_out must be a bool, got {leave_one_out!r}")
+    return group_size, float(eps)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Checks on values, run inside the ops (they read tensors on the host)
+# ------------------------------------------------------------------------------------------------------
+def check_target_range(targets: torch.Tensor, vocab_size: int, mask: Optional[torch.Tensor]) -> None:
+    """Raises a ValueError if a target id at an unmasked position is outside [0, V).
+
+    This costs one device synchronization; LVRPO_SKIP_TARGET_CHECK=1 turns it off for users who
+    guarantee their ids (the kernels then give NaN for such a row, never a read out of bounds)."""
+    if targets.numel() == 0 or os.environ.get("LVRPO_SKIP_TARGET_CHECK") == "1":
+        return
+    bad = (targets < 0) | (targets >= vocab_size)
+    if mask is not None:
+        bad &= mask
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0].tolist())
+        raise ValueError(
+            f"targets must lie in [0, V={vocab_size}) at unmasked positions; "
+            f"targets{list(first)} = {int(targets[first])}"
+        )
+
+
+def num_items_value(num_items_in_batch, device: torch.device) -> Optional[torch.Tensor]:
+    """num_items_in_batch (None, a number, or a one-element tensor) as a 0-dim float32 tensor on `device`,
+    after checking that it is finite and > 0 (a tensor is read on the host for that)."""
+    if num_items_in_batch is None:
+        return None
+    value = torch.as_tensor(num_items_in_batch, dtype=torch.float32).reshape(()).to(device)
+    if isinstance(num_items_in_batch, torch.Tensor):
+        number = float(num_items_in_batch.reshape(()))
+        if not math.isfinite(number) or number <= 0:
+            raise ValueError(f"num_items_in_batch must be finite and > 0, got tensor({number})")
+    return value
+
+
+def safe_targets(targets: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """targets as int64 with masked ids replaced by 0, so no kernel reads a masked id out of range."""
+    targets = targets.long()
+    if mask is None:
+        return targets
+    return torch.where(mask, targets, torch.zeros_like(targets))

@@ -28,7 +28,7 @@ def kernel_backend(request):
     """Each kernel backend that can run here; one that cannot is skipped with its reason shown."""
     name = request.param
     dev = torch.device("cpu") if name == "cpp" else device()
-    module, why = dispatch._usable(name, dev, torch.float32)
+    module, why = dispatch.usable(name, dev, torch.float32)
     if module is None:
         pytest.skip(f"{name} backend unavailable on {dev}: {why}")
     return name, dev

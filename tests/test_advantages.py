@@ -1,4 +1,4 @@
-"""group_advantages on the kernel backends against the float64 reference (SPEC section 2)."""
+"""group_advantages on the kernel backends against the float64 reference (docs/math.md section 2)."""
 import pytest
 import torch
 
@@ -29,7 +29,7 @@ def _check(name, device, rewards, group_size, **kwargs):
     assert out.dtype == torch.float32 and out.shape == rewards.shape and out.device == rewards.device
     assert_close_to_truth(out, ref, truth, torch.float32, name=f"advantages {kwargs}")
     equal = (rewards.view(-1, group_size) == rewards.view(-1, group_size)[:, :1]).all(1)
-    # A group of equal rewards is exactly 0, not merely close (SPEC 2), whatever eps.
+    # A group of equal rewards is exactly 0, not merely close (docs/math.md section 2), whatever eps.
     assert (out.view(-1, group_size)[equal] == 0).all()
     return out
 
@@ -68,7 +68,7 @@ def test_all_equal_never_nan(kernel_backend, scale):
 def test_half_precision_rewards(kernel_backend, dtype):
     name, device = kernel_backend
     rewards = _rewards(5, 3, device).to(dtype)
-    if not dispatch._usable(name, device, dtype)[0]:
+    if not dispatch.usable(name, device, dtype)[0]:
         pytest.skip(f"{name} does not take {dtype}")
     # The kernels compute in float32 from the exactly representable low-precision rewards.
     _check(name, device, rewards, 3, scale="group", eps=1e-4, leave_one_out=False)
@@ -84,12 +84,12 @@ def test_non_contiguous_rewards(kernel_backend):
 def test_triton_multi_block(monkeypatch):
     """Groups and batches longer than one block: the kernels' loops with a ragged last block."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dispatch._usable("triton", device, torch.float32)[0] is None:
+    if dispatch.usable("triton", device, torch.float32)[0] is None:
         pytest.skip("triton backend unavailable")
-    from lvrpo_fast.kernels import advantages as kernel
+    from lvrpo_fast.kernels import autotune
 
-    monkeypatch.setattr(kernel, "MAX_BLOCK_GROUP", 2)
-    monkeypatch.setattr(kernel, "BLOCK_BATCH", 4)
+    monkeypatch.setattr(autotune, "ADVANTAGES_MAX_BLOCK_GROUP", 2)
+    monkeypatch.setattr(autotune, "ADVANTAGES_BLOCK_BATCH", 4)
     rewards = _rewards(3, 7, device)
     for scale in SCALES:
         _check("triton", device, rewards, 7, scale=scale, eps=0.0, leave_one_out=scale == "none")

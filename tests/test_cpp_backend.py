@@ -15,8 +15,8 @@ import torch
 
 import lvrpo_fast
 from lvrpo_fast import dispatch, reference
-from lvrpo_fast.backends import (NSTATS, STAT_CLIP_HIGH, STAT_CLIP_LOW, STAT_CLIP_REGION, STAT_COUNT, STAT_ENTROPY,
-                                 STAT_KL, STAT_LOSS, STAT_RATIO)
+from lvrpo_fast.contract import (NSTATS, STAT_CLIP_HIGH, STAT_CLIP_LOW, STAT_CLIP_REGION, STAT_COUNT, STAT_ENTROPY,
+                                 STAT_KL, STAT_LOSS, STAT_RATIO, token_loss_params)
 from lvrpo_fast.backends import cpp
 from lvrpo_fast.options import GRPOOptions
 from tolerances import assert_close_to_truth
@@ -188,7 +188,7 @@ def test_sequence_primitives_do_not_depend_on_thread_count(built):
     rewards = torch.randn(G * 1500)
 
     def run():
-        stats, grad = cpp.grpo_token_loss(*args, options, True)
+        stats, grad = cpp.grpo_token_loss(*args, token_loss_params(options), True)
         return stats, grad, cpp.group_advantages(rewards, G, "group", 1e-4, True)
 
     for one, two in zip(_with_threads(1, run), _with_threads(2, run)):
@@ -359,14 +359,14 @@ def test_grpo_token_loss_matches_float64(built, options, with_old):
                             torch.float64)
     ref = _sequence_truth(logp, logp_old, logp_ref, advantages, mask, weights, entropy, row_scale, opts,
                           torch.float32)
-    stats, grad = cpp.grpo_token_loss(logp, logp_old, logp_ref, advantages, mask, weights, entropy, row_scale, opts,
-                                      True)
+    stats, grad = cpp.grpo_token_loss(logp, logp_old, logp_ref, advantages, mask, weights, entropy, row_scale,
+                                      token_loss_params(opts), True)
     assert stats.shape == (B, NSTATS) and grad.shape == (B, T)
     assert_close_to_truth(stats, ref[0], truth[0], torch.float32, "stats")
     assert_close_to_truth(grad, ref[1], truth[1], torch.float32, "grad_logp")
     assert (grad[~mask] == 0).all()
     no_grad_stats, none = cpp.grpo_token_loss(logp, logp_old, logp_ref, advantages, mask, weights, entropy, row_scale,
-                                              opts, False)
+                                              token_loss_params(opts), False)
     assert none is None and torch.equal(no_grad_stats, stats)
 
 
@@ -379,7 +379,7 @@ def test_grpo_token_loss_ties_at_ratio_one(built):
     mask = torch.ones(B, T, dtype=torch.bool)
     row_scale = torch.rand(B) + 0.1
     stats, grad = cpp.grpo_token_loss(logp, logp.clone(), None, advantages, mask, None, None, row_scale,
-                                      GRPOOptions(), True)
+                                      token_loss_params(GRPOOptions()), True)
     expected = (-advantages * row_scale)[:, None].expand(B, T)
     torch.testing.assert_close(grad, expected, rtol=1e-6, atol=0)
     torch.testing.assert_close(stats[:, STAT_RATIO], torch.full((B,), float(T)), rtol=0, atol=0)

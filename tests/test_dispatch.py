@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import lvrpo_fast
-from lvrpo_fast import dispatch, reference
+from lvrpo_fast import backends, dispatch, reference
 
 
 def test_keyword_beats_environment(monkeypatch):
@@ -35,14 +35,14 @@ def test_float64_auto_goes_to_reference(monkeypatch):
 
 
 def test_unavailable_backend_explicitly_raises_with_reason(monkeypatch):
-    monkeypatch.setitem(dispatch._MODULES, "cpp", "lvrpo_fast.backends._does_not_exist")
+    monkeypatch.setitem(backends.MODULES, "cpp", "lvrpo_fast.backends._does_not_exist")
     with pytest.raises(RuntimeError, match=r"backend 'cpp' cannot run on cpu .*ModuleNotFoundError"):
         dispatch.select("cpp", torch.device("cpu"), torch.float32)
 
 
 def test_auto_falls_back_to_reference_with_a_warning(monkeypatch):
     monkeypatch.delenv("LVRPO_BACKEND", raising=False)
-    monkeypatch.setitem(dispatch._MODULES, "cpp", "lvrpo_fast.backends._does_not_exist")
+    monkeypatch.setitem(backends.MODULES, "cpp", "lvrpo_fast.backends._does_not_exist")
     monkeypatch.setattr(dispatch, "_warned", set())
     with pytest.warns(RuntimeWarning, match=r"the cpp backend is unavailable \(ModuleNotFoundError"):
         impl = dispatch.select("auto", torch.device("cpu"), torch.float32)
@@ -54,11 +54,11 @@ def test_auto_falls_back_to_reference_with_a_warning(monkeypatch):
 
 def test_triton_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    module, why = dispatch._usable("triton", torch.device("cpu"), torch.float32)
+    module, why = dispatch.usable("triton", torch.device("cpu"), torch.float32)
     assert module is None and "CUDA" in why
 
 
 def test_kernel_backends_refuse_float64():
     for name in ("triton", "cpp"):
-        module, why = dispatch._usable(name, torch.device("cpu"), torch.float64)
+        module, why = dispatch.usable(name, torch.device("cpu"), torch.float64)
         assert module is None and why

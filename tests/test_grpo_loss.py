@@ -1,4 +1,4 @@
-"""lvrpo_fast.grpo_loss on the kernel backends against the float64 reference (SPEC sections 3 to 7).
+"""lvrpo_fast.grpo_loss on the kernel backends against the float64 reference (docs/math.md sections 3 to 7).
 
 Every check takes three numbers (tests/tolerances.py): the float64 reference as the truth, the
 reference at the working precision, and the backend, for the loss, every metric and the gradients
@@ -196,7 +196,7 @@ def test_clip_bounds_inclusive(kernel_backend, level, explicit_old):
 @pytest.mark.parametrize("loss_type,level", [("grpo", "token"), ("dapo", "sequence"), ("cispo", "token")])
 def test_half_precision_logp(kernel_backend, loss_type, level, dtype):
     name, device = kernel_backend
-    if not dispatch._usable(name, device, dtype)[0]:
+    if not dispatch.usable(name, device, dtype)[0]:
         pytest.skip(f"{name} does not take {dtype}")
     data = make_inputs(entropy=True, weights="sequence")
     data = {k: None if v is None else (v.to(dtype).float() if v.is_floating_point() else v) for k, v in data.items()}
@@ -206,7 +206,7 @@ def test_half_precision_logp(kernel_backend, loss_type, level, dtype):
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_empty_mask(kernel_backend, loss_type):
-    """No unmasked token: loss 0, zero gradients, metrics 0, nothing NaN (SPEC 6)."""
+    """No unmasked token: loss 0, zero gradients, metrics 0, nothing NaN (docs/math.md section 6)."""
     name, device = kernel_backend
     data = make_inputs(entropy=True)
     data["mask"] = torch.zeros(B, T, dtype=torch.bool)
@@ -291,7 +291,7 @@ def test_entropy_gradient(kernel_backend, entropy_coef):
 
 
 def test_constants_get_no_gradient(kernel_backend):
-    """logp_old, logp_ref and the rollout weights are constants of the loss (SPEC 3, 5)."""
+    """logp_old, logp_ref and the rollout weights are constants of the loss (docs/math.md sections 3, 5)."""
     name, device = kernel_backend
     data = make_inputs(weights="token")
     options = {**base_options("grpo", "sequence"), "beta": 0.1, "use_bias_correction_kl": True}
@@ -324,11 +324,11 @@ def test_clamped_log_ratio(kernel_backend):
 def test_triton_multi_block(monkeypatch, level):
     """Sequences longer than one block: every pass of the kernel loops with a ragged last block."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dispatch._usable("triton", device, torch.float32)[0] is None:
+    if dispatch.usable("triton", device, torch.float32)[0] is None:
         pytest.skip("triton backend unavailable")
-    from lvrpo_fast.kernels import grpo_loss as kernel
+    from lvrpo_fast.kernels import autotune
 
-    monkeypatch.setattr(kernel, "MAX_BLOCK_T", 4)
+    monkeypatch.setattr(autotune, "GRPO_LOSS_MAX_BLOCK_T", 4)
     data = make_inputs(t=13, entropy=True, weights="token")
     options = {**base_options("grpo", level), **TOGGLES["all"][0], "beta": 0.1}
     check_grpo_loss("triton", device, data, options)
@@ -362,7 +362,7 @@ def test_input_errors(kernel_backend):
 
 
 def test_non_finite_input_is_not_hidden(kernel_backend):
-    """A NaN at an unmasked position must not come out as a finite loss (SPEC 8)."""
+    """A NaN at an unmasked position must not come out as a finite loss (docs/math.md section 8)."""
     name, device = kernel_backend
     data = make_inputs(masked_row=None)
     data["mask"][0, 0] = True

@@ -40,7 +40,7 @@ def _inputs():
 
 def _use_backend(monkeypatch, name):
     if name != "auto":
-        module, why = dispatch._usable(name, torch.device("cpu"), torch.float32)
+        module, why = dispatch.usable(name, torch.device("cpu"), torch.float32)
         if module is None:
             pytest.skip(f"{name} backend unavailable: {why}")
     monkeypatch.setenv("LVRPO_BACKEND", name)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import lvrpo_fast
-from lvrpo_fast import dispatch, reference
+from lvrpo_fast import backends, dispatch, reference
 from tolerances import assert_close_to_truth
 
 # Odd on purpose: V = 1023 is no multiple of any block, D = 123 neither, T = 7; B = 6 in G = 3.
@@ -138,7 +138,7 @@ def _case(name, dtype=torch.float32, v=V):
 
 
 def _skip_unless(name, device, dtype):
-    ok, why = dispatch._usable(name, device, dtype)
+    ok, why = dispatch.usable(name, device, dtype)
     if ok is None:
         pytest.skip(f"{name} does not run {dtype} on {device}: {why}")
 
@@ -266,7 +266,7 @@ def test_masked_tokens_never_reach_the_head(kernel_backend, monkeypatch):
                        masked_row=0, density=0.6)
     counts = data["mask"].sum(1).tolist()
     assert counts[0] == 0 and 0 < min(counts[1:]) and max(counts) < T, counts
-    module, why = dispatch._load(name)
+    module, why = backends.load(name)
     assert module is not None, why
     real_stats, calls = module.logits_stats, []
 

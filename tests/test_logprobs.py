@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import lvrpo_fast
-from lvrpo_fast import dispatch, reference
+from lvrpo_fast import backends, dispatch, reference
 from tolerances import assert_close_to_truth
 
 from backends_under_test import device as _test_device
@@ -93,7 +93,7 @@ def run_logprobs(fn, hidden, weight, bias, targets, mask, temperature, entropy, 
 
 
 def backend_module(name):
-    module, why = dispatch._load(name)
+    module, why = backends.load(name)
     assert module is not None, why
     return module
 
@@ -463,7 +463,7 @@ def test_primitives_non_finite_rows(kernel_backend):
 # The Triton launchers' own checks and the launch configurations
 # ------------------------------------------------------------------------------------------------
 def _triton_modules():
-    module, why = dispatch._usable("triton", _test_device(), torch.float32)
+    module, why = dispatch.usable("triton", _test_device(), torch.float32)
     if module is None:
         pytest.skip(f"triton backend unavailable: {why}")
     from lvrpo_fast.kernels import autotune, logprobs

@@ -11,7 +11,7 @@ from tolerances import assert_close_to_truth
 
 B, T, D, V = 4, 7, 13, 37  # odd on purpose: no dimension is a multiple of a block
 
-# (loss_type, importance_sampling_level, epsilon_high): every combination both Liger and SPEC define.
+# (loss_type, importance_sampling_level, epsilon_high): every combination both Liger and docs/math.md define.
 CASES = [
     ("grpo", "token", 0.28), ("grpo", "sequence", 0.28), ("bnpo", "token", 0.28), ("bnpo", "sequence", 0.28),
     ("dr_grpo", "token", 0.28), ("dapo", "token", 0.28), ("dapo", "sequence", 0.28), ("cispo", "token", 1.5),
@@ -22,7 +22,7 @@ CASES = [
 def _backend_or_skip(name):
     if name == "auto":
         return None
-    module, why = dispatch._usable(name, torch.device("cpu"), torch.float32)
+    module, why = dispatch.usable(name, torch.device("cpu"), torch.float32)
     if module is None:
         pytest.skip(f"{name} backend unavailable: {why}")
     return name
@@ -55,7 +55,7 @@ def _run(module, hidden, weight, bias, *args, **kwargs):
 
 def _truth(hidden, weight, bias, ids, mask, advantages, logp_old, logp_ref, *, dtype, temperature, vllm=None,
            **options):
-    """The reference at `dtype` with Liger's option values spelled out in SPEC's names."""
+    """The reference at `dtype` with Liger's option values spelled out in the names of docs/math.md."""
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
     h = hidden.to(dtype).requires_grad_()
     w = weight.to(dtype).requires_grad_()

@@ -62,7 +62,7 @@ def _check_metric_properties(metrics):
 
 
 def _skip_unless(name, device, dtype):
-    if dispatch._usable(name, device, dtype)[0] is None:
+    if dispatch.usable(name, device, dtype)[0] is None:
         pytest.skip(f"{name} does not run {dtype} on {device}")
 
 

@@ -1,6 +1,6 @@
 """Tests of lvrpo_fast.reference itself, against numbers worked out independently.
 
-The oracle below re-derives every formula of ../shared/SPEC.md with Python floats and explicit
+The oracle below re-derives every formula of docs/math.md with Python floats and explicit
 loops (math.exp, no torch), so a mistake in the vectorized reference cannot hide behind itself.
 A few cases are also checked against literal numbers computed by hand in the comments.
 """
@@ -14,7 +14,7 @@ from lvrpo_fast import reference
 from lvrpo_fast.options import LOSS_TYPES
 
 # ------------------------------------------------------------------------------------------------
-# A scalar oracle of SPEC sections 3 to 7
+# A scalar oracle of docs/math.md sections 3 to 7
 # ------------------------------------------------------------------------------------------------
 
 

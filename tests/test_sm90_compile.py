@@ -23,8 +23,12 @@ import traceback
 import pytest
 import torch
 
+from lvrpo_fast.contract import KL_KINDS as CONTRACT_KL_KINDS
+from lvrpo_fast.contract import NSTATS, POLICY_KINDS
 from lvrpo_fast.kernels import advantages as A
+from lvrpo_fast.kernels import autotune as AT
 from lvrpo_fast.kernels import grpo_loss as G
+from lvrpo_fast.kernels import linear_grpo_loss as S
 from lvrpo_fast.kernels import logprobs as L
 
 F32 = "*fp32"
@@ -36,8 +40,8 @@ GRPO_SIGNATURE = {
 }
 _TOGGLES = ("HAS_DELTA", "DUAL_CLIP", "HAS_OLD", "HAS_WEIGHTS", "HAS_ENTROPY", "ENTROPY_BONUS", "NEED_GRAD")
 # The kernels' own tables, so a new loss kind, estimator or tile dtype is compiled here too.
-LOSS_KINDS = tuple(G.LOSS_KINDS)
-KL_KINDS = (0, *G.KL_KINDS.values())  # 0: no KL term
+LOSS_KINDS = tuple(POLICY_KINDS)
+KL_KINDS = (0, *CONTRACT_KL_KINDS.values())  # 0: no KL term
 TILE_DTYPES = tuple({torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[d] for d in L.TILE_DTYPES)
 ADVANTAGE_SCALES = tuple(A.SCALES)
 
@@ -48,7 +52,8 @@ GRPO_VARIANTS = ([f"grpo_loss-{loss}-kl{kl}-tok-{flags}" for loss in LOSS_KINDS 
 LOGPROB_VARIANTS = [f"{kernel}-{dtype}-{'entropy' if ent else 'plain'}" for kernel in ("logits_stats", "logits_grad")
                     for dtype in TILE_DTYPES for ent in (False, True)]
 ADVANTAGE_VARIANTS = [f"advantages-{scale}" for scale in ADVANTAGE_SCALES] + ["batch_std"]
-VARIANTS = LOGPROB_VARIANTS + GRPO_VARIANTS + ADVANTAGE_VARIANTS
+SCALE_VARIANTS = [f"scale-{dtype}" for dtype in TILE_DTYPES]
+VARIANTS = LOGPROB_VARIANTS + GRPO_VARIANTS + ADVANTAGE_VARIANTS + SCALE_VARIANTS
 
 
 def _compile_all():
@@ -89,14 +94,20 @@ def _compile_all():
         _, loss, kl, level, flags = name.split("-")
         kl = int(kl[2:])
         constexprs = {t: flags == "on" for t in _TOGGLES}
-        constexprs.update(LOSS_KIND=G.LOSS_KINDS[loss], SEQUENCE_LEVEL=level == "seq", KL_KIND=kl,
-                          BIAS_CORRECTED=flags == "on" and kl != 0, N_STATS=G.NSTATS, BLOCK_T=G.MAX_BLOCK_T)
-        warps = max(1, min(8, G.MAX_BLOCK_T // (32 * G.TOKENS_PER_THREAD)))
+        block, warps = AT.grpo_loss_config(AT.GRPO_LOSS_MAX_BLOCK_T)
+        constexprs.update(LOSS_KIND=POLICY_KINDS[loss], SEQUENCE_LEVEL=level == "seq", KL_KIND=kl,
+                          BIAS_CORRECTED=flags == "on" and kl != 0, N_STATS=NSTATS, BLOCK_T=block)
         return build(G._grpo_loss_kernel, GRPO_SIGNATURE, constexprs, num_warps=warps)
+
+    def scale(name):
+        cfg = AT.SCALE
+        return build(S._scale_kernel, {"x_ptr": "*" + name.split("-")[1], "factor_ptr": F32, "n": "i64"},
+                     {"BLOCK": cfg.block_v}, num_warps=cfg.num_warps)
 
     def advantages(name):
         if name == "batch_std":
-            return build(A._batch_std_kernel, {"rewards_ptr": F32, "std_ptr": F32, "B": "i32"}, {"BLOCK": A.BLOCK_BATCH})
+            return build(A._batch_std_kernel, {"rewards_ptr": F32, "std_ptr": F32, "B": "i32"},
+                         {"BLOCK": AT.ADVANTAGES_BLOCK_BATCH})
         scale = name.split("-")[1]
         return build(A._group_advantages_kernel, {"rewards_ptr": F32, "std_ptr": F32, "out_ptr": F32, "G": "i32",
                                                   "eps": "fp32", "loo_factor": "fp32"},
@@ -104,7 +115,7 @@ def _compile_all():
 
     report = {}
     for name in VARIANTS:
-        builder = logprob if name.startswith("logits") else grpo if name.startswith("grpo") else advantages
+        builder = {"logits": logprob, "grpo": grpo, "scale": scale}.get(name.split("_")[0].split("-")[0], advantages)
         try:
             compiled = builder(name)
             ptx = compiled.asm["ptx"]

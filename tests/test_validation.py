@@ -1,4 +1,4 @@
-"""Every input error of ../shared/SPEC.md section 8 gets a clear error naming the argument.
+"""Every input error of docs/math.md section 8 gets a clear error naming the argument.
 
 Checked through the package's public functions and through lvrpo_fast.reference, which share the
 checks of lvrpo_fast.validate; backend="reference" keeps these tests independent of the kernels.

@@ -1,4 +1,4 @@
-"""The C++ CPU backend: the primitives of lvrpo_fast.backends, compiled from csrc/ on first use.
+"""The C++ CPU backend: the primitives of lvrpo_fast.contract, compiled from csrc/ on first use.
 
 Runs on CPU tensors of float16, bfloat16 and float32 (float64 stays with the reference, see
 lvrpo_fast.dispatch). The LM-head matmuls stay in ATen's BLAS (the shared chunk loop); the C++ code
@@ -29,16 +29,14 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import (NSTATS, STAT_CLIP_HIGH, STAT_CLIP_LOW, STAT_CLIP_REGION, STAT_COUNT, STAT_ENTROPY, STAT_KL,
-               STAT_LOSS, STAT_RATIO)
+from ..contract import LOG_RATIO_CLAMP, STAT_COLUMNS, token_loss_params
+from ..options import GRPOOptions
 
 name = "cpp"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SOURCES = ("logprobs.cpp", "grpo_loss.cpp", "advantages.cpp", "bindings.cpp")
 HEADERS = ("common.h",)
 COMPILING_MESSAGE = "lvrpo_fast: compiling the C++ CPU backend (once, ~1-2 min)..."
-_STAT_COLUMNS = (STAT_LOSS, STAT_COUNT, STAT_KL, STAT_CLIP_LOW, STAT_CLIP_HIGH, STAT_CLIP_REGION, STAT_RATIO,
-                 STAT_ENTROPY, NSTATS)
 
 _lock = threading.Lock()
 _state: Optional[Tuple[object, str]] = None  # (extension module or None, reason it is unavailable)
@@ -139,10 +137,22 @@ def build():
         module = load(name=module_name, sources=[str(s) for s in sources], extra_cflags=cflags,
                       extra_ldflags=ldflags, extra_include_paths=[str(src)], build_directory=str(directory),
                       verbose=False)
-    if tuple(module.STAT_COLUMNS) != _STAT_COLUMNS:
-        raise RuntimeError(f"csrc/common.h stat columns {tuple(module.STAT_COLUMNS)} differ from "
-                           f"lvrpo_fast.backends {_STAT_COLUMNS}")
+    check_contract(module)
     return module
+
+
+def check_contract(module) -> None:
+    """Raises when the compiled library and lvrpo_fast.contract disagree (a stale or edited csrc/)."""
+    if tuple(module.STAT_COLUMNS) != STAT_COLUMNS:
+        raise RuntimeError(f"csrc/common.h stat columns {tuple(module.STAT_COLUMNS)} differ from "
+                           f"lvrpo_fast.contract {STAT_COLUMNS}")
+    if module.LOG_RATIO_CLAMP != LOG_RATIO_CLAMP:
+        raise RuntimeError(f"csrc/common.h kLogRatioClamp {module.LOG_RATIO_CLAMP} differs from "
+                           f"lvrpo_fast.contract.LOG_RATIO_CLAMP {LOG_RATIO_CLAMP}")
+    python_fields = tuple(_PARAM_FIELDS)
+    if tuple(module.LOSS_PARAM_FIELDS) != python_fields:
+        raise RuntimeError(f"csrc/common.h LVRPO_LOSS_PARAMS {tuple(module.LOSS_PARAM_FIELDS)} differ from "
+                           f"lvrpo_fast.contract.token_loss_params {python_fields}")
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -188,7 +198,7 @@ def _extension():
 
 
 # ----------------------------------------------------------------------------------------------
-# Primitives (contract: lvrpo_fast/backends/__init__.py)
+# Primitives (contract: lvrpo_fast/contract.py)
 # ----------------------------------------------------------------------------------------------
 def logits_stats(logits, targets, temperature, with_entropy):
     """logits [C, V] fp16/bf16/fp32, targets [C] int64 -> (logp, lse, entropy or None), float32 [C]."""
@@ -201,37 +211,38 @@ def logits_grad_(logits, targets, lse, entropy, grad_logp, grad_entropy, tempera
     _extension().logits_grad_(logits, targets, lse, entropy, grad_logp, grad_entropy, float(temperature))
 
 
-def loss_params(module, options):
-    """GRPOOptions -> the extension's LossParams (plain scalars; aggregation travels as row_scale)."""
-    params = module.LossParams()
-    params.policy = {"cispo": module.POLICY_CISPO, "sapo": module.POLICY_SAPO}.get(options.loss_type,
-                                                                                   module.POLICY_CLIP)
-    params.epsilon_low = float(options.epsilon_low)
-    params.epsilon_high = float(options.epsilon_high)
-    params.has_delta = options.delta is not None
-    params.delta = float(options.delta) if options.delta is not None else 0.0
-    params.has_clip_ratio_c = options.clip_ratio_c is not None
-    params.clip_ratio_c = float(options.clip_ratio_c) if options.clip_ratio_c is not None else 0.0
-    params.beta = float(options.beta)
-    params.kl_estimator = int(options.kl_estimator[1:])
-    params.use_bias_correction_kl = bool(options.use_bias_correction_kl)
-    params.sequence_level = options.importance_sampling_level == "sequence"
-    params.entropy_coef = float(options.entropy_coef)
-    params.sapo_temperature_pos = float(options.sapo_temperature_pos)
-    params.sapo_temperature_neg = float(options.sapo_temperature_neg)
-    return params
+# The parameter names of the contract, in its order (the C++ struct must list the same).
+_PARAM_FIELDS = tuple(token_loss_params(GRPOOptions()))
 
 
-def grpo_token_loss(logp, logp_old, logp_ref, advantages, mask, rollout_weights, entropy, row_scale, options,
+def loss_params(module, params):
+    """contract.token_loss_params(options) -> the extension's LossParams, field by field."""
+    struct = module.LossParams()
+    for key, value in params.items():
+        setattr(struct, key, value)
+    return struct
+
+
+def grpo_token_loss(logp, logp_old, logp_ref, advantages, mask, rollout_weights, entropy, row_scale, params,
                     need_grad):
-    """[B, T] float32 per-token inputs, advantages / row_scale [B] float32, mask [B, T] bool ->
-    (stats [B, NSTATS] float32, grad_logp [B, T] float32 or None)."""
+    """[B, T] float32 per-token inputs, advantages / row_scale [B] float32, mask [B, T] bool, params from
+    contract.token_loss_params -> (stats [B, NSTATS] float32, grad_logp [B, T] float32 or None)."""
     module = _extension()
     stats, grad_logp = module.grpo_token_loss(logp, logp_old, logp_ref, advantages, mask, rollout_weights, entropy,
-                                              row_scale, loss_params(module, options), bool(need_grad))
+                                              row_scale, loss_params(module, params), bool(need_grad))
     return stats, grad_logp
 
 
+def scale_(tensors, factor):
+    """Multiplies each tensor in place by the 0-dim factor; nothing when it is exactly 1 (a CPU tensor:
+    reading it costs nothing)."""
+    value = float(factor)
+    if value == 1.0:
+        return
+    for t in tensors:
+        t.mul_(value)
+
+
 def group_advantages(rewards, group_size, scale, eps, leave_one_out):
-    """rewards [B] float32 -> [B] float32 (SPEC section 2)."""
+    """rewards [B] float32 -> [B] float32 (docs/math.md section 2)."""
     return _extension().group_advantages(rewards, int(group_size), str(scale), float(eps), bool(leave_one_out))

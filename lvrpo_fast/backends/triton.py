@@ -1,25 +1,22 @@
-"""The Triton backend: the primitives of lvrpo_fast.backends, launched from lvrpo_fast.kernels.
+"""The Triton backend: the primitives of lvrpo_fast.contract, launched from lvrpo_fast.kernels.
 
 Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (how the CPU test suite
 exercises the real kernel code). float64 is not a kernel dtype: "auto" sends it to the reference.
 """
 from __future__ import annotations
 
-import os
 from typing import Tuple
 
 import torch
 
 from ..kernels.advantages import group_advantages  # noqa: F401  (primitive)
+from ..kernels.autotune import interpreted
 from ..kernels.grpo_loss import grpo_token_loss  # noqa: F401  (primitive)
+from ..kernels.linear_grpo_loss import scale_  # noqa: F401  (primitive)
 from ..kernels.logprobs import logits_grad_, logits_stats  # noqa: F401  (primitives)
 
 name = "triton"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def available(device: torch.device, dtype: torch.dtype) -> Tuple[bool, str]:

@@ -1,0 +1,48 @@
+"""The fused ops of the kernel backends: each op's chunk loop and gradient, written once against the
+primitives of lvrpo_fast.contract and registered as a torch.library custom op (fused/library.py).
+
+    logprobs.py          hidden states + LM head -> log-probabilities (and entropy), 2 / 8 N V D
+    grpo_loss.py         per-token log-probabilities -> GRPO loss, metrics, gradient formed in the forward
+    linear_grpo_loss.py  hidden states + LM head -> GRPO loss, gradients formed in the forward, 6 N V D
+    advantages.py        rewards -> group advantages
+
+:class:`KernelBackend` gives lvrpo_fast.dispatch the same *_impl interface the reference module has.
+This package depends on the contract, the options, the chunking and the backend registry only: never
+on the public op modules or the dispatch above it, nor on the reference (the independent oracle).
+"""
+from __future__ import annotations
+
+from .advantages import group_advantages_with
+from .grpo_loss import grpo_loss_with
+from .linear_grpo_loss import linear_grpo_loss_with
+from .logprobs import linear_logprobs
+
+
+class KernelBackend:
+    """The backend interface of lvrpo_fast.dispatch for a kernel backend: the fused ops on its primitives."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def logprobs_impl(self, hidden, weight, targets, bias, temperature, return_entropy, mask):
+        return linear_logprobs(self.name, hidden, weight, targets, bias, temperature, return_entropy, mask)
+
+    def advantages_impl(self, rewards, group_size, scale, eps, leave_one_out):
+        return group_advantages_with(self.name, rewards, group_size, scale, eps, leave_one_out)
+
+    def grpo_loss_impl(self, logp, advantages, mask, logp_old, logp_ref, entropy, rollout_weights, options):
+        return grpo_loss_with(self.name, logp, advantages, mask, logp_old, logp_ref, entropy, rollout_weights,
+                              options)
+
+    def linear_grpo_loss_impl(self, hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref,
+                              rollout_weights, temperature, return_entropy, options):
+        return linear_grpo_loss_with(self.name, hidden, weight, targets, mask, advantages, bias, logp_old,
+                                     logp_ref, rollout_weights, temperature, return_entropy, options)
+
+    def __repr__(self):
+        return f"KernelBackend({self.name})"
+
+
+KERNEL_BACKENDS = {"triton": KernelBackend("triton"), "cpp": KernelBackend("cpp")}
+
+__all__ = ["KernelBackend", "KERNEL_BACKENDS"]

@@ -1,0 +1,170 @@
+"""The clipped, KL-regularized GRPO loss on given per-token log-probabilities, on the kernel backends.
+
+Design: the loss is a scalar, so its gradient w.r.t. logp is formed in the same pass as the loss (one
+program per sequence, whole sequences so GSPO's sequence ratio is exact) and the backward pass only
+scales it by the incoming gradient. Aggregation is folded into a per-sequence weight (:func:`row_scales`)
+computed from the mask before the kernel runs, so the kernel never needs a second pass over the batch
+and the metrics come back as per-sequence sums: no host sync.
+
+One custom op, ``lvrpo_fast::grpo_loss`` (lvrpo_fast.fused.library), returning the loss, the
+per-sequence statistics and the two gradients, with register_autograd scaling the latter.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+
+from .. import backends, validate
+from ..contract import (NSTATS, STAT_CLIP_HIGH, STAT_CLIP_LOW, STAT_CLIP_REGION, STAT_COUNT, STAT_ENTROPY, STAT_KL,
+                        STAT_LOSS, STAT_RATIO, token_loss_params)
+from ..options import GRPOOptions, world_size
+from . import library
+
+
+@dataclass(frozen=True)
+class LossParams:
+    """The non-tensor inputs of the GRPO loss op."""
+
+    backend: str
+    options: GRPOOptions
+
+
+_CODEC = library.ParamsCodec(LossParams)
+_NAMES = _CODEC.names
+
+
+def row_scales(mask: torch.Tensor, options: GRPOOptions) -> torch.Tensor:
+    """The weight of each sequence's token sum in the scalar loss (docs/math.md section 6).
+
+    mask [B, T] bool -> [B] float32, so that loss = sum_b row_scale[b] * sum_t mask L. Every divisor is
+    at least 1, so an empty or all-masked batch gives finite weights (and a zero loss)."""
+    B = mask.shape[0]
+    counts = mask.sum(1, dtype=torch.float32)
+    batch = max(B, 1)
+    loss_type = options.loss_type
+    if loss_type in ("grpo", "sapo"):
+        return 1.0 / (batch * counts.clamp(min=1.0))
+    if loss_type == "bnpo":
+        return (1.0 / counts.sum().clamp(min=1.0)).expand(B).contiguous()
+    if loss_type == "dr_grpo":
+        return torch.full((B,), 1.0 / (batch * options.max_completion_length), device=mask.device)
+    if loss_type in ("dapo", "cispo"):
+        if options.num_items_in_batch is None:
+            normalizer = counts.sum().clamp(min=1.0)
+        else:
+            normalizer = validate.num_items_value(options.num_items_in_batch, mask.device) / world_size()
+        return (1.0 / normalizer).expand(B).contiguous()
+    return torch.full((B,), 1.0 / batch, device=mask.device)  # luspo, seq_mean_token_sum
+
+
+def metrics_from_stats(stats: torch.Tensor, options: GRPOOptions, has_entropy: bool) -> Dict[str, torch.Tensor]:
+    """Per-sequence sums [B, NSTATS] -> masked means over the batch (docs/math.md section 7), detached fp32."""
+    totals = stats.detach().sum(0)
+    denom = totals[STAT_COUNT].clamp(min=1.0)
+    metrics = {
+        "clip_ratio_low": totals[STAT_CLIP_LOW] / denom,
+        "clip_ratio_high": totals[STAT_CLIP_HIGH] / denom,
+        "clip_ratio_region": totals[STAT_CLIP_REGION] / denom,
+        "ratio": totals[STAT_RATIO] / denom,
+    }
+    if options.beta > 0:
+        metrics["kl"] = totals[STAT_KL] / denom
+    if has_entropy:
+        metrics["entropy"] = totals[STAT_ENTROPY] / denom
+    return metrics
+
+
+def as_float32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """t as a contiguous float32 tensor (what the primitives take); None stays None."""
+    return None if t is None else t.float().contiguous()
+
+
+def per_token(rollout_weights: Optional[torch.Tensor], shape) -> Optional[torch.Tensor]:
+    """[B] or [B, T] weights -> [B, T] float32 contiguous (None stays None)."""
+    if rollout_weights is None:
+        return None
+    w = rollout_weights.float()
+    if w.dim() == 1:
+        w = w.unsqueeze(1).expand(shape)
+    return w.contiguous()
+
+
+def entropy_grad(mask: torch.Tensor, scale: torch.Tensor, options: GRPOOptions) -> torch.Tensor:
+    """d(loss)/d(entropy) of the bonus -entropy_coef * H: [B, T] float32."""
+    return (-options.entropy_coef) * mask.float() * scale.unsqueeze(1)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The custom op
+# ------------------------------------------------------------------------------------------------------
+def _op(logp, entropy, advantages, mask, logp_old, logp_ref, rollout_weights, num_items_tensor, need_grad_logp,
+        need_grad_entropy, **scalars):
+    p = _CODEC.decode(scalars, num_items_tensor)
+    o = p.options
+    prims = backends.primitives(p.backend)
+    B, T = mask.shape
+    scale = row_scales(mask, o)
+    stats, grad_logp = prims.grpo_token_loss(
+        as_float32(logp), as_float32(logp_old), as_float32(logp_ref), as_float32(advantages), mask,
+        per_token(rollout_weights, (B, T)), as_float32(entropy), scale, token_loss_params(o), need_grad_logp)
+    loss = stats[:, STAT_LOSS].sum()
+    grad_entropy = None
+    if need_grad_entropy and o.entropy_coef != 0:
+        grad_entropy = entropy_grad(mask, scale, o)
+    empty = logp.new_empty(0, dtype=torch.float32)
+    return (loss, stats, empty if grad_logp is None else grad_logp, empty if grad_entropy is None else grad_entropy)
+
+
+def _fake(logp, entropy, advantages, mask, logp_old, logp_ref, rollout_weights, num_items_tensor, need_grad_logp,
+          need_grad_entropy, **scalars):
+    B, T = mask.shape
+    f32 = dict(dtype=torch.float32, device=logp.device)
+    grad_entropy = need_grad_entropy and scalars["entropy_coef"] != 0
+    return (logp.new_empty((), **f32), logp.new_empty((B, NSTATS), **f32),
+            logp.new_empty((B, T) if need_grad_logp else (0,), **f32),
+            logp.new_empty((B, T) if grad_entropy else (0,), **f32))
+
+
+library.define("grpo_loss",
+               "Tensor logp, Tensor? entropy, Tensor advantages, Tensor mask, Tensor? logp_old, Tensor? logp_ref, "
+               "Tensor? rollout_weights, Tensor? num_items_tensor, bool need_grad_logp, bool need_grad_entropy",
+               _CODEC, "(Tensor, Tensor, Tensor, Tensor)", _op, _fake)
+
+
+def _setup_context(ctx, inputs, output):
+    logp, entropy = inputs[0], inputs[1]
+    _, stats, grad_logp, grad_entropy = output
+    # logp and entropy are saved only for autograd's version check: a gradient formed in the forward
+    # pass from values that changed in place before the backward would be stale.
+    ctx.save_for_backward(logp, entropy, grad_logp, grad_entropy)
+    ctx.dtypes = (logp.dtype, None if entropy is None else entropy.dtype)
+    ctx.backend = inputs[10 + _NAMES.index("backend")]
+    ctx.mark_non_differentiable(stats, grad_logp, grad_entropy)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_loss, grad_stats, grad_grad_logp, grad_grad_entropy):
+    library.refuse_double_backward("grpo_loss", ctx.backend)
+    _, _, grad_logp, grad_entropy = ctx.saved_tensors
+    n_inputs = 10 + len(_NAMES)
+    if grad_loss is None:
+        return (None,) * n_inputs
+    out_logp = (grad_logp * grad_loss).to(ctx.dtypes[0]) if grad_logp.numel() else None
+    out_entropy = (grad_entropy * grad_loss).to(ctx.dtypes[1]) if grad_entropy.numel() else None
+    return (out_logp, out_entropy, *([None] * (n_inputs - 2)))
+
+
+library.register_autograd("grpo_loss", _backward, _setup_context)
+
+
+def grpo_loss_with(backend: str, logp, advantages, mask, logp_old, logp_ref, entropy, rollout_weights,
+                   options: GRPOOptions):
+    """Backend entry (validated inputs); returns (loss 0-dim float32, metrics)."""
+    scalars, num_items = _CODEC.encode(LossParams(backend=backend, options=options))
+    grad_on = torch.is_grad_enabled()
+    loss, stats, _, _ = library.op("grpo_loss")(
+        logp, entropy, advantages, mask.contiguous(), logp_old, logp_ref, rollout_weights, num_items,
+        grad_on and logp.requires_grad, grad_on and entropy is not None and entropy.requires_grad, **scalars)
+    return loss, metrics_from_stats(stats, options, entropy is not None)
