@@ -32,6 +32,11 @@ import torch
 from ..contract import LOG_RATIO_CLAMP, STAT_COLUMNS, token_loss_params
 from ..options import GRPOOptions
 
+try:  # the sources' package (csrc/ in an editable install, lvrpo_fast/csrc in a wheel); an empty __init__
+    from .. import csrc as _csrc_package
+except ImportError:  # run from a source tree without the install mapping: found next to this file below
+    _csrc_package = None
+
 name = "cpp"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SOURCES = ("logprobs.cpp", "grpo_loss.cpp", "advantages.cpp", "bindings.cpp")
@@ -48,13 +53,7 @@ _state: Optional[Tuple[object, str]] = None  # (extension module or None, reason
 def source_dir() -> Path:
     """The directory of the C++ sources: the package lvrpo_fast.csrc (csrc/ of the repository in an
     editable install, lvrpo_fast/csrc in a wheel), else found next to this file."""
-    candidates = []
-    try:
-        import lvrpo_fast.csrc as package
-
-        candidates += [Path(p) for p in package.__path__]
-    except ImportError:
-        pass
+    candidates = [Path(p) for p in _csrc_package.__path__] if _csrc_package is not None else []
     here = Path(__file__).resolve()
     candidates += [here.parents[1] / "csrc", here.parents[2] / "csrc"]
     for candidate in candidates:

@@ -136,9 +136,9 @@ library.define("grpo_loss",
 def _setup_context(ctx, inputs, output):
     logp, entropy = inputs[0], inputs[1]
     _, stats, grad_logp, grad_entropy = output
-    # logp and entropy are saved only for autograd's version check: a gradient formed in the forward
-    # pass from values that changed in place before the backward would be stale.
-    ctx.save_for_backward(logp, entropy, grad_logp, grad_entropy)
+    # The gradient was formed in the forward pass from the values logp had then, which is what the
+    # reference's autograd uses too: logp changed in place afterwards does not make it stale.
+    ctx.save_for_backward(grad_logp, grad_entropy)
     ctx.dtypes = (logp.dtype, None if entropy is None else entropy.dtype)
     ctx.backend = inputs[10 + _NAMES.index("backend")]
     ctx.mark_non_differentiable(stats, grad_logp, grad_entropy)
@@ -147,7 +147,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, grad_stats, grad_grad_logp, grad_grad_entropy):
     library.refuse_double_backward("grpo_loss", ctx.backend)
-    _, _, grad_logp, grad_entropy = ctx.saved_tensors
+    grad_logp, grad_entropy = ctx.saved_tensors
     n_inputs = 10 + len(_NAMES)
     if grad_loss is None:
         return (None,) * n_inputs

@@ -24,6 +24,8 @@ from typing import Optional
 
 import torch
 
+from ..logprobs import fused_linear_logprobs
+
 __all__ = ["LMHeadInputs", "lm_head_parameters", "completion_hidden_states", "completion_logprobs"]
 
 
@@ -125,8 +127,6 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: Optional
 
     Returns logp [B, K] float32 (and entropy [B, K]); 0 where completion_mask [B, K] is 0.
     Differentiable w.r.t. the model's parameters when called with gradients enabled."""
-    from ..logprobs import fused_linear_logprobs
-
     heads = completion_hidden_states(model, input_ids, attention_mask, logits_to_keep, **model_kwargs)
     K = heads.hidden.shape[1]
     targets = input_ids[:, input_ids.shape[1] - K:].to(heads.hidden.device)

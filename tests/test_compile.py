@@ -1,0 +1,120 @@
+"""torch.compile traces through the fused ops without a graph break (fullgraph=True).
+
+Each fused op is one torch.library custom op (lvrpo_fast/fused/library.py) with a fake implementation,
+so dynamo records one node per call; the host synchronizations the ops need (the mask's live rows,
+the target-range check, a tensor num_items_in_batch's value) happen inside the op at run time, not
+in the traced code. The backend choice is made once at trace time (dispatch.resolve).
+
+Where a break stays unavoidable: the reference backend reads the mask on the host (its live rows) and
+checks the target ids, so `backend="reference"` under torch.compile breaks the graph there (the test
+below shows it compiles, with breaks). The tests use the "aot_eager" compiler: dynamo and AOTAutograd
+trace exactly what inductor would receive, without spending a minute generating C++ on this CPU.
+"""
+import pytest
+import torch
+
+import lvrpo_fast
+from backends_under_test import KERNEL_BACKENDS, device
+from lvrpo_fast import dispatch
+
+B, T, D, V, G = 4, 7, 16, 53, 2
+
+
+def _inputs(dev, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(B, T, generator=g) < 0.7
+    mask[:, 0] = True
+    return {
+        "hidden": torch.randn(B, T, D, generator=g).to(dev),
+        "weight": (torch.randn(V, D, generator=g) * 0.3).to(dev),
+        "bias": (torch.randn(V, generator=g) * 0.1).to(dev),
+        "targets": torch.randint(0, V, (B, T), generator=g).to(dev),
+        "mask": mask.to(dev),
+        "rewards": torch.rand(B, generator=g).to(dev),
+        "logp_ref": (-torch.rand(B, T, generator=g) * 2).to(dev),
+    }
+
+
+def step(hidden, weight, bias, targets, mask, rewards, logp_ref, backend):
+    """A GRPO step's use of every op: old log-probs (no grad), advantages, the fused loss, and the loss
+    on given log-probs with an entropy bonus."""
+    with torch.no_grad():
+        logp_old = lvrpo_fast.fused_linear_logprobs(hidden, weight, targets, bias=bias, mask=mask, temperature=0.9,
+                                                    backend=backend) - 0.01
+    advantages = lvrpo_fast.group_advantages(rewards, G, backend=backend)
+    loss, metrics = lvrpo_fast.fused_linear_grpo_loss(
+        hidden, weight, targets, mask, advantages, bias=bias, logp_old=logp_old, logp_ref=logp_ref, temperature=0.9,
+        beta=0.04, loss_type="dapo", num_items_in_batch=mask.sum(), return_entropy=True, backend=backend)
+    logp, entropy = lvrpo_fast.fused_linear_logprobs(hidden, weight, targets, bias=bias, mask=mask, temperature=0.9,
+                                                     return_entropy=True, backend=backend)
+    loss2, _ = lvrpo_fast.grpo_loss(logp, advantages, mask, logp_old=logp_old, entropy=entropy, entropy_coef=0.01,
+                                    importance_sampling_level="sequence", backend=backend)
+    return loss + loss2, metrics["kl"]
+
+
+def _run(fn, data, backend):
+    leaves = {k: data[k].clone().requires_grad_() for k in ("hidden", "weight", "bias")}
+    loss, kl = fn(leaves["hidden"], leaves["weight"], leaves["bias"], data["targets"], data["mask"], data["rewards"],
+                  data["logp_ref"], backend)
+    loss.backward()
+    return loss.detach(), kl, {k: v.grad for k, v in leaves.items()}
+
+
+@pytest.mark.parametrize("name", KERNEL_BACKENDS)
+def test_fullgraph_compile_matches_eager(name):
+    dev = torch.device("cpu") if name == "cpp" else device()
+    if dispatch.usable(name, dev, torch.float32)[0] is None:
+        pytest.skip(f"{name} unavailable on {dev}")
+    torch._dynamo.reset()
+    data = _inputs(dev)
+    eager = _run(step, data, name)
+    compiled = _run(torch.compile(step, fullgraph=True, backend="aot_eager"), data, name)
+    assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
+    for key in eager[2]:
+        assert torch.equal(eager[2][key], compiled[2][key]), key
+    # A second batch of another length reuses or recompiles the graph; either way the numbers agree.
+    other = _inputs(dev, seed=1)
+    assert torch.equal(_run(step, other, name)[0], _run(torch.compile(step, fullgraph=True, backend="aot_eager"),
+                                                          other, name)[0])
+
+
+def test_graph_breaks_are_counted_for_each_backend():
+    """One graph and no break for the kernel backends; the reference's host reads are breaks."""
+    data = _inputs(torch.device("cpu"))
+    counts = {}
+    for name in ("cpp", "reference"):
+        if dispatch.usable(name, torch.device("cpu"), torch.float32)[0] is None:
+            continue
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(step)(data["hidden"], data["weight"], data["bias"], data["targets"],
+                                                 data["mask"], data["rewards"], data["logp_ref"], name)
+        counts[name] = explanation.graph_break_count
+    if "cpp" in counts:
+        assert counts["cpp"] == 0, counts
+    assert counts["reference"] > 0, counts
+
+
+def test_custom_ops_pass_opcheck():
+    """torch.library.opcheck: schemas, fakes and autograd registrations agree with the implementations."""
+    if dispatch.usable("cpp", torch.device("cpu"), torch.float32)[0] is None:
+        pytest.skip("cpp unavailable")
+    from lvrpo_fast.fused import library
+    from lvrpo_fast.fused.linear_grpo_loss import _CODEC as LOSS
+    from lvrpo_fast.fused.linear_grpo_loss import LinearLossParams
+    from lvrpo_fast.fused.logprobs import _CODEC as LOGPROBS
+    from lvrpo_fast.fused.logprobs import LogprobsParams
+    from lvrpo_fast.options import GRPOOptions
+
+    data = _inputs(torch.device("cpu"))
+    hidden = data["hidden"].requires_grad_()
+    weight = data["weight"].requires_grad_()
+    scalars, _ = LOGPROBS.encode(LogprobsParams(backend="cpp", temperature=0.8, return_entropy=True))
+    torch.library.opcheck(library.op("linear_logprobs"),
+                          (hidden, weight, None, data["targets"], data["mask"]), scalars,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    scalars, _ = LOSS.encode(LinearLossParams(backend="cpp", temperature=1.0, need_entropy=False,
+                                              options=GRPOOptions(loss_type="bnpo")))
+    torch.library.opcheck(library.op("linear_grpo_loss"),
+                          (hidden, weight, None, data["targets"], data["mask"], data["rewards"], None, None, None,
+                           None, True, True, False), scalars,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
