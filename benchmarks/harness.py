@@ -9,6 +9,9 @@ reason (pytest.skip), which the script records as a skipped row.
 
 Per row (pytest: extra_info of --benchmark-json):
     median_s            median of the timed rounds; the device is synchronized inside the timed call
+                        (the first-light script's loop adds min_s and max_s)
+    first_call_s        the first call: warm-up, compilation, autotuning, loading, and one run
+    check               agreement with the eager reference's result on the same inputs
     peak_extra_bytes    memory allocated beyond the inputs, the outputs and the input gradients
                         (CUDA: the allocator's peak; CPU: growth of the process's resident high-water
                         mark over one call, see measure.peak_extra_memory)
@@ -179,6 +182,13 @@ _REFERENCE: Dict[str, object] = {"key": None, "result": None}
 SESSION: Dict[str, object] = {"results": [], "skipped": [], "paired": []}
 
 
+def release() -> None:
+    """Frees the input sets and the kept reference result (and, on a GPU, the allocator's cache)."""
+    INPUTS.clear()
+    _REFERENCE.update(key=None, result=None)
+    measure.release_memory()
+
+
 def _reference_key(case: Case) -> tuple:
     return case.case, case.shape, case.dtype, str(DEVICE)
 
@@ -209,9 +219,10 @@ def _first_call(case: Case, timed: Callable, inputs) -> dict:
                     f"{str(exc).splitlines()[0] if str(exc) else ''}")
 
 
-def _check(case: Case, first: dict, inputs) -> str:
+def _check(case: Case, first: dict, inputs, strict: bool) -> str:
     """Compares the first call's result with the reference's on the same inputs (the reference's
-    own run, just before, or one made here when it was deselected)."""
+    own run, just before, or one made here when it was deselected). A disagreement raises
+    AssertionError when strict, else it is returned as "FAILED: ..." and the row is still measured."""
     key = _reference_key(case)
     if case.impl == "reference":
         _REFERENCE.update(key=key, result=measure.kept(first))
@@ -226,21 +237,31 @@ def _check(case: Case, first: dict, inputs) -> str:
             measure.release_memory()
     if _REFERENCE["result"] is None:
         return "not checked: the reference ran out of memory"
-    return measure.compare(first, _REFERENCE["result"], case.checked, case.dtype) if case.checked else "not checked"
+    if not case.checked:
+        return "not checked"
+    try:
+        return measure.compare(first, _REFERENCE["result"], case.checked, case.dtype)
+    except AssertionError as exc:
+        if strict:
+            raise
+        return f"FAILED: {exc}"
 
 
 # timer(timed, sets, rounds) -> {"median_s": ..., ...}: how the rounds are timed.
 Timer = Callable[[Callable, list, int], dict]
 
 
-def measure_case(case: Case, timer: Optional[Timer], once: Callable[[Callable[[], None]], None] = lambda f: f()) -> dict:
+def measure_case(case: Case, timer: Optional[Timer], once: Callable[[Callable[[], None]], None] = lambda f: f(),
+                 strict: bool = True) -> dict:
     """One implementation's row (see the module docstring for its fields).
 
     timer None: the untimed smoke run, one call (made through `once`) on one input set, memory-measured
-    and checked. Running out of device memory skips the row with the reason (and, for the reference,
-    leaves the others unchecked rather than retrying it)."""
+    and checked. strict: a result that disagrees with the reference raises (pytest) rather than being
+    recorded in the row's "check" (the first-light script, which keeps the timing of such a row).
+    Running out of device memory skips the row with the reason (and, for the reference, leaves the
+    others unchecked rather than retrying it)."""
     try:
-        return _measure(case, timer, once)
+        return _measure(case, timer, once, strict)
     except Exception as exc:
         if not is_oom(exc):
             raise
@@ -250,17 +271,19 @@ def measure_case(case: Case, timer: Optional[Timer], once: Callable[[Callable[[]
         pytest.skip(f"{case.impl} ran out of memory on {DEVICE} at {case.shape.id}: {str(exc).splitlines()[0]}")
 
 
-def _measure(case: Case, timer: Optional[Timer], once) -> dict:
+def _measure(case: Case, timer: Optional[Timer], once, strict: bool) -> dict:
     sets = input_sets(case, rotate=timer is not None)  # one call needs one input set
     timed = timed_call(case)
     if timer is None:
         measured = []
         once(lambda: measured.append(measure.peak_extra_memory(lambda x: _first_call(case, timed, x), sets[0])))
-        peak, method, _, first = measured[0]
+        peak, method, first_s, first = measured[0]
     else:
         # First call: warm-up (compilation, autotuning, library loading) and the check.
+        start = time.perf_counter()
         first = _first_call(case, timed, sets[0])
-    check = _check(case, first, sets[0])
+        first_s = time.perf_counter() - start
+    check = _check(case, first, sets[0], strict)
     del first
 
     n_rounds, timing = 0, {"median_s": None}
@@ -275,7 +298,7 @@ def _measure(case: Case, timer: Optional[Timer], once) -> dict:
         "B": case.shape.B, "dtype": str(case.dtype).replace("torch.", ""), "device": str(DEVICE),
         "shape_set": SHAPE_SET, **timing, "rounds": n_rounds,
         "input_sets": len(sets), "input_set_bytes": measure.tensor_bytes(sets[0]),
-        "peak_extra_bytes": peak, "memory_method": method, "check": check,
+        "peak_extra_bytes": peak, "memory_method": method, "check": check, "first_call_s": first_s,
         "flops": case.flops, "min_bytes": case.min_bytes,
     }
     executed = case.flops

@@ -146,30 +146,35 @@ def time_rounds(timed: Callable, sets: Sequence[dict], rounds: int) -> dict:
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
 
 
+def best_time(fn: Callable[[], object], rounds: Rounds) -> float:
+    """The best wall time of fn() (device synchronized) after one warm-up call: at least max(min, 5)
+    runs, more until the target time or the max is reached. The best, not the median: for a ceiling,
+    what the hardware can do; on a shared machine other processes only ever slow a run down."""
+    target, lo, hi = rounds
+    fn()
+    synchronize()
+    times = []
+    while len(times) < max(lo, 5) or (sum(times) < target and len(times) < hi):
+        start = time.perf_counter()
+        fn()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 CEILINGS: Dict[tuple, float] = {}
 
 
 def matmul_ceiling(M: int, K: int, N: int, dtype: torch.dtype, rounds: Rounds) -> float:
     """FLOP/s of torch.mm [M, K] x [K, N] -> [M, N] (the LM head's layout: hidden @ weight.T), measured
-    once per size in this process: cuBLAS on a GPU, ATen's CPU BLAS on the CPU. Output preallocated.
-
-    The best of the runs, not their median: a ceiling is what the hardware can do, and on a shared
-    machine other processes only ever slow a run down."""
+    once per size in this process (best_time): cuBLAS on a GPU, ATen's CPU BLAS on the CPU. Output
+    preallocated, inputs random (never zeros, which multiply faster)."""
     key = (M, K, N, dtype)
     if key not in CEILINGS:
         a = torch.randn(M, K, device=DEVICE).to(dtype)
         b = torch.randn(N, K, device=DEVICE).to(dtype)
         out = torch.empty(M, N, device=DEVICE, dtype=dtype)
-        target, lo, hi = rounds
-        torch.mm(a, b.t(), out=out)
-        synchronize()
-        times = []
-        while len(times) < max(lo, 5) or (sum(times) < target and len(times) < hi):
-            start = time.perf_counter()
-            torch.mm(a, b.t(), out=out)
-            synchronize()
-            times.append(time.perf_counter() - start)
-        CEILINGS[key] = 2.0 * M * K * N / min(times)
+        CEILINGS[key] = 2.0 * M * K * N / best_time(lambda: torch.mm(a, b.t(), out=out), rounds)
         del a, b, out
     return CEILINGS[key]
 
