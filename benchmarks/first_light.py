@@ -29,7 +29,7 @@ modules' cases); a JSONL stage ends with {"status": "done"}.
 
 Every row checks the time left before it starts (its stage's share of LVRPO_BUDGET_S, and the budget)
 and is skipped with the reason rather than cut off; a row that overruns what is left is stopped by an
-alarm and recorded as failed. A row that leaves the CUDA context broken ends the process (exit 3):
+alarm and recorded as failed. A row that leaves the CUDA context broken ends the process (exit 3, RESUME):
 gpu_session.sh starts it again, and it resumes after that row.
 """
 from __future__ import annotations
@@ -67,6 +67,7 @@ KERNEL_TESTS = ("tests/test_logprobs.py", "tests/test_linear_grpo_loss.py", "tes
 FINGERPRINTED = ("lvrpo_fast", "kernels", "csrc", "benchmarks", "tests")
 SOURCE_SUFFIXES = (".py", ".cpp", ".h", ".sh", ".md")
 STOP_S = 20  # the kernel tests' time to stop after SIGINT
+CANNOT_RUN, RESUME = 2, 3  # exit codes: nothing to retry (no GPU, a usage error); start again and resume
 
 
 @dataclass(frozen=True)
@@ -254,12 +255,34 @@ def run_row(sf: StageFile, row: str, kind: str, until: float, fn: Callable[[], d
     if record["status"] == "failed" and device_broken():
         print(f"[{sf.stage}] the CUDA context is broken after {row}: ending this process so that "
               f"gpu_session.sh resumes in a fresh one", flush=True)
-        os._exit(3)
+        os._exit(RESUME)
 
 
 # ----------------------------------------------------------------------------------------------
 # Stages
 # ----------------------------------------------------------------------------------------------
+def matmul_settings() -> Dict[str, str]:
+    """The float32 / reduced-precision matmul settings (Liger's float32 gradient GEMMs run without TF32
+    at torch's default). Each read on its own: torch raises when the legacy and the new TF32 APIs were
+    both used to set them."""
+    import torch
+
+    reads = {
+        "float32_matmul_precision": lambda: torch.get_float32_matmul_precision(),
+        "cuda.matmul.fp32_precision": lambda: torch.backends.cuda.matmul.fp32_precision,
+        "cuda.matmul.allow_tf32": lambda: torch.backends.cuda.matmul.allow_tf32,
+        "cuda.matmul.allow_bf16_reduced_precision_reduction":
+            lambda: torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
+    }
+    settings = {}
+    for name, read in reads.items():
+        try:
+            settings[name] = str(read())
+        except Exception as exc:
+            settings[name] = f"{type(exc).__name__}: {exc}"
+    return settings
+
+
 def stage_device() -> None:
     if (OUT / FILES["device"]).exists():
         return
@@ -281,12 +304,7 @@ def stage_device() -> None:
         "install": os.environ.get("LVRPO_INSTALL"),
         "python_executable": sys.executable,
         "triton": triton.__version__,
-        "torch_settings": {
-            "float32_matmul_precision": torch.get_float32_matmul_precision(),
-            "cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-            "cuda.matmul.allow_bf16_reduced_precision_reduction":
-                torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
-        },
+        "torch_settings": matmul_settings(),
         "peers": {},
     })
     for module in ("liger_kernel.chunked_loss", "liger_kernel.transformers.fused_linear_cross_entropy",
@@ -469,7 +487,7 @@ def stage_tests() -> None:
         return
     xdist = importlib.util.find_spec("xdist") is not None
     junit = LOGS / "tests.xml"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", MODE.tests_k,
+    cmd = [sys.executable, "-m", "pytest", "-q", "--tb=short", "-p", "no:cacheprovider", "-k", MODE.tests_k,
            f"--junitxml={junit}", *KERNEL_TESTS]
     if xdist:
         # loadfile: each file's module fixtures (the sm_90 compile's child process) run once.
@@ -614,8 +632,9 @@ def run() -> None:
     import torch
 
     if MODE.name == "gpu" and not torch.cuda.is_available():
-        raise SystemExit("first_light.py: LVRPO_FIRST_LIGHT=gpu but torch sees no CUDA device "
-                         "(LVRPO_FIRST_LIGHT=dry is the CPU dry run)")
+        print("first_light.py: LVRPO_FIRST_LIGHT=gpu but torch sees no CUDA device "
+              "(LVRPO_FIRST_LIGHT=dry is the CPU dry run)", file=sys.stderr)
+        raise SystemExit(CANNOT_RUN)
     import harness
 
     harness.configure(MODE.shape_set, MODE.rounds)
@@ -640,7 +659,8 @@ def main(argv=None) -> None:
     elif command == "fingerprint":
         print(fingerprint())
     else:
-        raise SystemExit(f"usage: first_light.py [run | report | fingerprint], got {command!r}")
+        print(f"usage: first_light.py [run | report | fingerprint], got {command!r}", file=sys.stderr)
+        raise SystemExit(CANNOT_RUN)
 
 
 if __name__ == "__main__":
