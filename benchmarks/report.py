@@ -7,7 +7,7 @@ The markdown starts with where and when the numbers were taken (device, versions
 one table per case: for each shape and implementation the median time, the speed-up over the eager
 reference (reference time / its time), the peak extra memory and its ratio to the reference's, the
 TFLOP/s achieved and their fraction of the matmul ceiling measured in the same session, or GB/s for
-the memory-bound ops. Then the acceptance targets recorded by benchmarks/conftest.py, the skipped
+the memory-bound ops. Then the acceptance targets (benchmarks/shapes.py TARGETS), the skipped
 implementations with their reasons, and the notes file, if given, verbatim.
 The chart has one row per case and LM head: time and peak extra memory against the token count N.
 """
@@ -201,7 +201,7 @@ def evaluate_targets(targets, rows):
 
 
 def paired_lines(infos):
-    """One line per paired measurement (conftest.Bench.paired): the median per-pair ratio, its range,
+    """One line per paired measurement (harness.Bench.paired): the median per-pair ratio, its range,
     the verdict against the measurement's target when it has one, and every pair's times."""
     lines = []
     for info in infos:

@@ -13,6 +13,8 @@ import torch
 import lvrpo_fast
 from lvrpo_fast import reference, validate
 
+import harness
+
 IMPLS = ("reference", "compiled", "triton", "cpp")
 
 
@@ -21,9 +23,9 @@ def make_set(shape, device):
     return {"rewards": torch.rand(shape.N, device=device)}
 
 
-def advantages_fn(bench, impl, group_size):
+def advantages_fn(impl, group_size):
     if impl == "compiled":
-        impl_fn = bench.compiled(reference.advantages_impl)
+        impl_fn = harness.compiled(reference.advantages_impl)
 
         def fn(rewards):
             validate.check_advantage_inputs(rewards, group_size, "group", 1e-4, False)
@@ -35,9 +37,9 @@ def advantages_fn(bench, impl, group_size):
 @pytest.mark.bench_op("advantages", impls=IMPLS)
 def test_advantages(bench, shape, impl):
     if impl in ("triton", "cpp"):
-        bench.backend(impl, torch.float32)
-    fn = advantages_fn(bench, impl, shape.G)
-    reference_fn = advantages_fn(bench, "reference", shape.G)
+        harness.lvrpo_backend(impl, torch.float32)
+    fn = advantages_fn(impl, shape.G)
+    reference_fn = advantages_fn("reference", shape.G)
     bench.run(
         case=f"advantages G={shape.G}", op="advantages", impl=impl, shape=shape, dtype=torch.float32,
         make_set=lambda: make_set(shape, bench.device),

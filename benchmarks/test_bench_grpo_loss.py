@@ -16,6 +16,8 @@ import lvrpo_fast
 from lvrpo_fast import reference, validate
 from lvrpo_fast.options import GRPOOptions
 
+import harness
+
 IMPLS = ("reference", "compiled", "triton", "cpp")
 OPTIONS = {"loss_type": "dapo", "beta": 0.04, "epsilon_low": 0.2}
 
@@ -38,9 +40,9 @@ def make_set(shape, device):
     }
 
 
-def loss_fn(bench, impl):
+def loss_fn(impl):
     if impl == "compiled":
-        impl_fn = bench.compiled(reference.grpo_loss_impl)
+        impl_fn = harness.compiled(reference.grpo_loss_impl)
         opts = GRPOOptions(**OPTIONS)
 
         def fn(logp, advantages, mask, logp_old, logp_ref):
@@ -67,9 +69,9 @@ def make_call(fn):
 @pytest.mark.bench_op("grpo_loss", impls=IMPLS)
 def test_grpo_loss(bench, shape, impl):
     if impl in ("triton", "cpp"):
-        bench.backend(impl, torch.float32)
+        harness.lvrpo_backend(impl, torch.float32)
     bench.run(
         case="grpo_loss fwd+bwd", op="grpo_loss", impl=impl, shape=shape, dtype=torch.float32,
         make_set=lambda: make_set(shape, bench.device),
-        call=make_call(loss_fn(bench, impl)), reference_call=make_call(loss_fn(bench, "reference")),
+        call=make_call(loss_fn(impl)), reference_call=make_call(loss_fn("reference")),
         checked=("loss", "grad_logp"), min_bytes=17 * shape.N)

@@ -28,6 +28,8 @@ import lvrpo_fast
 from lvrpo_fast import reference, validate
 from lvrpo_fast.options import GRPOOptions
 
+import harness
+
 IMPLS = ("reference", "compiled", "triton", "cpp", "liger")
 OPTIONS = {"loss_type": "dapo", "beta": 0.04, "epsilon_low": 0.2, "epsilon_high": 0.2}
 LOGIT_STD = 3.0
@@ -64,14 +66,14 @@ def make_set(shape, dtype, device):
     }
 
 
-def loss_fn(bench, impl):
-    """(hidden, weight, inputs) -> scalar loss of one implementation."""
+def loss_fn(impl, device):
+    """(hidden, weight, inputs) -> scalar loss of one implementation on `device`."""
     if impl in ("reference", "triton", "cpp"):
         return lambda h, w, s: lvrpo_fast.fused_linear_grpo_loss(
             h, w, s["targets"], s["mask"], s["advantages"], logp_old=s["logp_old"], logp_ref=s["logp_ref"],
             backend=impl, **OPTIONS)[0]
     if impl == "compiled":
-        impl_fn = bench.compiled(reference.linear_grpo_loss_impl)
+        impl_fn = harness.compiled(reference.linear_grpo_loss_impl)
         opts = GRPOOptions(**OPTIONS)
 
         def fn(h, w, s):
@@ -82,8 +84,8 @@ def loss_fn(bench, impl):
                            temperature, False, opts)[0]
         return fn
     if impl == "liger":
-        grpo = bench.module("liger_kernel.chunked_loss")
-        on_gpu = bench.device.type == "cuda"
+        grpo = harness.require_module("liger_kernel.chunked_loss")
+        on_gpu = device.type == "cuda"
         loss = grpo.LigerFusedLinearGRPOLoss(
             beta=OPTIONS["beta"], compiled=on_gpu, use_ref_model=True, epsilon_low=OPTIONS["epsilon_low"],
             epsilon_high=OPTIONS["epsilon_high"], loss_type=OPTIONS["loss_type"], temperature=1.0)
@@ -105,12 +107,12 @@ def make_call(fn, padded=True):
     return call
 
 
-def case_fields(bench, shape, impl, padded=True):
-    """padded=False: the same inputs with every token unmasked (the kernel backends skip the padding's
-    rows, the reference and the peers compute them; without padding there is nothing to skip)."""
-    dtype, device = bench.dtype, bench.device
+def case_fields(shape, impl, dtype, device, padded=True):
+    """The harness.Case fields of one implementation at one shape. padded=False: the same inputs with
+    every token unmasked (the kernel backends skip the padding's rows, the reference and the peers
+    compute them; without padding there is nothing to skip)."""
     if impl in ("triton", "cpp"):
-        bench.backend(impl, dtype)
+        harness.lvrpo_backend(impl, dtype)
 
     def inputs():
         s = make_set(shape, dtype, device)
@@ -128,22 +130,22 @@ def case_fields(bench, shape, impl, padded=True):
 
     return dict(
         case="linear_grpo_loss fwd+bwd" + ("" if padded else ", no padding"), op="linear_grpo_loss", impl=impl,
-        shape=shape, dtype=dtype, make_set=inputs, call=make_call(loss_fn(bench, impl), padded),
-        reference_call=make_call(loss_fn(bench, "reference"), padded),
+        shape=shape, dtype=dtype, make_set=inputs, call=make_call(loss_fn(impl, device), padded),
+        reference_call=make_call(loss_fn("reference", device), padded),
         checked=("loss", "grad_hidden", "grad_weight"), flops=per_token * shape.N * shape.V * shape.D,
         executed_flops=executed, mm=(shape.N, shape.D, shape.V))
 
 
 @pytest.mark.bench_op("linear_grpo_loss", impls=IMPLS)
 def test_linear_grpo_loss(bench, shape, impl):
-    bench.run(**case_fields(bench, shape, impl))
+    bench.run(**case_fields(shape, impl, bench.dtype, bench.device))
 
 
 @pytest.mark.bench_op("linear_grpo_loss_full", impls=IMPLS)
 def test_linear_grpo_loss_no_padding(bench, shape, impl):
     """The headline shape with every token unmasked: every implementation does the same work, so the
     speed-ups and roofline fractions measure the kernels alone."""
-    bench.run(**case_fields(bench, shape, impl, padded=False))
+    bench.run(**case_fields(shape, impl, bench.dtype, bench.device, padded=False))
 
 
 @pytest.mark.parametrize("padded", [True, False], ids=["padded", "no_padding"])
@@ -154,7 +156,7 @@ def test_issue5_paired(bench, padded):
     computes) and, to show what the kernels alone give, with every token unmasked."""
     if bench.issue5_shape is None:
         pytest.skip(f"issue 5 compares the C++ backend on CPU tensors; this {bench.shape_set} set runs on {bench.device}")
-    bench.backend("cpp", bench.dtype)
-    bench.paired({impl: bench.case(**case_fields(bench, bench.issue5_shape, impl, padded))
+    harness.lvrpo_backend("cpp", bench.dtype)
+    bench.paired({impl: harness.Case(**case_fields(bench.issue5_shape, impl, bench.dtype, bench.device, padded))
                   for impl in ("reference", "cpp")},
                  name="issue 5 paired" + ("" if padded else ", no padding"), target=1.5)

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 import lvrpo_fast
 from lvrpo_fast import reference, validate
 
+import harness
+
 IMPLS = ("reference", "compiled", "triton", "cpp", "liger", "cce", "flash_attn")
 VARIANTS = [{"mode": mode, "entropy": entropy} for mode in ("fwd", "fwd+bwd") for entropy in (False, True)]
 LOGIT_STD = 3.0
@@ -47,7 +49,7 @@ def make_set(shape, dtype, device):
     }
 
 
-def logprobs_fn(bench, impl, entropy):
+def logprobs_fn(impl, entropy, device):
     """(hidden [N, D], weight [V, D], targets [N]) -> (logp [N], entropy [N] or None) of one implementation."""
     if impl in ("reference", "triton", "cpp"):
         def fn(h, w, t):
@@ -55,7 +57,7 @@ def logprobs_fn(bench, impl, entropy):
             return out if entropy else (out, None)
         return fn
     if impl == "compiled":
-        impl_fn = bench.compiled(reference.logprobs_impl)
+        impl_fn = harness.compiled(reference.logprobs_impl)
 
         def fn(h, w, t):
             validate.check_linear_inputs(h, w, t)
@@ -64,20 +66,20 @@ def logprobs_fn(bench, impl, entropy):
     if entropy:
         pytest.skip(f"{impl} computes no entropy")
     if impl == "liger":
-        bench.require_cuda("Liger-Kernel's fused linear cross entropy")
-        flce = bench.module("liger_kernel.transformers.fused_linear_cross_entropy")
+        harness.require_cuda("Liger-Kernel's fused linear cross entropy")
+        flce = harness.require_module("liger_kernel.transformers.fused_linear_cross_entropy")
         loss = flce.LigerFusedLinearCrossEntropyLoss(reduction="none")
         return lambda h, w, t: (-loss(w, h, t), None)
     if impl == "cce":
         # Its "cce" kernels are Triton (CUDA only); its torch_compile implementation runs wherever inductor does.
-        variant = "cce" if bench.device.type == "cuda" else "torch_compile"
+        variant = "cce" if device.type == "cuda" else "torch_compile"
         if variant == "torch_compile":
-            bench.require_compile()
-        cce = bench.module("cut_cross_entropy")
+            harness.require_compile()
+        cce = harness.require_module("cut_cross_entropy")
         return lambda h, w, t: (-cce.linear_cross_entropy(h, w, t, reduction="none", impl=variant), None)
     if impl == "flash_attn":
-        bench.require_cuda("flash-attn's cross entropy")
-        ce = bench.module("flash_attn.ops.triton.cross_entropy").cross_entropy_loss
+        harness.require_cuda("flash-attn's cross entropy")
+        ce = harness.require_module("flash_attn.ops.triton.cross_entropy").cross_entropy_loss
 
         def fn(h, w, t):
             out = ce(F.linear(h, w), t)  # (losses, z_losses) in flash-attn 2.x
@@ -108,19 +110,23 @@ def make_call(fn, mode):
     return call
 
 
-@pytest.mark.bench_op("logprobs", impls=IMPLS, variants=VARIANTS)
-def test_logprobs(bench, shape, impl, mode, entropy):
-    dtype, device = bench.dtype, bench.device
+def case_fields(shape, impl, mode, entropy, dtype, device):
+    """The harness.Case fields of one implementation, mode ("fwd" | "fwd+bwd") and entropy flag."""
     if impl in ("triton", "cpp"):
-        bench.backend(impl, dtype)
-    fn = logprobs_fn(bench, impl, entropy)
+        harness.lvrpo_backend(impl, dtype)
+    fn = logprobs_fn(impl, entropy, device)
     checked = ("logp", "entropy")
     if mode == "fwd+bwd" and impl != "cce":
         # CCE drops small softmax entries from its gradient by design (filter_eps): forward compared only.
         checked += ("grad_hidden", "grad_weight")
-    bench.run(
+    return dict(
         case=f"logprobs {mode}{' entropy' if entropy else ''}", op="logprobs", impl=impl, shape=shape, dtype=dtype,
         make_set=lambda: make_set(shape, dtype, device),
         call=make_call(fn, mode),
-        reference_call=make_call(logprobs_fn(bench, "reference", entropy), mode),
+        reference_call=make_call(logprobs_fn("reference", entropy, device), mode),
         checked=checked, flops=executed_flops(impl, mode, shape, device), mm=(shape.N, shape.D, shape.V))
+
+
+@pytest.mark.bench_op("logprobs", impls=IMPLS, variants=VARIANTS)
+def test_logprobs(bench, shape, impl, mode, entropy):
+    bench.run(**case_fields(shape, impl, mode, entropy, bench.dtype, bench.device))
