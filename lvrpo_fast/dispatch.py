@@ -46,7 +46,6 @@ def usable(name: str, device: torch.device, dtype: torch.dtype):
     return backends.usable(name, device, dtype)
 
 
-@torch.compiler.assume_constant_result
 def resolve(backend: Optional[str], device: str, dtype: torch.dtype) -> str:
     """The name of the backend that runs a call: see the module docstring."""
     device = torch.device(device)
@@ -70,6 +69,13 @@ def resolve(backend: Optional[str], device: str, dtype: torch.dtype) -> str:
                           f"using the eager reference, which builds the full logits", RuntimeWarning,
                           stacklevel=4)
     return "reference"
+
+
+# What torch.compiler.assume_constant_result(resolve) does, without calling it: that function imports
+# torch._dynamo, and with it triton, at decoration time, i.e. on every `import lvrpo_fast` (a second
+# of import time, and triton loaded before a test harness can choose its interpreter). Dynamo reads
+# this attribute when it meets the function; tests/test_compile.py fails if that ever stops working.
+resolve._dynamo_marked_constant = True
 
 
 def select(backend: Optional[str], device: torch.device, dtype: torch.dtype):
