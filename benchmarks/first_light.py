@@ -328,9 +328,9 @@ def stage_device() -> None:
     try:  # informative only: the chunk rule of the installed package
         from lvrpo_fast import chunking
 
-        budget = chunking.rows_per_chunk(loss_shape.V, 2 if MODE.name == "gpu" else 4, DEVICE)
-        info["chunk_rows"] = {"row_chunks": budget, "sequence_chunks": max(loss_shape.T, budget // loss_shape.T
-                                                                             * loss_shape.T)}
+        budget = chunking.rows_per_chunk(loss_shape.V, 2 if MODE.name == "gpu" else 4, DEVICE, loss_shape.D)
+        info["chunk_rows"] = {"row_chunks": budget, "sequence_chunks_unpadded": max(loss_shape.T, budget // loss_shape.T
+                                                                                      * loss_shape.T)}
     except Exception as exc:
         info["chunk_rows"] = f"{type(exc).__name__}: {exc}"
     write_json("device", info)

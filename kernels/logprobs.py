@@ -36,10 +36,16 @@ def _logits_stats_kernel(logits_ptr, targets_ptr, logp_ptr, lse_ptr, entropy_ptr
     # both of whose terms are >= 0: logits of magnitude 1e4 lose nothing, whereas lse - sum p z
     # subtracts two numbers of size 1e4 / T. Only the max needs a block-wide reduction per step;
     # the sums stay per lane and are reduced once after the loop.
+    # The loop works in base 2: with scale = log2(e) / T, u2 = (x - m) scale = u log2(e) and
+    # exp(u) = exp2(u2), one multiply and one ex2 per logit (tl.exp would scale (x - m) / T by log2(e)
+    # again before its ex2). t is accumulated in the same units, t2 = t log2(e), hence H = log s -
+    # ln(2) t2 / s at the end; lse and logp keep the natural-unit m / T that the gradient kernel
+    # recomputes (see the launchers' note on rounding).
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     offsets = tl.arange(0, BLOCK_V)
     m = float("-inf")
+    scale = inv_temperature * 1.4426950408889634  # log2(e) / T
     s = tl.zeros([BLOCK_V], dtype=tl.float32)
     t = tl.zeros([BLOCK_V], dtype=tl.float32)
     for start in range(0, V, BLOCK_V):
@@ -50,12 +56,12 @@ def _logits_stats_kernel(logits_ptr, targets_ptr, logp_ptr, lse_ptr, entropy_ptr
         # p = 0 and avoids -inf - -inf. A NaN or +inf logit still reaches s as NaN (exp(NaN),
         # exp(inf - inf)), so non-finite rows give non-finite outputs.
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp((m - m_ref) * inv_temperature)
-        u = (x - m_ref) * inv_temperature
-        p = tl.exp(u)
+        alpha = tl.exp2((m - m_ref) * scale)
+        u = (x - m_ref) * scale
+        p = tl.exp2(u)
         if WITH_ENTROPY:
             # delta = inf when nothing was seen yet, where s_j = t_j = 0: the update is 0, not inf * 0.
-            delta = tl.where(m == float("-inf"), 0.0, (m_ref - m) * inv_temperature)
+            delta = tl.where(m == float("-inf"), 0.0, (m_ref - m) * scale)
             # p log p -> 0 as p -> 0: a -inf logit (a banned token, or the padding of the last
             # block) contributes 0 to the entropy, not 0 * -inf.
             t = alpha * (t - delta * s) + p * tl.where(p > 0.0, u, 0.0)
@@ -75,7 +81,7 @@ def _logits_stats_kernel(logits_ptr, targets_ptr, logp_ptr, lse_ptr, entropy_ptr
     # a NaN operand on the GPU and turn a NaN into a finite 0.
     tl.store(logp_ptr + row, tl.where(logp > 0.0, 0.0, logp))
     if WITH_ENTROPY:
-        entropy = log_s - tl.sum(t, axis=0) / s_row
+        entropy = log_s - 0.6931471805599453 * (tl.sum(t, axis=0) / s_row)  # ln(2) t2 / s
         tl.store(entropy_ptr + row, tl.where(entropy < 0.0, 0.0, entropy))
 
 
@@ -90,7 +96,11 @@ def _logits_grad_kernel(logits_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logp
     offsets = tl.arange(0, BLOCK_V)
     lse = tl.load(lse_ptr + row)
     grad_logp = tl.load(grad_logp_ptr + row)
+    # int32, as the column index it is compared with (V < 2^31): an int64 compare costs a widening and
+    # a 64-bit setp per logit. An id outside [0, V) (only when the target check is switched off)
+    # becomes -1, which matches no column, before the narrowing could wrap it onto one.
     target = tl.load(targets_ptr + row)
+    target = tl.where((target >= 0) & (target < V), target, -1).to(tl.int32)
     if HAS_ENTROPY:
         entropy = tl.load(entropy_ptr + row)
         grad_entropy = tl.load(grad_entropy_ptr + row)

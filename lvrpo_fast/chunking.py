@@ -35,10 +35,56 @@ def chunk_bytes(device: torch.device) -> int:
     return DEFAULT_CHUNK_BYTES.get(device.type, DEFAULT_CHUNK_BYTES["cuda"])
 
 
-def rows_per_chunk(vocab_size: int, element_size: int, device: torch.device, multiple: int = 1) -> int:
-    """Rows per chunk: a multiple of `multiple` (whole sequences of that length), at least one multiple."""
-    rows = chunk_bytes(device) // max(1, vocab_size * element_size)
-    return max(multiple, rows // multiple * multiple)
+# Rows per chunk on a GPU: filling whole waves of the gradient GEMM, not only the memory budget.
+#
+# Of the three GEMMs per chunk, two have huge outputs (the [C, V] logits, the [V, D] weight gradient)
+# and keep every SM busy whatever C is. The third, grad_hidden [C, D] = dlogits [C, V] @ W [V, D], has
+# a small output and a long K: cuBLAS covers [C, D] with output tiles (128 x 256 for its large-K bf16
+# kernels on sm_90, the assumption here) and runs them in waves of one tile per SM. Its time goes by
+# the number of waves, so a C whose tiles fill the last wave wastes nothing, and one that spills a
+# few tiles into a new wave pays for a whole one: at D = 4096 on an H200 (132 SMs, 16 tile columns),
+# C = 1766 (the 512 MiB budget at V = 151,936) makes 14 x 16 = 224 tiles, 1.70 waves run as 2
+# (efficiency 0.85), while C = 1024 makes 128 tiles, 0.97 of one wave. The rule: among the multiples
+# of 128 rows within the memory budget, take the one whose tiles fill their waves best, the largest
+# of those within 1% of the best (fewer chunks). Whole-sequence chunks of the GRPO loss pack sequences
+# up to that count. The prediction (benchmarks/README.md, "Chunk rows") is ~13% less grad_hidden time
+# per row at the headline shape for the log-prob backward and padded GRPO batches, ~4% of the total,
+# and nothing if cuBLAS splits K itself (stream-K): first light times the three GEMMs at C = 1024,
+# 1536, 1766, 2048 and 3072 to settle it. On the CPU there are no waves: the budget alone decides.
+WAVE_TILE_ROWS = 128
+WAVE_TILE_COLS = 256
+_SMS = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
+
+
+def wave_efficiency(rows: int, hidden_size: int, sms: int) -> float:
+    """The fraction of the launched waves of the [rows, hidden_size] output GEMM that does work."""
+    tiles = -(-rows // WAVE_TILE_ROWS) * -(-hidden_size // WAVE_TILE_COLS)
+    return tiles / (-(-tiles // sms) * sms)
+
+
+def wave_rows(max_rows: int, hidden_size: int, sms: int) -> int:
+    """The chunk row count <= max_rows that fills the gradient GEMM's waves best (see the note above)."""
+    if max_rows < WAVE_TILE_ROWS:
+        return max_rows
+    candidates = range(WAVE_TILE_ROWS, max_rows + 1, WAVE_TILE_ROWS)
+    best = max(wave_efficiency(r, hidden_size, sms) for r in candidates)
+    return max(r for r in candidates if wave_efficiency(r, hidden_size, sms) >= best - 0.01)
+
+
+def rows_per_chunk(vocab_size: int, element_size: int, device: torch.device, hidden_size: Optional[int] = None) -> int:
+    """Rows per chunk (at least 1): the memory budget's rows, on a GPU rounded to fill the gradient
+    GEMM's waves when the hidden size is given (wave_rows)."""
+    rows = max(1, chunk_bytes(device) // max(1, vocab_size * element_size))
+    if device.type == "cuda" and hidden_size:
+        rows = wave_rows(rows, hidden_size, _sm_count(device))
+    return rows
 
 
 def logits_tile(rows: int, vocab_size: int, like: torch.Tensor) -> torch.Tensor:

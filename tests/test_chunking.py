@@ -56,3 +56,20 @@ def test_sequence_chunks_hold_whole_sequences_and_only_their_unmasked_rows(B, T,
         if c.end // T < B:
             assert c.size + counts[c.end // T] > budget
         assert (c.live is None) == (c.size == len(seqs) * T)
+
+
+def test_wave_rows_fill_the_gradient_gemms_waves():
+    """The GPU chunk rule (chunking.wave_rows): at the headline shape on 132 SMs the 1766 rows of the
+    512 MiB budget (1.70 waves of 128 x 256 tiles, run as 2) become 1024 (0.97 of one wave); a budget
+    too small for a tile is kept; every choice is a multiple of 128 within the budget."""
+    from lvrpo_fast.chunking import wave_efficiency, wave_rows
+
+    assert abs(wave_efficiency(1766, 4096, 132) - 224 / 264) < 1e-12
+    assert wave_rows(1766, 4096, 132) == 1024
+    assert wave_rows(100, 4096, 132) == 100
+    for max_rows in (128, 700, 1766, 3533, 9000):
+        for hidden in (1536, 3584, 4096, 8192):
+            rows = wave_rows(max_rows, hidden, 132)
+            assert rows % 128 == 0 and rows <= max_rows
+            best = max(wave_efficiency(r, hidden, 132) for r in range(128, max_rows + 1, 128))
+            assert wave_efficiency(rows, hidden, 132) >= best - 0.01

@@ -49,8 +49,11 @@ ADVANTAGE_SCALES = tuple(A.SCALES)
 # level: a constexpr flag prunes code, so these are the distinct programs the launcher builds.
 GRPO_VARIANTS = ([f"grpo_loss-{loss}-kl{kl}-tok-{flags}" for loss in LOSS_KINDS for kl in KL_KINDS
                   for flags in ("on", "off")] + [f"grpo_loss-clip-kl{kl}-seq-on" for kl in (0, 3)])
-LOGPROB_VARIANTS = [f"{kernel}-{dtype}-{'entropy' if ent else 'plain'}" for kernel in ("logits_stats", "logits_grad")
-                    for dtype in TILE_DTYPES for ent in (False, True)]
+# "hinted": compiled with the divisibility-by-16 hints a real launch gets for 16-byte aligned pointers
+# and sizes (V = 151936, a multiple of 16, as in the headline): the variant that runs on the GPU.
+LOGPROB_VARIANTS = [f"{kernel}-{dtype}-{'entropy' if ent else 'plain'}{'-hinted' if hinted else ''}"
+                    for kernel in ("logits_stats", "logits_grad") for dtype in TILE_DTYPES for ent in (False, True)
+                    for hinted in (False, True)]
 ADVANTAGE_VARIANTS = [f"advantages-{scale}" for scale in ADVANTAGE_SCALES] + ["batch_std"]
 SCALE_VARIANTS = [f"scale-{dtype}" for dtype in TILE_DTYPES]
 VARIANTS = LOGPROB_VARIANTS + GRPO_VARIANTS + ADVANTAGE_VARIANTS + SCALE_VARIANTS
@@ -66,16 +69,17 @@ def _compile_all():
 
     target = GPUTarget("cuda", 90, 32)
 
-    def build(kernel, signature, constexprs, **options):
+    def build(kernel, signature, constexprs, hinted=(), **options):
         sig = dict(signature)
         sig.update({name: "constexpr" for name in constexprs})
         missing = set(kernel.arg_names) - set(sig)
         if missing:
             raise AssertionError(f"the test's signature of {kernel.fn.__name__} lacks {sorted(missing)}")
-        return triton.compile(ASTSource(kernel, sig, constexprs), target=target, options=options)
+        attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in hinted}
+        return triton.compile(ASTSource(kernel, sig, constexprs, attrs), target=target, options=options)
 
     def logprob(name):
-        kernel_name, dtype, mode = name.split("-")
+        kernel_name, dtype, mode = name.split("-")[:3]
         entropy = mode == "entropy"
         cfg = autotune.DEFAULTS[kernel_name]
         scalars = {"V": "i32", "stride_row": "i32", "inv_temperature": "fp32"}
@@ -87,7 +91,9 @@ def _compile_all():
             sig = {"logits_ptr": tile, "targets_ptr": "*i64", "lse_ptr": F32, "entropy_ptr": F32,
                    "grad_logp_ptr": F32, "grad_entropy_ptr": F32}
             kernel, flag = L._logits_grad_kernel, "HAS_ENTROPY"
-        return build(kernel, {**sig, **scalars}, {flag: entropy, "BLOCK_V": cfg.block_v},
+        hinted = [n for n, t in {**sig, **scalars}.items() if t.startswith("*") or n in ("V", "stride_row")] \
+            if name.endswith("-hinted") else []
+        return build(kernel, {**sig, **scalars}, {flag: entropy, "BLOCK_V": cfg.block_v}, hinted,
                      num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
 
     def grpo(name):
@@ -122,7 +128,9 @@ def _compile_all():
             if not compiled.asm.get("cubin"):
                 raise AssertionError("no cubin")
             report[name] = {"error": None, "local_ops": ptx.count("ld.local") + ptx.count("st.local"),
-                            "fma": ptx.count("fma.rn.f32")}
+                            "fma": ptx.count("fma.rn.f32"), "vector_loads": ptx.count("ld.global.v4"),
+                            "compare64": ptx.count("setp.eq.b64") + ptx.count("setp.eq.s64"),
+                            "ex2": ptx.count("ex2.approx.f32"), "ex2_ftz": ptx.count("ex2.approx.ftz.f32")}
         except Exception:  # reported per variant, read by the parent's tests
             report[name] = {"error": traceback.format_exc(limit=3)}
     return report
@@ -161,7 +169,21 @@ def test_logprob_kernels_compile_without_spills_or_fma(compiled, variant):
     assert result["fma"] == 0, f"{variant}: enable_fp_fusion=False did not reach the PTX ({result['fma']} fma)"
 
 
-@pytest.mark.parametrize("variant", GRPO_VARIANTS + ADVANTAGE_VARIANTS)
+@pytest.mark.parametrize("variant", [v for v in LOGPROB_VARIANTS if v.endswith("-hinted")])
+def test_logprob_kernels_use_vector_loads_int32_compares_and_exp2(compiled, variant):
+    """What the SASS review asked for, read off the PTX of the variant a real launch compiles: 128-bit
+    loads of the tile, the target compared as int32 (no 64-bit setp per logit), and in the statistics
+    kernel one ex2.approx.ftz per logit with log2(e) / T folded into one scale (tl.exp would emit the
+    non-flush-to-zero ex2 after a second multiply)."""
+    result = compiled[variant]
+    assert result["error"] is None, result["error"]
+    assert result["vector_loads"] > 0, f"{variant}: no ld.global.v4 in the PTX"
+    assert result["compare64"] == 0, f"{variant}: {result['compare64']} 64-bit compares"
+    if variant.startswith("logits_stats"):
+        assert result["ex2"] == 0 and result["ex2_ftz"] > 0, result
+
+
+@pytest.mark.parametrize("variant", GRPO_VARIANTS + ADVANTAGE_VARIANTS + SCALE_VARIANTS)
 def test_kernels_compile(compiled, variant):
     result = compiled[variant]
     assert result["error"] is None, result["error"]

@@ -80,7 +80,7 @@ def forward(prims, hidden, weight, bias, targets, mask, advantages, logp_old, lo
     params = token_loss_params(options)
     scale = row_scales(mask, options)
     # An empty batch (B = 0 or T = 0) has no token: no chunk, loss 0, zero gradients.
-    chunks = sequence_chunks(mask, rows_per_chunk(V, hidden.element_size(), hidden.device)) if B * T else []
+    chunks = sequence_chunks(mask, rows_per_chunk(V, hidden.element_size(), hidden.device, D)) if B * T else []
     flat_hidden = hidden.view(B * T, D)
     flat_targets = targets.view(B * T)
     grads = HeadGrads(hidden, weight, need_h, need_w, need_b, chunks)

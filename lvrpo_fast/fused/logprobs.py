@@ -50,7 +50,7 @@ _CODEC = library.ParamsCodec(LogprobsParams)
 
 def _plan(hidden, weight, mask):
     """The chunks of rows to compute (only mask's true rows) and the one [C, V] tile they share."""
-    rows = rows_per_chunk(weight.shape[0], hidden.element_size(), hidden.device)
+    rows = rows_per_chunk(weight.shape[0], hidden.element_size(), hidden.device, weight.shape[1])
     chunks = row_chunks(hidden.shape[0], rows, mask)
     return chunks, logits_tile(max((c.size for c in chunks), default=0), weight.shape[0], hidden)
 
