@@ -564,9 +564,24 @@ def test_a_signal_saves_the_last_finished_step_and_says_how_to_resume(signum, tm
         assert without_timings(metrics(run)) == without_timings(metrics(tmp_path / "whole"))
 
 
-def test_a_second_signal_stops_at_once_without_saving(tmp_path, capsys, monkeypatch):
+def test_a_repeated_signal_is_one_request_a_later_second_one_stops_at_once(tmp_path, capsys, monkeypatch):
+    """Two SIGINTs at once (torchrun forwards the terminal's Ctrl-C to workers that got it already) are
+    one request: a checkpoint at the step boundary. A second signal after the window stops at once."""
     run = tmp_path / "run"
     real = loop.Trainer.warmup_step
+
+    def twice(self):
+        if self.step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self)
+
+    monkeypatch.setattr(loop.Trainer, "warmup_step", twice)
+    assert run_main(["--output-dir", str(run), "--warmup-steps", "4", "--steps", "1", "--save-every", "0"]) == 130
+    assert "stopped by SIGINT after step 2 of 5, checkpoint saved" in capsys.readouterr().err.splitlines()[-1]
+    assert checkpoint_files(run) == ["step_000002.safetensors"]
+
+    monkeypatch.setattr(cli.StopRequest, "REPEAT_WINDOW_S", 0.0)
 
     def step(self):
         if self.step == 2:
@@ -575,7 +590,8 @@ def test_a_second_signal_stops_at_once_without_saving(tmp_path, capsys, monkeypa
         return real(self)
 
     monkeypatch.setattr(loop.Trainer, "warmup_step", step)
-    assert run_main(["--output-dir", str(run), "--warmup-steps", "4", "--steps", "1", "--save-every", "1"]) == 130
+    assert run_main(["--output-dir", str(run), "--warmup-steps", "4", "--steps", "1", "--save-every", "1",
+                     "--overwrite"]) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert "stopped by SIGINT during step 3, without saving; the newest checkpoint is step 2" in err.splitlines()[-1]

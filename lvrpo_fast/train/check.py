@@ -18,7 +18,8 @@ class FusedCheckError(RuntimeError):
 
 def check_fused(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
                 mask: torch.Tensor, advantages: torch.Tensor, logp_old: torch.Tensor, logp_ref: Optional[torch.Tensor],
-                *, dtype: torch.dtype, backend: str, loss_kwargs: Dict, backend_name: str, step: int) -> Dict[str, float]:
+                *, dtype: torch.dtype, backend: str, loss_kwargs: Dict, backend_name: str,
+                step: int) -> Dict[str, float]:
     """Compares the fused loss and its gradients (hidden [B, T, D], weight [V, D], bias [V]) with the
     reference at `dtype` and in float64, on detached copies (the step's own graph is untouched).
 
@@ -51,7 +52,8 @@ def check_fused(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         atol, rtol = testing.tolerance(dtype)
         raise FusedCheckError(
             f"--check-every: the fused loss (backend {backend_name}, {str(dtype).replace('torch.', '')}) left the "
-            f"tolerance at step {step} (bound {testing.REF_FACTOR} x reference error + {atol:g} + {rtol:g} x |float64|, lvrpo_fast.testing), "
+            f"tolerance at step {step} (bound {testing.REF_FACTOR} x reference error + {atol:g} + {rtol:g} x "
+            f"|float64|, lvrpo_fast.testing), "
             f"shapes hidden {tuple(hidden.shape)} weight {tuple(weight.shape)}:\n"
             + "\n".join(f"  {o}" for o in ordered))
     return out

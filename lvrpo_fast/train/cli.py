@@ -18,6 +18,7 @@ import shlex
 import signal
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from typing import List, Optional
 
@@ -43,12 +44,18 @@ class Interrupted(BaseException):
 
 class StopRequest:
     """SIGINT and SIGTERM while a run trains: the first asks the loop to stop at the next step boundary
-    and save a checkpoint of the last finished step; a second raises Interrupted at once."""
+    and save a checkpoint of the last finished step; a second raises Interrupted at once.
+
+    A second signal within REPEAT_WINDOW_S of the first is the same request: torchrun forwards the
+    signal it receives to its workers, which got the terminal's Ctrl-C already, so each worker sees
+    one Ctrl-C twice within milliseconds."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    REPEAT_WINDOW_S = 2.0
 
     def __init__(self):
         self.signum: Optional[int] = None
+        self.first_at = 0.0
 
     @contextmanager
     def installed(self):
@@ -64,12 +71,14 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
+            if time.monotonic() - self.first_at < self.REPEAT_WINDOW_S:
+                return
             raise Interrupted(signum)
-        self.signum = signum
+        self.signum, self.first_at = signum, time.monotonic()
         if os.environ.get("RANK", "0") == "0":
             name = signal.Signals(signum).name
             print(f"\nlvrpo_fast.train: {name}: stopping after the step in progress, with a checkpoint "
-                  f"({name} again stops at once, without one)", file=sys.stderr)
+                  f"(a second signal, after {self.REPEAT_WINDOW_S:g} s, stops at once, without one)", file=sys.stderr)
 
 
 def launcher() -> str:

@@ -155,7 +155,8 @@ class Trainer:
         problem = None
         if self.procs.main:
             try:
-                for note in self.run_dir.open(self.command, self.cfg.resume, self.cfg.overwrite, self.ckpts.remove_all):
+                notes = self.run_dir.open(self.command, self.cfg.resume, self.cfg.overwrite, self.ckpts.remove_all)
+                for note in notes:
                     _note(note)
             except ValueError as exc:
                 problem = str(exc)

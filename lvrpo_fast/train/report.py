@@ -130,7 +130,8 @@ def format_summary(summary: Dict) -> str:
                      f"({summary['improvement'][t]:+.3f})")
     if "check" in summary:
         lines.append(format_check(summary["check"]))
-    lines.append(f"run directory: {cfg['output_dir']} (the trained model: {cfg['output_dir']}/model, usable as --model)")
+    lines.append(f"run directory: {cfg['output_dir']} (the trained model: {cfg['output_dir']}/model, "
+                 f"usable as --model)")
     return "\n".join(lines)
 
 
