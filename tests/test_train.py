@@ -331,6 +331,8 @@ def test_progress_shows_a_bar_per_phase_in_words(tmp_path, capsys):
     assert "warm-up: 100%" in err and " 2/2 " in err  # its own total: the warm-up's steps
     assert "GRPO: 100%" in err and " 3/3 " in err
     assert "reward: understanding" in err and "generation" in err and "KL" in err and "tokens/s" in err
+    grpo_row = {"phase": "grpo", "reward_understanding": 0.25, "reward_generation": 0.5, "tokens_per_s": 10.0}
+    assert report.describe_step(grpo_row) == "reward: understanding 0.25, generation 0.50; 10 tokens/s"  # --beta 0
 
 
 def test_curves_mark_the_phases_on_every_panel_with_one_unit_each():

@@ -225,7 +225,7 @@ def _checksum(text: str, tensors: Dict[str, torch.Tensor]) -> str:
 def serialize(state: Dict) -> bytes:
     """The checkpoint file's bytes for `state` (nested dicts / lists / tuples of tensors, numpy arrays,
     numbers, strings)."""
-    from safetensors.torch import save
+    from safetensors.torch import save  # imported on use: --help and flag errors answer without it
 
     tensors: Dict[str, torch.Tensor] = {}
     text = json.dumps(_encode(state, "state", tensors))

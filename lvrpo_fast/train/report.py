@@ -59,8 +59,9 @@ def describe_step(record: Dict) -> str:
     """A training step's row in words, for the progress bar."""
     if record["phase"] == "warmup":
         return f"loss {record['sft_loss']:.3f} nats/token, {record['tokens_per_s']:.0f} tokens/s"
+    kl = f"KL {record['kl']:.2e}; " if "kl" in record else ""  # no KL term at --beta 0
     return (f"reward: understanding {record['reward_understanding']:.2f}, generation "
-            f"{record['reward_generation']:.2f}; KL {record['kl']:.2e}; {record['tokens_per_s']:.0f} tokens/s")
+            f"{record['reward_generation']:.2f}; {kl}{record['tokens_per_s']:.0f} tokens/s")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import time
 from typing import List, Optional
 
@@ -80,6 +81,8 @@ class RunLock:
 
     def acquire(self, command: str) -> None:
         if fcntl is None:
+            print(f"lvrpo_fast.train: warning: cannot lock {self.path} (no flock on this platform); a second run "
+                  f"on this directory would not be refused", file=sys.stderr)
             return
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -89,10 +92,11 @@ class RunLock:
             os.close(fd)
             raise ValueError(f"--output-dir {os.path.dirname(self.path)!r} is in use by another run{holder}; "
                              f"wait for it to end, or choose another --output-dir") from None
-        except OSError as exc:  # a file system without flock: say so rather than run unguarded
+        except OSError as exc:  # a file system without flock: run, but say what is not guarded
             os.close(fd)
-            raise ValueError(f"--output-dir {os.path.dirname(self.path)!r}: cannot lock {self.path} "
-                             f"({exc.strerror or exc})") from None
+            print(f"lvrpo_fast.train: warning: cannot lock {self.path} ({exc.strerror or exc}); a second run on "
+                  f"this directory would not be refused", file=sys.stderr)
+            return
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                  "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command}).encode())
