@@ -323,6 +323,23 @@ def test_check_every_stops_with_a_report_when_the_fused_loss_is_off(tmp_path, mo
     assert "FAIL" in rows[0] and rows[0].split()[0] == "loss"
 
 
+def test_check_every_judges_by_the_package_closeness_rule(tmp_path, monkeypatch):
+    """No tolerance of the trainer's own: with lvrpo_fast.testing's rule made exact (no reference error
+    allowance, zero tolerances), a correct fused loss fails the check."""
+    from lvrpo_fast import testing
+
+    monkeypatch.setattr(testing, "REF_FACTOR", 0.0)
+    monkeypatch.setitem(testing.TOLERANCES, torch.float32, (0.0, 0.0))
+    cfg = C.parse_args(TINY + ["--output-dir", str(tmp_path), "--warmup-steps", "1", "--steps", "1",
+                               "--check-every", "1"])
+    trainer = loop.Trainer(cfg)
+    try:
+        with pytest.raises(FusedCheckError, match="bound 0.0 x reference error"):
+            trainer.run()
+    finally:
+        trainer.close()
+
+
 def test_progress_shows_a_bar_per_phase_in_words(tmp_path, capsys):
     run_args = [a for a in TINY if a != "--no-progress"] + ["--output-dir", str(tmp_path / "run"),
                                                            "--warmup-steps", "2", "--steps", "3"]
