@@ -1,11 +1,17 @@
 """Tests of the trainer (python -m lvrpo_fast.train): the task's rewards and data order, the command
 line and its errors, a short run of the default end to end (the CI version), the fused-loss check,
-checkpoint / resume reproducibility, a local Hugging Face model, and two data-parallel processes.
+the progress bars, the summary and the plot, checkpoints (format, damage, pruning, full disk, leftovers),
+the run directory's lock, signals, resume reproducibility, a local Hugging Face model (and the trained
+model/ folder as one), and two data-parallel processes.
 
 Every run here is tiny (a few steps, a few hundred scenes); the full default run and its numbers are
 in the README."""
+import errno
 import json
 import os
+import pickle
+import shlex
+import signal
 import subprocess
 import sys
 
@@ -14,18 +20,25 @@ import pytest
 import torch
 
 import lvrpo_fast
+from lvrpo_fast.train import checkpoints as CK
+from lvrpo_fast.train import cli
 from lvrpo_fast.train import config as C
-from lvrpo_fast.train import loop
+from lvrpo_fast.train import loop, report, rundir
 from lvrpo_fast.train import task as T
+from lvrpo_fast.train.check import FusedCheckError
 
 # A tiny run: the default model and task at a fraction of their size and length.
 TINY = ["--train-scenes", "96", "--eval-scenes", "12", "--hidden-size", "32", "--num-layers", "1",
-        "--num-heads", "2", "--warmup-batch-size", "8", "--warmup-reading-steps", "1", "--prompts-per-step", "2",
+        "--num-heads", "2", "--warmup-batch-size", "8", "--prompts-per-step", "2",
         "--group-size", "3", "--no-progress"]
 
 
 def run_main(args):
-    return loop.main(TINY + list(args))
+    return cli.main(TINY + list(args))
+
+
+def checkpoint_files(run_dir):
+    return sorted(n for n in os.listdir(os.path.join(run_dir, "checkpoints")) if n.startswith("step_"))
 
 
 def metrics(run_dir):
@@ -115,14 +128,32 @@ def test_ranks_take_disjoint_slices_of_one_global_batch():
 # ----------------------------------------------------------------------------------------------
 # The command line
 # ----------------------------------------------------------------------------------------------
-def test_help_shows_every_flag_with_its_default():
+def test_help_shows_every_flag_with_its_default_and_the_run_directory():
     text = C.build_parser().format_help()
     for flag in ("--group-size", "--prompts-per-step", "--max-new-tokens", "--temperature", "--learning-rate",
                  "--beta", "--epsilon-low", "--epsilon-high", "--loss-type", "--importance-sampling-level",
                  "--steps", "--seed", "--device", "--dtype", "--output-dir", "--backend", "--check-every",
-                 "--resume", "--model"):
+                 "--resume", "--overwrite", "--model"):
         assert flag in text
     assert "(default: 8)" in text and "(default: grpo)" in text
+    # The run directory: where it is by default, what a second run needs, and model/ as --model.
+    assert "default runs/lvrpo under the current directory" in text
+    assert "refused unless --resume" in text and "--overwrite" in text
+    assert "model/" in text and "usable as --model" in text
+
+
+def test_help_imports_nothing_heavy():
+    """--help parses before anything beyond lvrpo_fast itself is imported (its speed: the benchmark in
+    benchmarks/test_bench_train_cli.py)."""
+    code = ("import runpy, sys\nsys.argv = ['lvrpo_fast.train', '--help']\ntry:\n"
+            "    runpy.run_module('lvrpo_fast.train', run_name='__main__', alter_sys=True)\n"
+            "except SystemExit as exc:\n    assert exc.code == 0, exc.code\n"
+            "print('HEAVY', [m for m in ('transformers', 'matplotlib', 'tokenizers', 'safetensors') "
+            "if m in sys.modules])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage: python -m lvrpo_fast.train" in proc.stdout
+    assert "HEAVY []" in proc.stdout
 
 
 @pytest.mark.parametrize("args, named", [
@@ -139,6 +170,7 @@ def test_help_shows_every_flag_with_its_default():
     (["--hidden-size", "30", "--num-heads", "4"], "--hidden-size"),
     (["--model", "/nonexistent/model"], "--model"),
     (["--resume", "--overwrite"], "--resume"),
+    (["--warmup-steps", "20", "--warmup-reading-steps", "50"], "lower it too, or leave it out"),
 ])
 def test_bad_values_fail_before_any_work(args, named, tmp_path, capsys):
     out = tmp_path / "run"
@@ -149,27 +181,97 @@ def test_bad_values_fail_before_any_work(args, named, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("warmup, reading", [(None, 50), (400, 50), (20, 2), (0, 0)])
+def test_reading_steps_follow_the_warmup_when_not_given(warmup, reading, tmp_path):
+    args = ["--output-dir", str(tmp_path / "run")] + ([] if warmup is None else ["--warmup-steps", str(warmup)])
+    assert C.parse_args(args).warmup_reading_steps == reading
+    assert C.parse_args(args + ["--warmup-reading-steps", "0"]).warmup_reading_steps == 0
+
+
+@pytest.mark.parametrize("case", ["file", "below a file", "proc", "unwritable", "creation fails"])
+def test_an_unusable_output_dir_is_a_clean_rc2_error(case, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    if case == "file":
+        out.write_text("not a directory")
+    elif case == "below a file":
+        (tmp_path / "f").write_text("x")
+        out = tmp_path / "f" / "run"
+    elif case == "proc":
+        out = "/proc/lvrpo_fast_run"
+    elif case == "unwritable":
+        (tmp_path / "ro").mkdir()
+        os.chmod(tmp_path / "ro", 0o555)
+        out = tmp_path / "ro" / "run"
+        if os.geteuid() == 0:  # root writes anywhere: make the permission check see what a user would
+            monkeypatch.setattr(rundir.os, "access", lambda path, mode: False)
+    else:  # passes the checks, then the file system refuses
+        def refuse(path, exist_ok=False):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        monkeypatch.setattr(rundir.os, "makedirs", refuse)
+    rc = run_main(["--output-dir", str(out), "--warmup-steps", "1", "--steps", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "python -m lvrpo_fast.train: error: --output-dir" in err and "Traceback" not in err
+    if case == "proc":
+        assert "/proc" in err
+    if case in ("unwritable", "creation fails"):
+        assert "not writable" in err
+
+
 def test_refuses_to_overwrite_a_previous_run(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     assert run_main(["--output-dir", str(tmp_path), "--warmup-steps", "1", "--steps", "1"]) == 2
     assert "--resume" in capsys.readouterr().err
 
 
+def _hold_lock(run_dir, ready):
+    rundir.RunLock(run_dir).acquire("holder")
+    ready.set()
+    signal.pause()
+
+
+def test_a_second_run_on_one_directory_is_refused_while_the_first_runs(tmp_path, capsys):
+    """The lock: refused while its holder (another process) lives; free again once the holder is
+    killed with SIGKILL, which leaves its .lock file behind."""
+    import multiprocessing
+
+    run = tmp_path / "run"
+    run.mkdir()
+    ctx = multiprocessing.get_context("fork")  # a fresh interpreter would spend seconds importing torch
+    ready = ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(str(run), ready))
+    holder.start()
+    args = ["--output-dir", str(run), "--warmup-steps", "1", "--steps", "1"]
+    try:
+        assert ready.wait(60)
+        assert run_main(args) == 2
+        err = capsys.readouterr().err
+        assert f"is in use by another run (pid {holder.pid}" in err
+        assert not (run / "metrics.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.join()
+    assert (run / ".lock").exists()
+    assert run_main(args) == 0  # the killed holder's lock died with it
+
+
 # ----------------------------------------------------------------------------------------------
 # Runs
 # ----------------------------------------------------------------------------------------------
-def test_short_default_run_writes_metrics_plot_checkpoints_and_summary(tmp_path):
+def test_short_default_run_writes_metrics_plot_checkpoints_and_summary(tmp_path, capsys):
     """The CI version of the default run: every output of the run directory, and the check mode on."""
     run = tmp_path / "run"
-    rc = run_main(["--output-dir", str(run), "--warmup-steps", "3", "--steps", "3", "--eval-every", "2",
-                   "--save-every", "2", "--check-every", "1", "--beta", "0.04", "--num-iterations", "2"])
+    args = ["--output-dir", str(run), "--warmup-steps", "3", "--steps", "3", "--eval-every", "2", "--save-every", "2",
+            "--check-every", "1", "--beta", "0.04", "--num-iterations", "2"]
+    rc = run_main(args)
     assert rc == 0
     records = metrics(run)
     grpo = [r for r in records if r["phase"] == "grpo"]
     assert [r["step"] for r in grpo] == [4, 5, 6]
     for r in grpo:
         for key in ("reward_understanding", "reward_generation", "kl", "clip_ratio_low", "clip_ratio_high",
-                    "clip_ratio_region", "entropy", "tokens_per_s", "loss_time_s", "check_loss_max_diff"):
+                    "clip_ratio_region", "entropy", "tokens_per_s", "loss_time_s", "check_loss_max_diff",
+                    "check_loss_max_error", "check_grad_weight_reference_error"):
             assert np.isfinite(r[key]), key
         assert 0.0 <= r["reward_understanding"] <= 1.0 and 0.0 <= r["reward_generation"] <= 1.0
         assert r["entropy"] > 0 and r["kl"] >= 0
@@ -181,8 +283,18 @@ def test_short_default_run_writes_metrics_plot_checkpoints_and_summary(tmp_path)
     for t in T.TASKS:
         assert summary["warmup"][t] == evals[0][f"heldout_{t}"]
         assert summary["final"][t] == evals[-1][f"heldout_{t}"]
-    assert sorted(os.listdir(run / "checkpoints")) == ["step_000004.pt", "step_000006.pt"]
+    assert summary["command"] == "python -m lvrpo_fast.train " + shlex.join(TINY + args)
+    # --check-every says what it saw: in summary.json and in one printed line.
+    check = summary["check"]
+    assert check["checks"] == check["passed"] == 3 and check["every"] == 1
+    assert check["max_diff_reference"]["loss"] == max(r["check_loss_max_diff"] for r in grpo)
+    assert set(check["max_error_float64"]) == {"loss", "grad_hidden", "grad_weight"}
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("--check-every"))
+    assert "3 of 3 checks passed" in line and "grad_weight" in line
+    assert checkpoint_files(run) == ["step_000004.safetensors", "step_000006.safetensors"]
     assert (run / "model" / "config.json").exists()
+    assert not [n for n in os.listdir(run) if ".tmp" in n]
 
 
 def test_check_every_stops_with_a_report_when_the_fused_loss_is_off(tmp_path, monkeypatch):
@@ -197,16 +309,78 @@ def test_check_every_stops_with_a_report_when_the_fused_loss_is_off(tmp_path, mo
     cfg = C.parse_args(TINY + ["--output-dir", str(tmp_path), "--warmup-steps", "1", "--steps", "2",
                                "--check-every", "2"])
     trainer = loop.Trainer(cfg)
-    with pytest.raises(loop.FusedCheckError) as exc:
-        trainer.run()
-    report = str(exc.value)
-    assert "at step 2" in report  # the first GRPO step is not checked (every 2), the second is
+    try:
+        with pytest.raises(FusedCheckError) as exc:
+            trainer.run()
+    finally:
+        trainer.close()
+    report_ = str(exc.value)
+    assert "at step 2" in report_  # the first GRPO step is not checked (every 2), the second is
+    assert "lvrpo_fast.testing" in report_  # judged by the package's closeness rule
+    rows = report_.splitlines()[1:]
     for name in ("loss", "grad_hidden", "grad_weight"):
-        assert name in report
-    assert "FAIL" in report.splitlines()[1]  # the loss row
+        assert any(r.split()[0] == name for r in rows)
+    assert "FAIL" in rows[0] and rows[0].split()[0] == "loss"
 
 
-def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
+def test_check_every_judges_by_the_package_closeness_rule(tmp_path, monkeypatch):
+    """No tolerance of the trainer's own: with lvrpo_fast.testing's rule made exact (no reference error
+    allowance, zero tolerances), a correct fused loss fails the check."""
+    from lvrpo_fast import testing
+
+    monkeypatch.setattr(testing, "REF_FACTOR", 0.0)
+    monkeypatch.setitem(testing.TOLERANCES, torch.float32, (0.0, 0.0))
+    cfg = C.parse_args(TINY + ["--output-dir", str(tmp_path), "--warmup-steps", "1", "--steps", "1",
+                               "--check-every", "1"])
+    trainer = loop.Trainer(cfg)
+    try:
+        with pytest.raises(FusedCheckError, match="bound 0.0 x reference error"):
+            trainer.run()
+    finally:
+        trainer.close()
+
+
+def test_progress_shows_a_bar_per_phase_in_words(tmp_path, capsys):
+    run_args = [a for a in TINY if a != "--no-progress"] + ["--output-dir", str(tmp_path / "run"),
+                                                           "--warmup-steps", "2", "--steps", "3"]
+    assert cli.main(run_args) == 0
+    err = capsys.readouterr().err
+    assert "warm-up: 100%" in err and " 2/2 " in err  # its own total: the warm-up's steps
+    assert "GRPO: 100%" in err and " 3/3 " in err
+    assert "reward: understanding" in err and "generation" in err and "KL" in err and "tokens/s" in err
+    grpo_row = {"phase": "grpo", "reward_understanding": 0.25, "reward_generation": 0.5, "tokens_per_s": 10.0}
+    assert report.describe_step(grpo_row) == "reward: understanding 0.25, generation 0.50; 10 tokens/s"  # --beta 0
+
+
+def test_curves_mark_the_phases_on_every_panel_with_one_unit_each():
+    history = ([{"step": s, "phase": "warmup", "sft_loss": 3.0 / s, "tokens_per_s": 100.0} for s in range(1, 5)]
+               + [{"step": 4, "phase": "eval", "tag": "warmup", "heldout_understanding": 0.5,
+                   "heldout_generation": 0.4}]
+               + [{"step": s, "phase": "grpo", "reward_understanding": 0.5, "reward_generation": 0.4, "kl": 1e-4,
+                   "entropy": 1.0, "clip_ratio_low": 0.0, "clip_ratio_high": 0.01, "clip_ratio_region": 0.01,
+                   "tokens_per_s": 50.0, "step_time_s": 1.0, "sample_time_s": 0.5, "logprob_time_s": 0.1,
+                   "loss_time_s": 0.2, "generation_alignment": 0.3, "generation_structure": 0.6}
+                  for s in range(5, 9)])
+    import matplotlib.pyplot as plt
+
+    fig = report.curves_figure(history, warmup_steps=4)
+    try:
+        seconds = {k for k in loop.TIMING_KEYS if k.endswith("_s")}
+        nats = {"sft_loss", "kl", "entropy"}
+        plotted = set()
+        for ax in fig.axes:
+            assert ax.get_ylabel(), ax.get_title()
+            boundary = [line for line in ax.lines if line.get_gid() == report.BOUNDARY]
+            assert len(boundary) == 1 and set(boundary[0].get_xdata()) == {4}, ax.get_title()
+            keys = {line.get_gid() for line in ax.lines} - {report.BOUNDARY}
+            plotted |= keys
+            assert not (keys & seconds and keys & nats), (ax.get_title(), keys)
+        assert {"sft_loss", "kl", "entropy", "loss_time_s", "reward_understanding", "heldout_generation"} <= plotted
+    finally:
+        plt.close(fig)
+
+
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path, capsys):
     common = ["--warmup-steps", "3", "--steps", "4", "--save-every", "2", "--eval-every", "2", "--beta", "0.04",
               "--num-iterations", "2"]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
@@ -214,17 +388,238 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
     # Stops after step 5; the newest checkpoint is step 4, so step 5 is run again on resume.
     assert run_main(["--output-dir", str(parts), "--stop-after", "5"] + common) == 0
     assert not (parts / "summary.json").exists()
+    capsys.readouterr()
     assert run_main(["--output-dir", str(parts), "--resume"] + common) == 0
+    assert f"resuming from step 4 of 7 ({parts / 'checkpoints' / 'step_000004.safetensors'})" in capsys.readouterr().err
 
     assert without_timings(metrics(whole)) == without_timings(metrics(parts))
-    a = torch.load(whole / "checkpoints" / "step_000007.pt", weights_only=False)
-    b = torch.load(parts / "checkpoints" / "step_000007.pt", weights_only=False)
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    for key in a["ref_model"]:
-        assert torch.equal(a["ref_model"][key], b["ref_model"][key]), key
+    a = CK.load(str(whole / "checkpoints" / "step_000007.safetensors"))
+    b = CK.load(str(parts / "checkpoints" / "step_000007.safetensors"))
+    for part in ("model", "ref_model"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), key
+
+    # Resuming the finished run adds nothing: no step, no second final evaluation.
+    before = (parts / "metrics.jsonl").read_text()
+    assert run_main(["--output-dir", str(parts), "--resume"] + common) == 0
+    assert "finished at step 7 already" in capsys.readouterr().err
+    assert (parts / "metrics.jsonl").read_text() == before
+    # ... and if it was stopped before its summary was written, writes the summary only.
+    os.remove(parts / "summary.json")
+    assert run_main(["--output-dir", str(parts), "--resume"] + common) == 0
+    assert (parts / "metrics.jsonl").read_text() == before
+    assert json.loads((parts / "summary.json").read_text())["final"] == json.loads(
+        (whole / "summary.json").read_text())["final"]
 
 
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+def _tiny_state():
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    return {"step": 3, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "rng": [CK.rng_state(torch.device("cpu"))], "ref_model": None,
+            "history": [{"step": 1, "loss": 0.1 + 0.2, "nan": float("nan"), "tiny": 5e-324, "neg0": -0.0}],
+            "tuple": (1, "two", [3.5, None])}
+
+
+def test_checkpoint_round_trip_is_exact_and_never_unpickles(monkeypatch):
+    state = _tiny_state()
+    data = CK.serialize(state)
+
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("a checkpoint load unpickled")
+
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, no_pickle)
+    monkeypatch.setattr(torch, "load", no_pickle)
+    back = CK.deserialize(data)
+    for key, value in state["model"].items():
+        assert torch.equal(back["model"][key], value)
+    assert set(back["optimizer"]["state"]) == set(state["optimizer"]["state"])  # int keys stay ints
+    for index, moments in state["optimizer"]["state"].items():
+        for k, v in moments.items():
+            assert torch.equal(back["optimizer"]["state"][index][k], v)
+    assert back["optimizer"]["param_groups"][0]["betas"] == state["optimizer"]["param_groups"][0]["betas"]
+    row, row_back = state["history"][0], back["history"][0]
+    assert row_back["loss"] == row["loss"] and row_back["tiny"] == row["tiny"] and np.isnan(row_back["nan"])
+    assert str(row_back["neg0"]) == "-0.0"
+    assert back["tuple"] == (1, "two", [3.5, None])
+    # The RNG states round-trip: the same draws after restoring them.
+    CK.set_rng_state(back["rng"][0], torch.device("cpu"))
+    draws = (torch.rand(3), np.random.rand(3), [__import__("random").random() for _ in range(3)])
+    CK.set_rng_state(state["rng"][0], torch.device("cpu"))
+    assert torch.equal(torch.rand(3), draws[0]) and np.array_equal(np.random.rand(3), draws[1])
+    assert [__import__("random").random() for _ in range(3)] == draws[2]
+
+
+def test_every_flipped_bit_of_a_checkpoint_is_detected():
+    state = {"step": 2, "w": torch.randn(3, 5), "b": torch.arange(4), "history": [{"x": 0.5}]}
+    data = bytearray(CK.serialize(state))
+    for i in range(len(data)):
+        data[i] ^= 1 << (i % 8)
+        with pytest.raises(CK.CheckpointError):
+            CK.deserialize(bytes(data))
+        data[i] ^= 1 << (i % 8)
+    assert torch.equal(CK.deserialize(bytes(data))["w"], state["w"])
+
+
+def _flip_a_bit(path, offset_from_end=20):
+    data = bytearray(open(path, "rb").read())
+    data[-offset_from_end] ^= 0x10
+    open(path, "wb").write(bytes(data))
+
+
+def test_damaged_checkpoints_are_moved_aside_never_ranked_newest(tmp_path, capsys):
+    run = tmp_path / "run"
+    common = ["--output-dir", str(run), "--warmup-steps", "3", "--steps", "3", "--save-every", "1",
+              "--keep-checkpoints", "2"]
+    assert run_main(common + ["--stop-after", "3"]) == 0
+    assert checkpoint_files(run) == ["step_000002.safetensors", "step_000003.safetensors"]
+    _flip_a_bit(run / "checkpoints" / "step_000003.safetensors")
+    (run / "checkpoints" / "step_999999.safetensors").write_bytes(b"garbage that ranks first by step")
+    (run / "checkpoints" / "step_000001.pt").write_bytes(pickle.dumps({"step": 1}))  # the old pickled format
+    capsys.readouterr()
+    assert run_main(common + ["--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "step_000003.safetensors cannot be loaded (checksum mismatch" in err
+    assert "step_999999.safetensors cannot be loaded" in err and "step_000001.pt cannot be loaded" in err
+    assert "falling back to" in err and "step_000002.safetensors" in err
+    assert "resuming from step 2 of 6" in err
+    # The fresh checkpoints were kept (the damaged ones no longer rank first and prune them away).
+    assert checkpoint_files(run) == ["step_000005.safetensors", "step_000006.safetensors"]
+    assert sorted(os.listdir(run / "checkpoints" / CK.UNLOADABLE)) == [
+        "step_000001.pt", "step_000003.safetensors", "step_999999.safetensors"]
+    assert [r["step"] for r in metrics(run) if r["phase"] != "eval"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_with_only_damaged_checkpoints_stops_with_an_error(tmp_path, capsys):
+    run = tmp_path / "run"
+    common = ["--output-dir", str(run), "--warmup-steps", "3", "--steps", "2", "--save-every", "1"]
+    assert run_main(common + ["--stop-after", "2"]) == 0
+    for name in checkpoint_files(run):
+        _flip_a_bit(run / "checkpoints" / name)
+    rows = (run / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert run_main(common + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --resume: no checkpoint in" in err and "can be loaded" in err and "--overwrite" in err
+    assert (run / "metrics.jsonl").read_text() == rows  # nothing appended, nothing restarted
+
+
+def test_leftover_temporary_files_are_removed_on_the_next_start(tmp_path, capsys):
+    run = tmp_path / "run"
+    common = ["--output-dir", str(run), "--warmup-steps", "2", "--steps", "1", "--save-every", "1"]
+    assert run_main(common + ["--stop-after", "1"]) == 0
+    leftovers = [run / "checkpoints" / ".step_000002.safetensors.tmp4242", run / ".metrics.jsonl.tmp4242",
+                 run / ".model.tmp4242"]
+    for path in leftovers[:2]:
+        path.write_bytes(b"half a file")
+    leftovers[2].mkdir()
+    capsys.readouterr()
+    assert run_main(common + ["--resume"]) == 0
+    assert "removed 1 temporary file(s)" in capsys.readouterr().err
+    assert not any(p.exists() for p in leftovers)
+
+
+@pytest.mark.parametrize("target", ["checkpoint", "metrics"])
+def test_a_full_disk_is_one_clear_error_and_leaves_no_orphan(target, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    real = CK._write_all
+    needed = []
+
+    def full(f, data):
+        hit = (".safetensors.tmp" in f.name and "step_000002" in f.name) if target == "checkpoint" else (
+            f.name.endswith("metrics.jsonl") and b'"step": 2' in data)
+        if not hit:
+            return real(f, data)
+        needed.append(len(data))
+        real(f, data[:len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(CK, "_write_all", full)
+    assert run_main(["--output-dir", str(run), "--warmup-steps", "3", "--steps", "1", "--save-every", "1"]) == 1
+    err = capsys.readouterr().err
+    assert len(needed) == 1 and "Traceback" not in err
+    folder = run / "checkpoints" if target == "checkpoint" else run
+    assert (f"error: no space left on the device of {folder}" in err and f"needs {needed[0]} bytes" in err
+            and "--resume" in err)
+    assert not [n for n in os.listdir(run) + os.listdir(run / "checkpoints") if ".tmp" in n]
+    assert checkpoint_files(run) == ["step_000001.safetensors"]
+    CK.load(str(run / "checkpoints" / "step_000001.safetensors"))
+    rows = (run / "metrics.jsonl").read_text()
+    assert rows.endswith("\n") and all(json.loads(line) for line in rows.splitlines())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_the_last_finished_step_and_says_how_to_resume(signum, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    common = ["--warmup-steps", "3", "--steps", "2", "--save-every", "0", "--eval-every", "0"]
+    real = loop.Trainer.warmup_step
+
+    def step(self):
+        if self.step == 1:  # arrives during step 2
+            os.kill(os.getpid(), signum)
+        return real(self)
+
+    monkeypatch.setattr(loop.Trainer, "warmup_step", step)
+    assert run_main(["--output-dir", str(run)] + common) == 128 + signum
+    monkeypatch.setattr(loop.Trainer, "warmup_step", real)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"lvrpo_fast.train: stopped by {signal.Signals(signum).name} after step 2 of 5")
+    assert checkpoint_files(run) == ["step_000002.safetensors"]
+    # The printed command resumes it, to the same end as a run never stopped.
+    command = shlex.split(last.split("resume with: ")[1])
+    assert command[:3] == ["python", "-m", "lvrpo_fast.train"] and command[-1] == "--resume"
+    assert cli.main(command[3:]) == 0
+    assert "resuming from step 2 of 5" in capsys.readouterr().err
+    if signum == signal.SIGTERM:
+        assert run_main(["--output-dir", str(tmp_path / "whole")] + common) == 0
+        assert without_timings(metrics(run)) == without_timings(metrics(tmp_path / "whole"))
+
+
+def test_a_repeated_signal_is_one_request_a_later_second_one_stops_at_once(tmp_path, capsys, monkeypatch):
+    """Two SIGINTs at once (torchrun forwards the terminal's Ctrl-C to workers that got it already) are
+    one request: a checkpoint at the step boundary. A second signal after the window stops at once."""
+    run = tmp_path / "run"
+    real = loop.Trainer.warmup_step
+
+    def twice(self):
+        if self.step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self)
+
+    monkeypatch.setattr(loop.Trainer, "warmup_step", twice)
+    assert run_main(["--output-dir", str(run), "--warmup-steps", "4", "--steps", "1", "--save-every", "0"]) == 130
+    assert "stopped by SIGINT after step 2 of 5, checkpoint saved" in capsys.readouterr().err.splitlines()[-1]
+    assert checkpoint_files(run) == ["step_000002.safetensors"]
+
+    monkeypatch.setattr(cli.StopRequest, "REPEAT_WINDOW_S", 0.0)
+
+    def step(self):
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self)
+
+    monkeypatch.setattr(loop.Trainer, "warmup_step", step)
+    assert run_main(["--output-dir", str(run), "--warmup-steps", "4", "--steps", "1", "--save-every", "1",
+                     "--overwrite"]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "stopped by SIGINT during step 3, without saving; the newest checkpoint is step 2" in err.splitlines()[-1]
+    assert checkpoint_files(run) == ["step_000001.safetensors", "step_000002.safetensors"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and processes
+# ----------------------------------------------------------------------------------------------
 def _tiny_hf_model(folder):
     """A tiny GPT-2 and a byte-level BPE tokenizer trained locally on the task's text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -256,6 +651,28 @@ def test_trains_a_local_hugging_face_model(tmp_path):
     assert len(grpo) == 2 and all(np.isfinite(r["loss"]) for r in grpo)
 
 
+def test_the_trained_model_folder_is_usable_as_model_and_the_run_is_quiet(tmp_path, capfd):
+    """model/ of a run trains further as --model (no warm-up needed: the reading steps follow it), and a
+    --no-progress run prints no transformers deprecation warning nor its loading / writing bars."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    first = tmp_path / "first"
+    assert run_main(["--output-dir", str(first), "--warmup-steps", "2", "--steps", "1"]) == 0
+    hf_logging.warning_once.cache_clear()  # transformers warns once per process: forget earlier tests' warnings
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run_main(["--model", str(first / "model"), "--output-dir", str(tmp_path / "second"),
+                         "--warmup-steps", "0", "--steps", "2"]) == 0
+    out, err = capfd.readouterr()
+    assert not [str(w.message) for w in caught]
+    for noise in ("past_key_values", "deprecated", "Loading weights", "Writing model shards", "%|"):
+        assert noise not in err, err[-3000:]
+    assert "held-out mean reward" in out
+
+
 def test_two_data_parallel_processes(tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -265,6 +682,8 @@ def test_two_data_parallel_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2
+    assert summary["command"].startswith("torchrun --nproc_per_node 2 -m lvrpo_fast.train --train-scenes")
     steps = [r["step"] for r in metrics(run) if r["phase"] != "eval"]
     assert steps == [1, 2, 3, 4]  # one writer: no step twice
     assert proc.stdout.count("held-out mean reward") == 1
+    assert "past_key_values" not in proc.stderr

@@ -1,9 +1,15 @@
 """The language-visual GRPO trainer: `python -m lvrpo_fast.train --help`.
 
-    config.py  TrainConfig (every field a flag) and its validation
-    task.py    the embedded world of colored shapes on a grid: prompts, rewards, splits, data order
-    model.py   the embedded tokenizer and model, local Hugging Face models, sampling
-    loop.py    warm-up, GRPO through lvrpo_fast, evaluation, checkpoints, metrics, the plot
+    config.py       TrainConfig (every field a flag) and its validation
+    task.py         the embedded world of colored shapes on a grid: prompts, rewards, splits, data order
+    model.py        the embedded tokenizer and model, local Hugging Face models, sampling
+    processes.py    one process or torch.distributed ranks, and the collectives the loop needs
+    loop.py         the Trainer: warm-up, GRPO (rollout, log-probs, update, record), evaluation
+    check.py        --check-every: the fused loss against the reference, by lvrpo_fast.testing's rule
+    checkpoints.py  checkpoint files (safetensors + JSON, checksummed, atomic) and RNG states
+    rundir.py       the run directory: its checks, its lock, metrics.jsonl
+    report.py       progress bars, the summary, curves.png
+    cli.py          main(): exit statuses, signals, messages
 """
 from .config import TrainConfig, parse_args
 
@@ -11,6 +17,7 @@ __all__ = ["TrainConfig", "parse_args", "main"]
 
 
 def main(argv=None) -> int:
-    from .loop import main as _main
+    # Imported on call: `import lvrpo_fast.train` for TrainConfig should not load the trainer.
+    from .cli import main as _main
 
     return _main(argv)

@@ -17,8 +17,22 @@ from typing import List, Optional
 
 from .. import dispatch
 from ..options import ADVANTAGE_SCALES, IS_LEVELS, KL_ESTIMATORS, LOSS_TYPES, GRPOOptions
+from .rundir import output_dir_problem
 
 DTYPES = ("float32", "bfloat16")
+# Without --warmup-reading-steps, the warm-up reads for 1/READING_SHARE of its steps (50 of the default 400).
+READING_SHARE = 8
+EPILOG = """\
+the run directory (--output-dir, default runs/lvrpo under the current directory):
+  metrics.jsonl  one JSON row per step and per held-out evaluation
+  checkpoints/   the newest --keep-checkpoints checkpoints (step_NNNNNN.safetensors, checksummed)
+  summary.json   the configuration and the held-out rewards after warm-up and after GRPO
+  curves.png     the per-step curves
+  model/         the trained model and tokenizer: a Hugging Face folder, usable as --model
+A directory that holds a run is refused unless --resume (continue it from its newest checkpoint)
+or --overwrite (delete it and start afresh) is given; two runs on one directory at once are refused.
+Ctrl-C or SIGTERM stops after the step in progress with a checkpoint, and prints how to resume.
+"""
 
 
 def _opt(default, help, **extra):
@@ -30,9 +44,10 @@ class TrainConfig:
     # what to train
     model: Optional[str] = _opt(None, "path of a local Hugging Face causal LM and tokenizer; None: the "
                                       "embedded model built from a config")
-    output_dir: str = _opt("runs/lvrpo", "run directory: metrics.jsonl, curves.png, summary.json, checkpoints/")
-    resume: bool = _opt(False, "continue from the newest checkpoint in output_dir")
-    overwrite: bool = _opt(False, "start afresh even if output_dir holds a previous run")
+    output_dir: str = _opt("runs/lvrpo", "run directory, relative to the current directory unless absolute: "
+                                         "metrics.jsonl, curves.png, summary.json, checkpoints/, model/")
+    resume: bool = _opt(False, "continue the run in output_dir from its newest checkpoint that loads")
+    overwrite: bool = _opt(False, "start afresh, deleting the previous run in output_dir")
     seed: int = _opt(0, "seed of the task split, the model's initialization, the data order and sampling")
     device: str = _opt("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N")
     dtype: str = _opt("float32", "compute dtype of the model body and the fused ops (master weights stay float32)",
@@ -48,7 +63,8 @@ class TrainConfig:
     eval_scenes: int = _opt(256, "scenes in the held-out split, used only for evaluation")
     # supervised warm-up
     warmup_steps: int = _opt(400, "supervised warm-up steps before GRPO")
-    warmup_reading_steps: int = _opt(50, "the first N warm-up steps train the understanding task only (read first)")
+    warmup_reading_steps: Optional[int] = _opt(None, "the first N warm-up steps train the understanding task only "
+                                                     "(read first); None: one eighth of --warmup-steps")
     warmup_understanding_share: float = _opt(0.125, "after the reading steps, the share of each warm-up batch "
                                                    "from the understanding task (the rest: generation)")
     warmup_fraction: float = _opt(0.05, "fraction of the training split the warm-up sees")
@@ -81,10 +97,11 @@ class TrainConfig:
     save_every: int = _opt(50, "write a checkpoint every N steps (warm-up and GRPO steps counted together)")
     keep_checkpoints: int = _opt(2, "checkpoints kept on disk (the newest ones)")
     check_every: int = _opt(0, "every K GRPO steps compare the fused loss and its gradients with "
-                               "lvrpo_fast.reference on the live batch (0: off)")
+                               "lvrpo_fast.reference on the live batch, by the test suite's rule; stops the "
+                               "run on a failure, else summarizes the largest differences at the end (0: off)")
     stop_after: Optional[int] = _opt(None, "stop after this many steps of this process, as if interrupted "
                                            "(for testing --resume)")
-    progress: bool = _opt(True, "show a progress bar")
+    progress: bool = _opt(True, "show a progress bar per phase (warm-up, GRPO), and transformers' own bars")
 
     @property
     def heldout_temperature(self) -> float:
@@ -101,7 +118,8 @@ class TrainConfig:
                            max_completion_length=self.max_new_tokens if self.loss_type == "dr_grpo" else None)
 
     def validate(self) -> "TrainConfig":
-        """Raises ValueError naming the flag of the first bad value; returns self."""
+        """Raises ValueError naming the flag of the first bad value; fills in the defaults that follow
+        other flags (--warmup-reading-steps); returns self."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             choices = f.metadata.get("choices")
@@ -109,11 +127,14 @@ class TrainConfig:
                 raise ValueError(f"--{_flag(f.name)} must be one of {list(choices)}, got {value!r}")
         positive = ["cpu_threads", "hidden_size", "num_layers", "num_heads", "train_scenes", "eval_scenes",
                     "warmup_batch_size", "steps", "prompts_per_step", "num_iterations", "keep_checkpoints"]
-        non_negative = ["warmup_reading_steps", "warmup_steps", "eval_every", "save_every", "check_every"]
+        non_negative = ["warmup_steps", "eval_every", "save_every", "check_every"]
         for name in positive:
             _integer(name, getattr(self, name), 1)
         for name in non_negative:
             _integer(name, getattr(self, name), 0)
+        if self.warmup_reading_steps is None:
+            self.warmup_reading_steps = self.warmup_steps // READING_SHARE
+        _integer("warmup_reading_steps", self.warmup_reading_steps, 0)
         _integer("group_size", self.group_size, 2, why=" (a group needs a baseline)")
         if self.max_new_tokens is not None:
             _integer("max_new_tokens", self.max_new_tokens, 1)
@@ -124,7 +145,8 @@ class TrainConfig:
                              f"got {self.prompts_per_step}")
         if self.warmup_reading_steps > self.warmup_steps:
             raise ValueError(f"--warmup-reading-steps {self.warmup_reading_steps} must be <= --warmup-steps "
-                             f"{self.warmup_steps}")
+                             f"{self.warmup_steps}: lower it too, or leave it out to read for one eighth of "
+                             f"the warm-up ({self.warmup_steps // READING_SHARE} steps)")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"--hidden-size {self.hidden_size} must be divisible by --num-heads {self.num_heads}")
         _number("temperature", self.temperature, strict=True)
@@ -159,6 +181,9 @@ class TrainConfig:
             raise ValueError(f"--model {self.model!r} is not a local Hugging Face model folder (no config.json)")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
+        problem = output_dir_problem(self.output_dir)
+        if problem is not None:
+            raise ValueError(f"--output-dir {problem}")
         return self
 
 
@@ -180,12 +205,17 @@ def _number(name, value, strict=False):
         raise ValueError(f"--{_flag(name)} must be {'>' if strict else '>='} 0, got {value}")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each flag; the epilog's table kept as written."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m lvrpo_fast.train", usage="%(prog)s [options]  (every option: --help)",
-        description="Language-visual GRPO end to end: a supervised warm-up, then GRPO through lvrpo_fast's "
-                    "fused log-probability and loss ops, on an embedded task and model (or --model PATH).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="Language-visual GRPO end to end: a supervised warm-up, then GRPO through lvrpo_fast's\n"
+                    "fused log-probability and loss ops, on an embedded task and model (or --model PATH).\n"
+                    "Nothing is downloaded: the task, tokenizer and model are built locally.",
+        epilog=EPILOG, formatter_class=_HelpFormatter)
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         kind = hints[f.name]

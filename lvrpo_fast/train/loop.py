@@ -1,13 +1,15 @@
 """The training loop: supervised warm-up, GRPO through lvrpo_fast, evaluation, checkpoints, metrics.
 
-One GRPO step, per process (torch.distributed ranks each take different prompts):
-    1. P prompts (half understanding, half generation) from the checkpointed data order, each
-       repeated G times; G completions each sampled at the temperature from the current policy.
-    2. Rule-based rewards -> lvrpo_fast.group_advantages.
-    3. Old-policy and reference log-probabilities: the body's hidden states of prompt + completion,
-       then lvrpo_fast.fused_linear_logprobs under torch.no_grad (forward-only fused path).
-    4. num_iterations policy updates: hidden states with grad -> lvrpo_fast.fused_linear_grpo_loss
+One GRPO step (:meth:`Trainer.grpo_step`), per process (torch.distributed ranks take different prompts):
+    1. rollout: P prompts (half understanding, half generation) from the checkpointed data order,
+       each repeated G times; G completions each sampled at the temperature from the current policy;
+       rule-based rewards -> lvrpo_fast.group_advantages.
+    2. log-probs: the reference's, from the frozen reference model's hidden states of prompt +
+       completion through lvrpo_fast.fused_linear_logprobs under torch.no_grad (the forward-only
+       fused path); the old policy's, likewise, from the first update's own forward pass.
+    3. update: num_iterations policy updates: hidden states with grad -> lvrpo_fast.fused_linear_grpo_loss
        with the LM head's weight (gradients reach both), the KL to the frozen reference, AdamW.
+    4. record: the step's metrics row, averaged over ranks.
 All fused ops go through the package's dispatch (--backend, "auto" by default).
 
 Reproducibility: the data order is a pure function of (seed, epoch) and the checkpoints hold its
@@ -20,190 +22,78 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import glob
 import json
 import math
 import os
 import random
-import re
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 import lvrpo_fast
-from .. import dispatch, reference
+from .. import dispatch
+from . import checkpoints as C
 from . import model as M
+from . import report
 from . import task as T
-from .config import TrainConfig, parse_args
+from .check import check_fused
+from .config import TrainConfig
+from .processes import Processes
+from .rundir import RunDir
 
 # Wall-clock fields: everything else in metrics.jsonl is reproducible bit for bit on the CPU.
 TIMING_KEYS = ("step_time_s", "tokens_per_s", "loss_time_s", "logprob_time_s", "sample_time_s", "eval_time_s")
 # Config fields a resumed run may change; the others must match the checkpoint.
 RESUMABLE_CHANGES = ("cpu_threads", "resume", "overwrite", "stop_after", "progress", "check_every", "device",
                      "backend", "steps", "eval_every", "save_every", "keep_checkpoints", "output_dir")
-# The check mode's error bound, the rule of the test suite (tests/tolerances.py):
-# |fused - float64| <= REF_FACTOR * max|reference - float64| + atol + rtol * |float64|.
-CHECK_REF_FACTOR = 2.0
-CHECK_TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 EVAL_BATCH = 256
 
 
-class FusedCheckError(RuntimeError):
-    """--check-every found the fused loss or a gradient past the tolerance; the message is the report."""
+def _note(text: str) -> None:
+    print(text, file=sys.stderr)
 
 
-# ----------------------------------------------------------------------------------------------
-# Processes
-# ----------------------------------------------------------------------------------------------
-class Processes:
-    """This process's rank in torch.distributed (torchrun sets WORLD_SIZE > 1), or a lone process."""
+@dataclass
+class Rollout:
+    """The sampled side of a GRPO step: B = prompts x G completions."""
 
-    def __init__(self, requested_device: str, cpu_threads: int):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if requested_device == "auto":
-            requested_device = "cuda" if torch.cuda.is_available() else "cpu"
-        if requested_device == "cuda":
-            requested_device = f"cuda:{local_rank}"
-        self.device = torch.device(requested_device)
-        if self.device.type == "cpu":
-            torch.set_num_threads(cpu_threads)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def mean(self, values: Dict[str, float]) -> Dict[str, float]:
-        """Mean over ranks of each value (all ranks pass the same keys)."""
-        if self.world == 1 or not values:
-            return values
-        keys = sorted(values)
-        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self._comm_device())
-        dist.all_reduce(t)
-        return {k: float(v) / self.world for k, v in zip(keys, t.tolist())}
-
-    def sum(self, values: List[float]) -> List[float]:
-        if self.world == 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
-        dist.all_reduce(t)
-        return t.tolist()
-
-    def average_gradients(self, parameters) -> None:
-        if self.world == 1:
-            return
-        grads = []
-        for p in parameters:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.world
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
-
-    def broadcast_parameters(self, model) -> None:
-        if self.world == 1:
-            return
-        for tensor in list(model.parameters()) + list(model.buffers()):
-            dist.broadcast(tensor.data, src=0)
-
-    def gather(self, obj):
-        if self.world == 1:
-            return [obj]
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def _comm_device(self):
-        return self.device if self.device.type == "cuda" else torch.device("cpu")
-
-    def close(self) -> None:
-        if self.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+    examples: List[T.Example]       # [B] the prompt's example, repeated G times
+    batch: M.Batch                  # prompts and completions, [B, Lp] and [B, T]
+    scores: List[Dict[str, float]]  # [B] reward parts of each completion
+    rewards: torch.Tensor           # [B] float32
+    advantages: torch.Tensor        # [B] float32
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------
-def atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then os.replace: a reader (or a
-    resume after a crash) sees the old file or the whole new one, never a torn one."""
-    folder = os.path.dirname(path) or "."
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:  # make the rename itself durable
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+class NoStop:
+    """The stop request of a trainer run without signal handlers (see cli.StopRequest)."""
+
+    signum: Optional[int] = None
 
 
-def atomic_write_text(text: str, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def checkpoint_paths(folder: str) -> List[str]:
-    """Checkpoints in `folder`, newest (highest step) first."""
-    found = []
-    for path in glob.glob(os.path.join(folder, "step_*.pt")):
-        match = re.fullmatch(r"step_(\d+)\.pt", os.path.basename(path))
-        if match:
-            found.append((int(match.group(1)), path))
-    return [p for _, p in sorted(found, reverse=True)]
-
-
-def rng_state(device: torch.device) -> Dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: Dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-# ----------------------------------------------------------------------------------------------
-# The trainer
-# ----------------------------------------------------------------------------------------------
 class Trainer:
-    def __init__(self, config: TrainConfig):
-        self.cfg = config
+    """A run: built from a validated TrainConfig; :meth:`run` trains, evaluates and writes the run
+    directory; :meth:`close` releases it (the lock, the process group)."""
+
+    def __init__(self, config: TrainConfig, command: str = "python -m lvrpo_fast.train", stop=None):
+        self.cfg = config.validate()
+        self.command = command
+        self.stop = stop if stop is not None else NoStop()
         self.procs = Processes(config.device, config.cpu_threads)
+        self.run_dir = RunDir(config.output_dir) if self.procs.main else None
+        self.ckpts = C.CheckpointFolder(os.path.join(config.output_dir, "checkpoints"), config.keep_checkpoints)
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self) -> None:
+        config = self.cfg
         self.device = self.procs.device
         self.dtype = getattr(torch, config.dtype)
         # Master weights stay float32; a lower dtype runs the body under autocast and the fused ops
@@ -214,9 +104,8 @@ class Trainer:
             self.backend_name = dispatch.select(config.backend, self.device, self.dtype).name
         except RuntimeError as exc:
             raise ValueError(f"--backend {config.backend}: {exc}") from None
-        self.run_dir = config.output_dir
-        self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
-        self._prepare_run_dir()
+        self._open_run_dir()
+        checkpoint = self._choose_checkpoint() if config.resume else None
 
         random.seed(config.seed)
         np.random.seed(config.seed)
@@ -245,30 +134,60 @@ class Trainer:
             self.streams[f"warmup_{t}"] = T.DataStream(n_warm[t], config.seed, 2 * i)
             self.streams[f"grpo_{t}"] = T.DataStream(len(self.data.train[t]), config.seed, 2 * i + 1)
         self.step = 0
+        self.saved_step: Optional[int] = None
         self.history: List[Dict] = []
         self.warmup_eval: Optional[Dict] = None
         self.elapsed_before = 0.0
-        if config.resume:
-            self._resume()
+        if checkpoint is not None:
+            self._resume(checkpoint)
+        elif config.resume and self.procs.main:  # nothing to resume: rows of an earlier start are stale
+            C.atomic_write_text("", self.run_dir.file("metrics.jsonl"))
+        self.procs.barrier()
+
+    def close(self) -> None:
+        if self.run_dir is not None:
+            self.run_dir.close()
+        self.procs.close()
 
     # -- setup -----------------------------------------------------------------------------------
-    def _prepare_run_dir(self) -> None:
-        cfg = self.cfg
+    def _open_run_dir(self) -> None:
+        """Rank 0 prepares the run directory (see rundir.RunDir.open); every rank gets its verdict."""
+        problem = None
         if self.procs.main:
-            existing = os.path.isdir(self.run_dir) and any(
-                os.path.exists(os.path.join(self.run_dir, n)) for n in ("metrics.jsonl", "checkpoints", "summary.json"))
-            if existing and not (cfg.resume or cfg.overwrite):
-                raise ValueError(f"--output-dir {self.run_dir} holds a previous run; pass --resume to continue it "
-                                 f"or --overwrite to start afresh")
-            if existing and cfg.overwrite:
-                for name in ("metrics.jsonl", "summary.json", "curves.png", "check_failure.txt"):
-                    path = os.path.join(self.run_dir, name)
-                    if os.path.exists(path):
-                        os.remove(path)
-                for path in checkpoint_paths(self.ckpt_dir):
-                    os.remove(path)
-            os.makedirs(self.ckpt_dir, exist_ok=True)
-        self.procs.barrier()
+            try:
+                notes = self.run_dir.open(self.command, self.cfg.resume, self.cfg.overwrite, self.ckpts.remove_all)
+                for note in notes:
+                    _note(note)
+            except ValueError as exc:
+                problem = str(exc)
+        problem = self.procs.broadcast_object(problem)
+        if problem is not None:
+            raise ValueError(problem)
+
+    def _choose_checkpoint(self) -> Optional[str]:
+        """--resume: rank 0 picks the newest checkpoint that loads (moving the others aside and saying
+        why); None when the folder holds none at all. Raises ValueError when all are damaged."""
+        choice = None
+        if self.procs.main:
+            moved = self.ckpts.scan(warn=_note)
+            newest = self.ckpts.newest()
+            if newest is None and moved:
+                choice = ("error", f"--resume: no checkpoint in {self.ckpts.folder} can be loaded ("
+                          + "; ".join(f"{name}: {why}" for name, why in moved)
+                          + f"; moved to {os.path.join(self.ckpts.folder, C.UNLOADABLE)}); nothing to resume from: "
+                            "start afresh with --overwrite")
+            elif newest is None:
+                _note(f"lvrpo_fast.train: --resume: no checkpoint in {self.ckpts.folder}; starting from the beginning")
+            else:
+                newer = [name for name, _ in moved if _step_of(name) is not None and _step_of(name) >= newest.step]
+                if newer:
+                    _note(f"lvrpo_fast.train: falling back to {newest.path}, the newest checkpoint that loads "
+                          f"({', '.join(newer)} did not: see above)")
+                choice = ("path", newest.path)
+        choice = self.procs.broadcast_object(choice)
+        if choice is not None and choice[0] == "error":
+            raise ValueError(choice[1])
+        return None if choice is None else choice[1]
 
     def _encode(self) -> None:
         """Token ids of every prompt (with the tokenizer's bos, if any) and reference completion."""
@@ -327,6 +246,10 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def _loss_kwargs(self) -> Dict:
+        return {"temperature": self.cfg.temperature,
+                **{f.name: getattr(self.options, f.name) for f in dataclasses.fields(self.options)}}
+
     # -- warm-up ---------------------------------------------------------------------------------
     def warmup_step(self) -> Dict:
         cfg = self.cfg
@@ -383,8 +306,19 @@ class Trainer:
         return [T.reward(e, text, s) for e, text, s in zip(examples, texts, stopped)]
 
     def grpo_step(self) -> Dict:
-        cfg, G = self.cfg, self.cfg.group_size
+        """One GRPO step: rollout, log-probs, update, record (the module docstring's 1-4)."""
         start = time.perf_counter()
+        timings: Dict[str, float] = {}
+        rollout = self.rollout(start, timings)
+        logp_ref = self.reference_logprobs(rollout.batch, timings)
+        sums = self.update(rollout, logp_ref, timings)
+        self._sync()
+        timings["step_time_s"] = time.perf_counter() - start
+        return self.record(rollout, sums, timings)
+
+    def rollout(self, start: float, timings: Dict[str, float]) -> Rollout:
+        """Step 1: this rank's prompts, G sampled completions each, their rewards and advantages."""
+        cfg, G = self.cfg, self.cfg.group_size
         examples, prompts = [], []
         for t, n in self._split(cfg.prompts_per_step, cfg.understanding_share).items():
             for i in self._local(f"grpo_{t}", n):
@@ -393,120 +327,97 @@ class Trainer:
         batch = M.sample(self.model, prompts, self.max_new_tokens, cfg.temperature, self.eos_id, self.pad_id,
                          self.device, self.autocast_dtype)
         self._sync()
-        sample_time = time.perf_counter() - start
+        timings["sample_time_s"] = time.perf_counter() - start
         scores = self._score(examples, batch)
         rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float32, device=self.device)
         advantages = lvrpo_fast.group_advantages(rewards, G, scale=cfg.advantage_scale, backend=cfg.backend)
+        return Rollout(examples, batch, scores, rewards, advantages)
 
-        targets, mask = batch.completion_ids, batch.completion_mask
+    def reference_logprobs(self, batch: M.Batch, timings: Dict[str, float]) -> Optional[torch.Tensor]:
+        """Step 2, the reference's half: log-probs [B, T] float32 of the completions under the frozen
+        reference (None when beta = 0: no KL term)."""
+        cfg = self.cfg
         t0 = time.perf_counter()
         logp_ref = None
         if cfg.beta > 0:
             with torch.no_grad():
                 ref_weight, ref_bias = self._head(self.ref_model)
-                logp_ref = lvrpo_fast.fused_linear_logprobs(self._hidden(self.ref_model, batch), ref_weight, targets,
-                                                            bias=ref_bias, mask=mask, temperature=cfg.temperature,
+                logp_ref = lvrpo_fast.fused_linear_logprobs(self._hidden(self.ref_model, batch), ref_weight,
+                                                            batch.completion_ids, bias=ref_bias,
+                                                            mask=batch.completion_mask, temperature=cfg.temperature,
                                                             backend=cfg.backend)
         self._sync()
-        logprob_time = time.perf_counter() - t0
+        timings["logprob_time_s"] = time.perf_counter() - t0
+        return logp_ref
 
-        loss_time, sums, logp_old = 0.0, {}, None
+    def old_logprobs(self, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     batch: M.Batch, timings: Dict[str, float]) -> torch.Tensor:
+        """Step 2, the old policy's half: log-probs [B, T] float32. The first update's forward pass is
+        the old policy's, so they come from its hidden states [B, T, D] through the forward-only path,
+        without a second body pass."""
+        self._sync()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            logp_old = lvrpo_fast.fused_linear_logprobs(hidden.detach(), weight.detach(), batch.completion_ids,
+                                                        bias=None if bias is None else bias.detach(),
+                                                        mask=batch.completion_mask, temperature=self.cfg.temperature,
+                                                        backend=self.cfg.backend)
+        self._sync()
+        timings["logprob_time_s"] += time.perf_counter() - t0
+        return logp_old
+
+    def update(self, rollout: Rollout, logp_ref: Optional[torch.Tensor], timings: Dict[str, float]) -> Dict[str, float]:
+        """Step 3: num_iterations updates of the policy on the rollout. Returns the loss and the loss's
+        metrics averaged over the updates (and the check's, on a --check-every step)."""
+        cfg = self.cfg
+        batch = rollout.batch
+        targets, mask = batch.completion_ids, batch.completion_mask
+        timings["loss_time_s"] = 0.0
+        sums, logp_old = {}, None
         grpo_index = self.step - cfg.warmup_steps + 1
         for iteration in range(cfg.num_iterations):
             hidden = self._hidden(self.model, batch)
             weight, bias = self._head(self.model)
             if logp_old is None:
-                # The first update's forward pass is the old policy's: its log-probabilities come from
-                # the same hidden states through the forward-only path, without a second body pass.
-                self._sync()
-                t0 = time.perf_counter()
-                with torch.no_grad():
-                    logp_old = lvrpo_fast.fused_linear_logprobs(hidden.detach(), weight.detach(), targets,
-                                                                bias=None if bias is None else bias.detach(),
-                                                                mask=mask, temperature=cfg.temperature,
-                                                                backend=cfg.backend)
-                self._sync()
-                logprob_time += time.perf_counter() - t0
+                logp_old = self.old_logprobs(hidden, weight, bias, batch, timings)
             if iteration == 0 and cfg.check_every and grpo_index % cfg.check_every == 0:
-                sums.update(self.check_fused(hidden, weight, bias, targets, mask, advantages, logp_old, logp_ref))
+                sums.update(check_fused(hidden, weight, bias, targets, mask, rollout.advantages, logp_old, logp_ref,
+                                        dtype=self.dtype, backend=cfg.backend, loss_kwargs=self._loss_kwargs(),
+                                        backend_name=self.backend_name, step=self.step))
             self._sync()
             t0 = time.perf_counter()
             loss, metrics = lvrpo_fast.fused_linear_grpo_loss(
-                hidden, weight, targets, mask, advantages, bias=bias, logp_old=logp_old, logp_ref=logp_ref,
-                temperature=cfg.temperature, return_entropy=True, backend=cfg.backend,
-                **_options_kwargs(self.options))
+                hidden, weight, targets, mask, rollout.advantages, bias=bias, logp_old=logp_old, logp_ref=logp_ref,
+                return_entropy=True, backend=cfg.backend, **self._loss_kwargs())
             self._sync()
-            loss_time += time.perf_counter() - t0
+            timings["loss_time_s"] += time.perf_counter() - t0
             loss.backward()
             self._update(cfg.learning_rate)
             named = {"loss": loss, **metrics}
             # One device-to-host copy for all the scalars, not one per metric.
             for k, v in zip(named, torch.stack([v.detach().float() for v in named.values()]).tolist()):
                 sums[k] = sums.get(k, 0.0) + v / cfg.num_iterations
-        self._sync()
-        elapsed = time.perf_counter() - start
+        return sums
 
-        record = {"phase": "grpo", "reward": float(rewards.mean())}
+    def record(self, rollout: Rollout, sums: Dict[str, float], timings: Dict[str, float]) -> Dict:
+        """Step 4: the metrics row (rewards, completion statistics, the update's sums), averaged over ranks."""
+        scores, mask = rollout.scores, rollout.batch.completion_mask
+        record = {"phase": "grpo", "reward": float(rollout.rewards.mean())}
         for t in T.TASKS:
-            part = [s for s, e in zip(scores, examples) if e.task == t]
+            part = [s for s, e in zip(scores, rollout.examples) if e.task == t]
             record[f"reward_{t}"] = sum(s["reward"] for s in part) / max(1, len(part))
         gen = [s for s in scores if "alignment" in s]
         record["generation_alignment"] = sum(s["alignment"] for s in gen) / max(1, len(gen))
         record["generation_structure"] = sum(s["structure"] for s in gen) / max(1, len(gen))
         record["completion_tokens"] = float(mask.sum(1).float().mean())
-        record["stopped"] = float(batch.stopped.float().mean())
+        record["stopped"] = float(rollout.batch.stopped.float().mean())
         record.update(sums)
         record = {"phase": "grpo", **self.procs.mean({k: v for k, v in record.items() if k != "phase"})}
         n_tokens = self.procs.sum([float(mask.sum())])[0]
-        record.update(step_time_s=elapsed, tokens_per_s=n_tokens / elapsed, loss_time_s=loss_time,
-                      logprob_time_s=logprob_time, sample_time_s=sample_time)
+        elapsed = timings["step_time_s"]
+        record.update(step_time_s=elapsed, tokens_per_s=n_tokens / elapsed, loss_time_s=timings["loss_time_s"],
+                      logprob_time_s=timings["logprob_time_s"], sample_time_s=timings["sample_time_s"])
         return record
-
-    def check_fused(self, hidden, weight, bias, targets, mask, advantages, logp_old, logp_ref) -> Dict[str, float]:
-        """Compares the fused loss and its gradients (hidden, weight, bias) on the live batch with
-        lvrpo_fast.reference at the working dtype and in float64; raises FusedCheckError past the bound."""
-        cfg = self.cfg
-        kwargs = dict(temperature=cfg.temperature, **_options_kwargs(self.options))
-
-        def run(fn, dtype, **extra):
-            """The loss and its gradients from detached copies of the live inputs in `dtype` (the
-            float64 truth also takes the per-token float32 inputs in float64)."""
-            leaves = {"grad_hidden": hidden, "grad_weight": weight, "grad_bias": bias}
-            leaves = {k: v.detach().to(dtype).requires_grad_() for k, v in leaves.items() if v is not None}
-            side = {"advantages": advantages, "logp_old": logp_old, "logp_ref": logp_ref}
-            side = {k: None if v is None else v.detach().to(torch.float64 if dtype == torch.float64 else v.dtype)
-                    for k, v in side.items()}
-            loss, _ = fn(leaves["grad_hidden"], leaves["grad_weight"], targets, mask, side.pop("advantages"),
-                         bias=leaves.get("grad_bias"), **side, **kwargs, **extra)
-            grads = torch.autograd.grad(loss, list(leaves.values()))
-            return {"loss": loss.detach(), **dict(zip(leaves, grads))}
-
-        fused = run(lvrpo_fast.fused_linear_grpo_loss, self.dtype, backend=cfg.backend)
-        ref = run(reference.fused_linear_grpo_loss, self.dtype)
-        truth = run(reference.fused_linear_grpo_loss, torch.float64)
-        atol, rtol = CHECK_TOLERANCES[self.dtype]
-        lines, failed, out = [], False, {}
-        for name in fused:
-            f, r, t = fused[name].double(), ref[name].double(), truth[name]
-            err = (f - t).abs()
-            ref_err = float((r - t).abs().max())
-            excess = err - (CHECK_REF_FACTOR * ref_err + atol + rtol * t.abs())
-            i = int(excess.reshape(-1).argmax())
-            diff_ref = float((f - r).abs().max())
-            bad = bool((excess > 0).any()) or not bool(torch.isfinite(f).all())
-            failed |= bad
-            out[f"check_{name}_max_diff"] = diff_ref
-            lines.append(f"  {name:12s} {'FAIL' if bad else 'ok  '} max|fused - reference| {diff_ref:.3e}  "
-                         f"max|fused - float64| {float(err.max()):.3e} (reference's own {ref_err:.3e})  "
-                         f"worst at flat index {i}: fused {f.reshape(-1)[i].item():.6g}, "
-                         f"float64 {t.reshape(-1)[i].item():.6g}")
-        if failed:
-            report = (f"--check-every: the fused loss (backend {self.backend_name}, {self.cfg.dtype}) left the "
-                      f"tolerance at step {self.step} (bound {CHECK_REF_FACTOR} x reference error + {atol:g} + "
-                      f"{rtol:g} x |float64|), shapes hidden {tuple(hidden.shape)} weight {tuple(weight.shape)}:\n"
-                      + "\n".join(lines))
-            raise FusedCheckError(report)
-        return out
 
     # -- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -550,14 +461,26 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self) -> Dict:
-        from tqdm import tqdm
-
+        """Trains to the last step, evaluates, writes the summary. Returns the summary, or
+        {"stopped_by": signal number, "step": ...} / {"interrupted_at": step} when it stopped early."""
         cfg = self.cfg
         t_start = time.perf_counter()
-        bar = tqdm(total=cfg.total_steps, initial=self.step, disable=not (self.procs.main and cfg.progress),
-                   desc="lvrpo", dynamic_ncols=True, file=sys.stderr)
+        if self.step > cfg.total_steps:
+            raise ValueError(f"--resume: the checkpoint is at step {self.step}, past this run's "
+                             f"{cfg.total_steps} steps (--warmup-steps + --steps)")
+        final = self._final_evaluation()
+        if final is not None:
+            return self._already_finished(final, t_start)
+        progress = report.Progress(cfg.warmup_steps, cfg.steps, self.step, self.procs.main and cfg.progress)
         done_here = 0
-        while self.step < cfg.total_steps:
+        while True:
+            if self.procs.any(self.stop.signum is not None):
+                progress.close()
+                if self.saved_step != self.step:
+                    self.save(t_start)
+                return {"stopped_by": self.stop.signum, "step": self.step}
+            if self.step >= cfg.total_steps:
+                break
             if self.step == cfg.warmup_steps and self.ref_model is None:
                 self.begin_grpo()
                 self.save(t_start)
@@ -571,35 +494,48 @@ class Trainer:
                 self.evaluate("grpo")
             if cfg.save_every and self.step % cfg.save_every == 0:
                 self.save(t_start)
-            bar.update(1)
-            postfix = {"phase": record["phase"], "tok/s": f"{record['tokens_per_s']:.0f}"}
-            if grpo:
-                postfix.update(u=f"{record['reward_understanding']:.2f}", g=f"{record['reward_generation']:.2f}")
-            else:
-                postfix["loss"] = f"{record['sft_loss']:.3f}"
-            bar.set_postfix(postfix)
+            progress.update(record)
             if cfg.stop_after is not None and done_here >= cfg.stop_after and self.step < cfg.total_steps:
-                bar.close()
+                progress.close()
                 return {"interrupted_at": self.step}
-        bar.close()
+        progress.close()
         if self.ref_model is None:  # no GRPO steps were left to run
             self.begin_grpo()
         final = self.evaluate("final")
         self.save(t_start)
         return self.finish(final, t_start)
 
+    def _final_evaluation(self) -> Optional[Dict]:
+        """The final evaluation's row when the run (resumed from its last checkpoint) has finished."""
+        last = self.history[-1] if self.history else None
+        if self.step == self.cfg.total_steps and last is not None and last.get("tag") == "final":
+            return last
+        return None
+
+    def _already_finished(self, final: Dict, t_start: float) -> Dict:
+        """--resume of a finished run: no step, no evaluation, no row is added; the summary is written
+        only if it is missing (the run was stopped between its last checkpoint and the summary)."""
+        path = os.path.join(self.cfg.output_dir, "summary.json")
+        if not os.path.exists(path):
+            return self.finish(final, t_start)
+        with open(path) as f:
+            summary = json.load(f)
+        if self.procs.main:
+            _note(f"lvrpo_fast.train: the run in {self.cfg.output_dir} finished at step {self.step} already; "
+                  f"nothing to do. Its summary:")
+            print(report.format_summary(summary))
+        return summary
+
     def _log(self, record: Dict) -> None:
         self.history.append(record)
         if self.procs.main:
-            with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
+            self.run_dir.append_metrics(record)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self, t_start: float) -> None:
-        states = self.procs.gather(rng_state(self.device))
+        states = self.procs.gather(C.rng_state(self.device))
         if self.procs.main:
-            state = {
-                "format": 1,
+            self.ckpts.save({
                 "step": self.step,
                 "config": dataclasses.asdict(self.cfg),
                 "model": self.model.state_dict(),
@@ -610,26 +546,12 @@ class Trainer:
                 "history": self.history,
                 "warmup_eval": self.warmup_eval,
                 "elapsed_s": self.elapsed_before + time.perf_counter() - t_start,
-            }
-            atomic_save(state, os.path.join(self.ckpt_dir, f"step_{self.step:06d}.pt"))
-            for old in checkpoint_paths(self.ckpt_dir)[self.cfg.keep_checkpoints:]:
-                os.remove(old)
+            })
+        self.saved_step = self.step
         self.procs.barrier()
 
-    def _resume(self) -> None:
-        paths = checkpoint_paths(self.ckpt_dir)
-        state, errors = None, []
-        for path in paths:
-            try:
-                state = torch.load(path, map_location=self.device, weights_only=False)
-                break
-            except Exception as exc:  # a damaged file: fall back to the one before it
-                errors.append(f"{path}: {exc}")
-        if state is None:
-            if self.procs.main:
-                print(f"lvrpo_fast.train: no checkpoint in {self.ckpt_dir}; starting from the beginning"
-                      + (f" ({'; '.join(errors)})" if errors else ""), file=sys.stderr)
-            return
+    def _resume(self, path: str) -> None:
+        state = C.load(path)
         saved = state["config"]
         for key, value in dataclasses.asdict(self.cfg).items():
             if key not in RESUMABLE_CHANGES and saved.get(key) != value:
@@ -648,135 +570,34 @@ class Trainer:
         if len(rngs) != self.procs.world:
             raise ValueError(f"--resume: the checkpoint holds {len(rngs)} ranks' RNG states, this run has "
                              f"{self.procs.world} processes")
-        set_rng_state(rngs[self.procs.rank], self.device)
+        C.set_rng_state(rngs[self.procs.rank], self.device)
         self.history = state["history"]
         self.warmup_eval = state["warmup_eval"]
         self.elapsed_before = state["elapsed_s"]
+        self.saved_step = self.step
         if self.procs.main:  # metrics written after the checkpoint are produced again
-            atomic_write_text("".join(json.dumps(r) + "\n" for r in self.history),
-                              os.path.join(self.run_dir, "metrics.jsonl"))
-        self.procs.barrier()
+            C.atomic_write_text("".join(json.dumps(r) + "\n" for r in self.history), self.run_dir.file("metrics.jsonl"))
+            _note(f"lvrpo_fast.train: resuming from step {self.step} of {self.cfg.total_steps} ({path})")
 
     # -- the end ---------------------------------------------------------------------------------
     def finish(self, final: Dict, t_start: float) -> Dict:
-        cfg = self.cfg
-        grpo = [r for r in self.history if r.get("phase") == "grpo"]
-        wall = self.elapsed_before + time.perf_counter() - t_start
-        summary = {
-            "command": "python -m lvrpo_fast.train " + " ".join(sys.argv[1:]),
-            "config": dataclasses.asdict(cfg),
-            "device": str(self.device),
-            "dtype": cfg.dtype,
-            "backend": self.backend_name,
-            "world_size": self.procs.world,
-            "parameters": sum(p.numel() for p in self.model.parameters()),
-            "max_new_tokens": self.max_new_tokens,
-            "wall_time_s": wall,
-            "heldout_decoding": ("greedy" if cfg.heldout_temperature == 0
-                                 else f"sampled at temperature {cfg.heldout_temperature:g}"),
-            "heldout_prompts_per_task": len(self.data.heldout["understanding"]),
-            "warmup": {t: self.warmup_eval[f"heldout_{t}"] for t in T.TASKS},
-            "final": {t: final[f"heldout_{t}"] for t in T.TASKS},
-            "tokens_per_s_mean": _mean([r["tokens_per_s"] for r in grpo]),
-            "loss_time_s_mean": _mean([r["loss_time_s"] for r in grpo]),
-        }
-        summary["improvement"] = {t: summary["final"][t] - summary["warmup"][t] for t in T.TASKS}
+        summary = report.build_summary(
+            command=self.command, config=dataclasses.asdict(self.cfg), device=str(self.device),
+            backend=self.backend_name, world_size=self.procs.world,
+            parameters=sum(p.numel() for p in self.model.parameters()), max_new_tokens=self.max_new_tokens,
+            wall_time_s=self.elapsed_before + time.perf_counter() - t_start,
+            heldout_prompts_per_task=len(self.data.heldout["understanding"]), history=self.history,
+            warmup_eval=self.warmup_eval, final=final)
         if self.procs.main:
-            atomic_write_text(json.dumps(summary, indent=2) + "\n", os.path.join(self.run_dir, "summary.json"))
-            plot_curves(self.history, os.path.join(self.run_dir, "curves.png"))
-            M.save_pretrained(self.model, self.tokenizer, os.path.join(self.run_dir, "model"))
-            print(format_summary(summary))
+            C.atomic_write_text(json.dumps(summary, indent=2) + "\n", self.run_dir.file("summary.json"))
+            report.plot_curves(self.history, self.cfg.warmup_steps, self.run_dir.file("curves.png"))
+            C.atomic_write_folder(lambda path: M.save_pretrained(self.model, self.tokenizer, path),
+                                  self.run_dir.file("model"), M.size_in_bytes(self.model))
+            print(report.format_summary(summary))
         self.procs.barrier()
         return summary
 
 
-def _options_kwargs(options) -> Dict:
-    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
-
-
-def _mean(values) -> Optional[float]:
-    return sum(values) / len(values) if values else None
-
-
-def format_summary(summary: Dict) -> str:
-    cfg = summary["config"]
-    lines = [f"lvrpo_fast.train: {cfg['warmup_steps']} warm-up + {cfg['steps']} GRPO steps in "
-             f"{summary['wall_time_s']:.1f} s on {summary['device']} ({summary['world_size']} process(es)), "
-             f"backend {summary['backend']}, {summary['parameters']} parameters",
-             f"held-out mean reward ({summary['heldout_decoding']}, {summary['heldout_prompts_per_task']} prompts "
-             f"per task), after warm-up -> after GRPO:"]
-    for t in T.TASKS:
-        lines.append(f"  {t:14s} {summary['warmup'][t]:.3f} -> {summary['final'][t]:.3f} "
-                     f"({summary['improvement'][t]:+.3f})")
-    lines.append(f"run directory: {cfg['output_dir']}")
-    return "\n".join(lines)
-
-
-def plot_curves(history: List[Dict], path: str) -> None:
-    """The per-step curves as one PNG (matplotlib's Agg backend: no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    grpo = [r for r in history if r.get("phase") == "grpo"]
-    warm = [r for r in history if r.get("phase") == "warmup"]
-    evals = [r for r in history if r.get("phase") == "eval"]
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-
-    def curve(ax, rows, key, label=None, **kw):
-        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-        if pts:
-            ax.plot(*zip(*pts), label=label or key, **kw)
-
-    ax = axes[0, 0]
-    for t in T.TASKS:
-        curve(ax, grpo, f"reward_{t}", f"train {t}", alpha=0.6)
-        curve(ax, evals, f"heldout_{t}", f"held-out {t}", marker="o")
-    ax.set_title("reward")
-    ax = axes[0, 1]
-    curve(ax, grpo, "kl")
-    ax.set_title("KL to the reference")
-    ax = axes[0, 2]
-    for key in ("clip_ratio_low", "clip_ratio_high", "clip_ratio_region"):
-        curve(ax, grpo, key)
-    ax.set_title("clip ratios")
-    ax = axes[1, 0]
-    curve(ax, grpo, "entropy")
-    ax.set_title("entropy (nats / token)")
-    ax = axes[1, 1]
-    curve(ax, warm + grpo, "tokens_per_s")
-    ax.set_title("completion tokens / s")
-    ax = axes[1, 2]
-    curve(ax, grpo, "loss_time_s", "fused loss")
-    curve(ax, grpo, "logprob_time_s", "old + ref log-probs")
-    curve(ax, warm, "sft_loss", "warm-up loss (nats)")
-    ax.set_title("time in the loss (s) / warm-up loss")
-    for ax in axes.flat:
-        ax.set_xlabel("step")
-        if ax.lines:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    config = parse_args(argv)
-    trainer = None
-    try:
-        try:
-            trainer = Trainer(config)
-        except ValueError as exc:  # bad values found while setting up, before any training
-            print(f"python -m lvrpo_fast.train: error: {exc}", file=sys.stderr)
-            return 2
-        trainer.run()
-    except FusedCheckError as exc:
-        if trainer.procs.main:
-            atomic_write_text(str(exc) + "\n", os.path.join(trainer.run_dir, "check_failure.txt"))
-        print(str(exc), file=sys.stderr)
-        return 1
-    finally:
-        if trainer is not None:
-            trainer.procs.close()
-    return 0
+def _step_of(name: str) -> Optional[int]:
+    match = C.PATTERN.fullmatch(name) or C.LEGACY.fullmatch(name)
+    return int(match.group(1)) if match else None

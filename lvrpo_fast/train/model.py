@@ -13,7 +13,9 @@ hidden state (logit soft-capping, logit scaling) are not supported.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -150,6 +152,7 @@ def sample(model, prompts: List[List[int]], max_new_tokens: int, temperature: fl
     body's last hidden state, divided by the temperature."""
     body = body_of(model)
     weight, bias = head_of(model)
+    cache_name = cache_keyword(body)
     prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)
     B = prompt_ids.shape[0]
     attention = prompt_mask
@@ -160,8 +163,8 @@ def sample(model, prompts: List[List[int]], max_new_tokens: int, temperature: fl
     for _ in range(max_new_tokens):
         with _autocast(device, autocast_dtype):
             out = body(input_ids=step_ids, attention_mask=attention, position_ids=position,
-                       past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+                       use_cache=True, **{cache_name: cache})
+        cache = getattr(out, cache_name)
         logits = torch.nn.functional.linear(out.last_hidden_state[:, -1].to(weight.dtype), weight, bias).float()
         if temperature == 0:
             token = logits.argmax(-1)
@@ -182,6 +185,12 @@ def sample(model, prompts: List[List[int]], max_new_tokens: int, temperature: fl
     return Batch(prompt_ids, prompt_mask, completion, completion_mask, done.clone())
 
 
+def cache_keyword(body) -> str:
+    """The name under which `body` takes and returns its key/value cache: `cache` in transformers 5.2x,
+    where `past_key_values` still works but warns on every call, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+
+
 def _autocast(device, dtype):
     if dtype is None:
         return torch.autocast(device_type=device.type, enabled=False)
@@ -195,6 +204,34 @@ def decode_completions(tokenizer, batch: Batch, eos_id: int) -> List[str]:
         kept = [t for t, m in zip(ids, mask) if m and t != eos_id]
         texts.append(tokenizer.decode(kept, skip_special_tokens=False))
     return texts
+
+
+@contextmanager
+def transformers_progress(enabled: bool):
+    """transformers' own progress bars ("Loading weights", "Writing model shards") on or off for the
+    duration (--no-progress turns them off with the trainer's), restored afterwards."""
+    if enabled:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def size_in_bytes(model) -> int:
+    """Bytes of the model's weights (tied ones once): about the size of its saved folder."""
+    seen, total = set(), 0
+    for t in model.state_dict().values():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
 
 
 def save_pretrained(model, tokenizer, path: str) -> None:
