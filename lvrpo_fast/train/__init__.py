@@ -11,13 +11,7 @@
     report.py       progress bars, the summary, curves.png
     cli.py          main(): exit statuses, signals, messages
 """
+from .cli import main
 from .config import TrainConfig, parse_args
 
 __all__ = ["TrainConfig", "parse_args", "main"]
-
-
-def main(argv=None) -> int:
-    # Imported on call: `import lvrpo_fast.train` for TrainConfig should not load the trainer.
-    from .cli import main as _main
-
-    return _main(argv)
