@@ -108,19 +108,23 @@ struct SequenceInputs {
   const float* logp;
   const float* logp_old;  // nullptr: logp.detach() (ratio 1, gradient still flowing)
   const float* logp_ref;
-  const float* advantages;
+  const float* advantages;  // [B], or [B, T] when advantages_per_token
   const bool* mask;
   const float* weights;
   const float* entropy;
   const float* row_scale;
   int64_t T;
+  bool advantages_per_token;
 };
 
 void sequence_loss(const SequenceInputs& in, const LossParams& p, int64_t b, float* stats, float* grad) {
   const int64_t T = in.T;
   const int64_t o = b * T;
   const bool* m = in.mask + o;
-  const double A = in.advantages[b];
+  // The advantage of token t: the sequence's, or the token's own (process rewards).
+  auto advantage = [&](int64_t t) {
+    return static_cast<double>(in.advantages_per_token ? in.advantages[o + t] : in.advantages[b]);
+  };
   const double scale = in.row_scale[b];
   auto log_ratio_raw = [&](int64_t t) {
     const double lp = in.logp[o + t];
@@ -148,6 +152,7 @@ void sequence_loss(const SequenceInputs& in, const LossParams& p, int64_t b, flo
     const double raw = log_ratio_raw(t);
     const double d_log_ratio = clamp_grad(raw, -kLogRatioClamp, kLogRatioClamp);
     const double rho = p.sequence_level ? seq_rho : std::exp(clamp(raw, -kLogRatioClamp, kLogRatioClamp));
+    const double A = advantage(t);
     const TokenTerms terms = token_terms(p, rho, A, in.logp[o + t], in.logp_ref == nullptr ? 0.0 : in.logp_ref[o + t],
                                          in.weights == nullptr ? 1.0 : in.weights[o + t],
                                          in.entropy == nullptr ? 0.0 : in.entropy[o + t]);
@@ -203,7 +208,12 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> grpo_token_loss(
   TORCH_CHECK(logp.dim() == 2, "logp must be [B, T], got shape ", logp.sizes());
   const int64_t B = logp.size(0), T = logp.size(1);
   check_tensor(logp, "logp", {B, T}, at::kFloat);
-  check_tensor(advantages, "advantages", {B}, at::kFloat);
+  const bool advantages_per_token = advantages.dim() == 2;
+  if (advantages_per_token) {
+    check_tensor(advantages, "advantages", {B, T}, at::kFloat);
+  } else {
+    check_tensor(advantages, "advantages", {B}, at::kFloat);
+  }
   check_tensor(mask, "mask", {B, T}, at::kBool);
   check_tensor(row_scale, "row_scale", {B}, at::kFloat);
   TORCH_CHECK(params.policy == kPolicyClip || params.policy == kPolicyCispo || params.policy == kPolicySapo,
@@ -221,7 +231,8 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> grpo_token_loss(
                     optional_tokens(rollout_weights, "rollout_weights", {B, T}),
                     optional_tokens(entropy, "entropy", {B, T}),
                     row_scale.const_data_ptr<float>(),
-                    T};
+                    T,
+                    advantages_per_token};
   const auto f32 = logp.options().dtype(at::kFloat);
   at::Tensor stats = at::empty({B, kNumStats}, f32);
   std::optional<at::Tensor> grad;

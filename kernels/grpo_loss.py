@@ -86,7 +86,8 @@ def _token_terms(logp, rho, adv, logp_ref, weight, entropy,
                  HAS_DELTA: tl.constexpr, DUAL_CLIP: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
                  ENTROPY_BONUS: tl.constexpr):
     """Per-token loss L (docs/math.md sections 4-5, before masking), its partial derivatives w.r.t. logp (not through
-    rho) and w.r.t. rho, and the KL value of the metrics. adv is the sequence's advantage, broadcast."""
+    rho) and w.r.t. rho, and the KL value of the metrics. adv is the token's advantage (the
+    sequence's, broadcast, when advantages are per sequence)."""
     if LOSS_KIND == 1:  # cispo: -stopgrad(min(rho, eps_high)) A logp
         cap = _min(rho, eps_high)
         policy = -cap * adv * logp
@@ -163,15 +164,17 @@ def _grpo_loss_kernel(
     LOSS_KIND: tl.constexpr, SEQUENCE_LEVEL: tl.constexpr, KL_KIND: tl.constexpr,
     BIAS_CORRECTED: tl.constexpr, HAS_DELTA: tl.constexpr, DUAL_CLIP: tl.constexpr,
     HAS_OLD: tl.constexpr, HAS_WEIGHTS: tl.constexpr, HAS_ENTROPY: tl.constexpr,
-    ENTROPY_BONUS: tl.constexpr, NEED_GRAD: tl.constexpr, N_STATS: tl.constexpr, BLOCK_T: tl.constexpr,
+    ENTROPY_BONUS: tl.constexpr, NEED_GRAD: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, N_STATS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
-    """One program per sequence b: stats[b, :] and (NEED_GRAD) grad[b, :] (see the module docstring)."""
+    """One program per sequence b: stats[b, :] and (NEED_GRAD) grad[b, :] (see the module docstring).
+    ADV_PER_TOKEN: advantages are [B, T] (one per token, e.g. process rewards) instead of [B]."""
     row = tl.program_id(0).to(tl.int64)
     base = row * T
-    adv = tl.load(adv_ptr + row)
     row_scale = tl.load(scale_ptr + row)
-    # the scalar advantage as a block, so that comparisons with it combine with per-token masks
-    adv_t = tl.full([BLOCK_T], 0.0, tl.float32) + adv
+    if not ADV_PER_TOKEN:
+        # the sequence's advantage as a block, so that comparisons with it combine with per-token masks
+        adv_t = tl.full([BLOCK_T], 0.0, tl.float32) + tl.load(adv_ptr + row)
     high_bound = eps_high if LOSS_KIND == 1 else 1.0 + eps_high  # cispo's eps_high is an absolute cap
 
     if SEQUENCE_LEVEL:
@@ -203,6 +206,8 @@ def _grpo_loss_kernel(
         offs = base + cols
         m = tl.load(mask_ptr + offs, mask=in_row, other=0) != 0
         logp, d, passes = _log_ratio(logp_ptr + base, old_ptr + base, cols, in_row, HAS_OLD)
+        if ADV_PER_TOKEN:
+            adv_t = tl.load(adv_ptr + offs, mask=in_row, other=0.0)
         if SEQUENCE_LEVEL:
             rho = tl.full([BLOCK_T], 0.0, tl.float32) + seq_ratio
         else:
@@ -242,6 +247,8 @@ def _grpo_loss_kernel(
                 offs = base + cols
                 m = tl.load(mask_ptr + offs, mask=in_row, other=0) != 0
                 logp, d, passes = _log_ratio(logp_ptr + base, old_ptr + base, cols, in_row, HAS_OLD)
+                if ADV_PER_TOKEN:
+                    adv_t = tl.load(adv_ptr + offs, mask=in_row, other=0.0)
                 rho = tl.full([BLOCK_T], 0.0, tl.float32) + seq_ratio
                 logp_ref = tl.load(ref_ptr + offs, mask=in_row, other=0.0) if KL_KIND != 0 else logp
                 weight = tl.load(weight_ptr + offs, mask=in_row, other=0.0) if HAS_WEIGHTS else logp
@@ -275,7 +282,8 @@ def grpo_token_loss(logp, logp_old, logp_ref, advantages, mask, rollout_weights,
     """The grpo_token_loss primitive (lvrpo_fast.contract.Primitives).
 
     logp, logp_old, logp_ref, rollout_weights, entropy: [B, T] float32 contiguous (all but logp may be
-    None); advantages, row_scale: [B] float32; mask: [B, T] bool; params: contract.token_loss_params.
+    None); advantages: [B] or [B, T] float32; row_scale: [B] float32; mask: [B, T] bool; params:
+    contract.token_loss_params.
     Returns (stats [B, NSTATS] float32, grad_logp [B, T] float32 or None)."""
     p = params
     B, T = logp.shape
@@ -304,7 +312,8 @@ def grpo_token_loss(logp, logp_old, logp_ref, advantages, mask, rollout_weights,
             LOSS_KIND=p["policy"], SEQUENCE_LEVEL=p["sequence_level"], KL_KIND=kl_kind,
             BIAS_CORRECTED=p["use_bias_correction_kl"], HAS_DELTA=p["has_delta"], DUAL_CLIP=p["has_clip_ratio_c"],
             HAS_OLD=logp_old is not None, HAS_WEIGHTS=rollout_weights is not None, HAS_ENTROPY=entropy is not None,
-            ENTROPY_BONUS=entropy_bonus, NEED_GRAD=bool(need_grad), N_STATS=NSTATS, BLOCK_T=block,
+            ENTROPY_BONUS=entropy_bonus, NEED_GRAD=bool(need_grad), ADV_PER_TOKEN=advantages.dim() == 2,
+            N_STATS=NSTATS, BLOCK_T=block,
             num_warps=num_warps,
         )
     return stats, grad

@@ -107,7 +107,7 @@ class Primitives(Protocol):
                         entropy: Optional[torch.Tensor], row_scale: torch.Tensor, params: Dict[str, object],
                         need_grad: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """logp, logp_old, logp_ref, entropy, rollout_weights [B, T] float32 (the last four may be None),
-        advantages [B] float32, mask [B, T] bool, row_scale [B] float32 (the aggregation weight of each
+        advantages [B] or [B, T] float32 (per sequence or per token), mask [B, T] bool, row_scale [B] float32 (the aggregation weight of each
         sequence), params from :func:`token_loss_params`. Rows are whole sequences. Returns stats
         [B, NSTATS] float32 (the STAT_* columns) and, if need_grad, grad_logp [B, T] float32 =
         d(loss)/d(logp) including the row scale and the mask (0 at masked tokens). Values at masked

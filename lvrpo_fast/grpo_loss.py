@@ -19,7 +19,8 @@ def grpo_loss(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, 
 
     Args:
         logp: [B, T] float log-probabilities of the sampled tokens under the policy (differentiable).
-        advantages: [B] float, one per sequence (see group_advantages).
+        advantages: [B] float, one per sequence (see group_advantages), or [B, T], one per token
+            (step-wise process rewards; docs/math.md section 4).
         mask: [B, T] bool / 0-1, 1 for completion tokens. Values of every input at masked tokens
             never matter (NaN included); a NaN or inf at an unmasked token reaches the loss.
         logp_old: [B, T] log-probabilities under the sampling policy; default logp.detach() (ratio 1).

@@ -25,7 +25,7 @@ def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: 
         targets: [B, T] integer ids of the sampled completion tokens (shifted by the caller).
         mask: [B, T] bool / 0-1 completion mask (None: every token counts). Values at masked tokens
             never matter (NaN included).
-        advantages: [B] float, one per sequence.
+        advantages: [B] float, one per sequence, or [B, T], one per token (docs/math.md section 4).
         logp_old: [B, T] sampling-policy log-probabilities (default: the current ones, detached).
         logp_ref: [B, T] reference-model log-probabilities (needed when beta > 0).
         rollout_weights: [B, T] or [B] rollout correction weights.

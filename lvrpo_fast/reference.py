@@ -119,7 +119,7 @@ def group_advantages(rewards, group_size, *, scale="group", eps=1e-4, leave_one_
 # ----------------------------------------------------------------------------------------------
 def grpo_loss_impl(logp, advantages, mask, logp_old, logp_ref, entropy, rollout_weights,
                    options: GRPOOptions):
-    """logp, logp_old, logp_ref, entropy [B, T]; advantages [B]; mask [B, T] bool;
+    """logp, logp_old, logp_ref, entropy [B, T]; advantages [B] or [B, T]; mask [B, T] bool;
     rollout_weights [B, T] or [B]. Returns (loss 0-dim, metrics dict of detached 0-dim)."""
     o = options
     compute = _compute_dtype(logp.dtype)
@@ -132,7 +132,8 @@ def grpo_loss_impl(logp, advantages, mask, logp_old, logp_ref, entropy, rollout_
         return torch.where(mask, t, torch.full_like(t, fill))
 
     logp = live(logp.to(compute))
-    A = live(advantages.to(compute).unsqueeze(1).expand_as(logp))
+    advantages = advantages.to(compute)
+    A = live(advantages if advantages.dim() == 2 else advantages.unsqueeze(1).expand_as(logp))
     # logp_old, logp_ref and the weights are constants (docs/math.md sections 3 and 5).
     old = logp.detach() if logp_old is None else live(logp_old.detach().to(compute))
     if rollout_weights is not None:

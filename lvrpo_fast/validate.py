@@ -161,7 +161,8 @@ def check_grpo_inputs(logp, advantages, mask, *, logp_old=None, logp_ref=None, e
                       rollout_weights=None, options: GRPOOptions, need_logp: bool = True):
     """Checks the per-token GRPO loss inputs; returns the mask as a bool tensor.
 
-    logp, logp_old, logp_ref, entropy: [B, T] floating; advantages: [B] floating; mask: [B, T];
+    logp, logp_old, logp_ref, entropy: [B, T] floating; advantages: [B] (one per sequence) or [B, T]
+    (one per token, e.g. process rewards) floating; mask: [B, T];
     rollout_weights: [B, T] or [B] floating. With need_logp=False (the fused linear op, where logp
     is computed inside and the entropy too), `logp` is only used for its shape."""
     if need_logp:
@@ -170,7 +171,9 @@ def check_grpo_inputs(logp, advantages, mask, *, logp_old=None, logp_ref=None, e
         raise ValueError(f"logp must be 2-D [B, T], got shape {tuple(logp.shape)}")
     B, T = logp.shape
     _tensor("advantages", advantages, floating=True)
-    _shape("advantages", advantages, (B,), "the batch size B of logp / targets")
+    if tuple(advantages.shape) not in ((B,), (B, T)):
+        raise ValueError(f"advantages must have shape {(B,)} (per sequence) or {(B, T)} (per token, as logp / "
+                         f"targets), got {tuple(advantages.shape)}")
     _tensor("mask", mask)
     _shape("mask", mask, (B, T), "logp / targets")
     for name, t in (("logp_old", logp_old), ("logp_ref", logp_ref), ("entropy", entropy)):

@@ -369,3 +369,41 @@ def test_non_finite_input_is_not_hidden(kernel_backend):
     data["logp"][0, 0] = float("nan")
     loss, _, _ = run_grpo_loss(name, data, torch.float32, device, {"beta": 0.1})
     assert not torch.isfinite(loss)
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-token advantages [B, T] (process rewards, GAE)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("loss_type,level", [pytest.param(*c, id="-".join(c)) for c in LOSS_LEVELS])
+def test_per_token_advantages(kernel_backend, loss_type, level):
+    """Advantages [B, T] of both signs within a sequence, every loss type and level, with the KL,
+    delta, dual clip and rollout weights on: loss, metrics and gradients against float64."""
+    name, device = kernel_backend
+    options = {**base_options(loss_type, level), **KL_SETTINGS["k3"]}
+    if loss_type in CLIP_FAMILY:
+        options.update(delta=1.5, clip_ratio_c=2.0)
+    data = make_inputs(weights="token", entropy=True)
+    data["advantages"] = torch.randn(B, T)
+    check_grpo_loss(name, device, data, options)
+
+
+@pytest.mark.parametrize("loss_type,level", [pytest.param(*c, id="-".join(c)) for c in LOSS_LEVELS])
+def test_per_sequence_advantages_broadcast_give_the_same_bits(kernel_backend, loss_type, level):
+    name, device = kernel_backend
+    options = {**base_options(loss_type, level), **KL_SETTINGS["k3"]}
+    data = make_inputs(weights="sequence")
+    per_sequence = run_grpo_loss(name, data, torch.float32, device, options)
+    broadcast = run_grpo_loss(name, {**data, "advantages": data["advantages"][:, None].expand(B, T).contiguous()},
+                              torch.float32, device, options)
+    assert torch.equal(per_sequence[0], broadcast[0])
+    for key in per_sequence[1]:
+        assert torch.equal(per_sequence[1][key], broadcast[1][key]), key
+    assert torch.equal(per_sequence[2]["logp"], broadcast[2]["logp"])
+
+
+def test_advantages_of_a_wrong_shape_are_refused(kernel_backend):
+    name, device = kernel_backend
+    data = make_inputs()
+    with pytest.raises(ValueError, match=r"advantages must have shape \(5,\) \(per sequence\) or \(5, 7\)"):
+        lvrpo_fast.grpo_loss(data["logp"].to(device), torch.randn(B, T + 1, device=device), data["mask"].to(device),
+                             backend=name)

@@ -278,3 +278,21 @@ def test_masked_tokens_never_reach_the_head(kernel_backend, monkeypatch):
     monkeypatch.setenv("LVRPO_CHUNK_BYTES", str(V_SMALL * 4))  # one row: every chunk is one sequence
     check_linear(name, device, data, options, torch.float32, temperature=extras["temperature"])
     assert calls == counts[1:], f"logits_stats saw rows {calls}, the unmasked tokens per sequence are {counts}"
+
+
+@pytest.mark.parametrize("case", ["grpo", "bnpo_delta_dual", "gspo_k3_bias_kl_entropy", "cispo", "sapo_entropy",
+                                  "luspo_sequence"])
+def test_per_token_advantages(kernel_backend, case):
+    """Advantages [B, T] (process rewards): the fused loss and its gradients against float64, and a
+    per-sequence advantage broadcast over its tokens gives the [B] result bit for bit."""
+    name, device = kernel_backend
+    data, options, kwargs = _case(case)
+    per_sequence = run_linear(name, data, torch.float32, device, options, **kwargs)
+    broadcast = {**data, "advantages": data["advantages"][:, None].expand(-1, T).contiguous()}
+    same = run_linear(name, broadcast, torch.float32, device, options, **kwargs)
+    assert torch.equal(per_sequence[0], same[0])
+    for key, grad in per_sequence[2].items():
+        if grad is not None:
+            assert torch.equal(grad, same[2][key]), key
+    per_token = {**data, "advantages": torch.randn(data["advantages"].shape[0], T)}
+    check_linear(name, device, per_token, options, torch.float32, **kwargs)

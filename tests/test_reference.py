@@ -38,8 +38,8 @@ def oracle_loss(logp, adv, mask, logp_old=None, logp_ref=None, entropy=None, wei
         d = [max(-20.0, min(20.0, logp[b][t] - old[b][t])) for t in range(T)]
         n = sum(mask[b])
         seq = math.exp(sum(d[t] for t in range(T) if mask[b][t]) / max(n, 1))
-        A = adv[b]
         for t in range(T):
+            A = adv[b][t] if isinstance(adv[b], list) else adv[b]  # per token, or the sequence's
             rho = seq if importance_sampling_level == "sequence" else math.exp(d[t])
             rhos[b][t] = rho
             if loss_type == "cispo":
@@ -84,8 +84,9 @@ def oracle_loss(logp, adv, mask, logp_old=None, logp_ref=None, entropy=None, wei
         return sum(f(b, t) for b in range(B) for t in range(T) if mask[b][t]) / max(total, 1)
 
     high_bound = eh if loss_type == "cispo" else 1.0 + eh
-    low = lambda b, t: float(rhos[b][t] < 1.0 - epsilon_low and adv[b] < 0)  # noqa: E731
-    high = lambda b, t: float(rhos[b][t] > high_bound and adv[b] > 0)  # noqa: E731
+    A = lambda b, t: adv[b][t] if isinstance(adv[b], list) else adv[b]  # noqa: E731
+    low = lambda b, t: float(rhos[b][t] < 1.0 - epsilon_low and A(b, t) < 0)  # noqa: E731
+    high = lambda b, t: float(rhos[b][t] > high_bound and A(b, t) > 0)  # noqa: E731
     metrics = {
         "clip_ratio_low": mean(low),
         "clip_ratio_high": mean(high),
@@ -136,9 +137,12 @@ def _cases():
         yield loss_type, level, opts
 
 
+@pytest.mark.parametrize("per_token", [False, True], ids=["adv-per-sequence", "adv-per-token"])
 @pytest.mark.parametrize("loss_type,level,opts", list(_cases()))
-def test_grpo_loss_matches_scalar_oracle(loss_type, level, opts):
+def test_grpo_loss_matches_scalar_oracle(loss_type, level, opts, per_token):
     logp, logp_old, logp_ref, entropy, adv, mask, weights = _random_batch(fully_masked_row=True)
+    if per_token:
+        adv = torch.randn(logp.shape, dtype=logp.dtype)
     opts = dict(opts)
     use_weights = opts.pop("rollout", False)
     extra = {"importance_sampling_level": level, "loss_type": loss_type, **opts}
