@@ -20,7 +20,7 @@ import torch
 import lvrpo_fast
 from lvrpo_fast import dispatch
 from lvrpo_fast.options import CLIP_FAMILY, LOSS_TYPES
-from tolerances import assert_close_to_truth
+from checks import check_loss_run
 
 B, T = 5, 7
 
@@ -121,24 +121,8 @@ def check_grpo_loss(name, device, data, options, dtype=torch.float32):
     kernel = run_grpo_loss(name, data, dtype, device, options)
     ref = run_grpo_loss("reference", data, dtype, torch.device("cpu"), options)
     truth = run_grpo_loss("reference", data, torch.float64, torch.device("cpu"), options)
-    label = f"{name} {options}"
-    loss, metrics, grads = kernel
-    assert loss.dim() == 0 and loss.dtype == torch.float32
-    assert_close_to_truth(loss.cpu(), ref[0], truth[0], dtype, name=f"{label}: loss")
-    assert set(metrics) == set(truth[1]), f"{label}: metric names {sorted(metrics)} != {sorted(truth[1])}"
-    for key, value in metrics.items():
-        assert value.dtype == torch.float32 and value.dim() == 0 and not value.requires_grad
-        assert_close_to_truth(value.cpu(), ref[1][key], truth[1][key], torch.float32, name=f"{label}: {key}")
-    for key in ("logp", "entropy"):
-        if truth[2][key] is None:
-            assert grads[key] is None or not grads[key].any(), f"{label}: unexpected gradient w.r.t. {key}"
-            continue
-        assert grads[key] is not None, f"{label}: no gradient w.r.t. {key}"
-        assert grads[key].dtype == dtype
-        assert_close_to_truth(grads[key].cpu(), ref[2][key], truth[2][key], dtype, name=f"{label}: d/d{key}")
-    # Masked positions get exactly zero gradient, not a small number.
-    mask = data["mask"].to(device)
-    assert not grads["logp"][~mask].any(), f"{label}: gradient at masked positions"
+    check_loss_run(f"{name} {options}", kernel, ref, truth, dtype, metric_dtype=torch.float32,
+                   zero_at={"logp": ~data["mask"]})
     return kernel
 
 

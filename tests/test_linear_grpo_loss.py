@@ -13,6 +13,7 @@ import torch
 
 import lvrpo_fast
 from lvrpo_fast import backends, dispatch, reference
+from checks import check_loss_run
 from tolerances import assert_close_to_truth
 
 # Odd on purpose: V = 1023 is no multiple of any block, D = 123 neither, T = 7; B = 6 in G = 3.
@@ -108,21 +109,7 @@ def check_linear(name, device, data, options, dtype, *, temperature=1.0, return_
     kernel = run_linear(name, data, dtype, device, options, **kwargs)
     ref = run_linear("reference", data, dtype, torch.device("cpu"), options, **kwargs)
     truth = run_linear("reference", data, torch.float64, torch.device("cpu"), options, **kwargs)
-    label = f"{name} {dtype} {options}"
-    loss, metrics, grads = kernel
-    assert loss.dim() == 0 and loss.dtype == torch.float32
-    assert_close_to_truth(loss.cpu(), ref[0], truth[0], dtype, name=f"{label}: loss")
-    assert set(metrics) == set(truth[1]), f"{label}: metric names {sorted(metrics)} != {sorted(truth[1])}"
-    for key, value in metrics.items():
-        assert value.dtype == torch.float32 and value.dim() == 0 and not value.requires_grad
-        assert_close_to_truth(value.cpu(), ref[1][key], truth[1][key], dtype, name=f"{label}: {key}")
-    for key, grad in grads.items():
-        if truth[2][key] is None:
-            assert grad is None
-            continue
-        assert grad is not None and grad.dtype == dtype, f"{label}: gradient w.r.t. {key}"
-        assert_close_to_truth(grad.cpu(), ref[2][key], truth[2][key], dtype, name=f"{label}: d/d{key}")
-    assert not grads["hidden"][~data["mask"].to(device)].any(), f"{label}: gradient at masked positions"
+    check_loss_run(f"{name} {dtype} {options}", kernel, ref, truth, dtype, zero_at={"hidden": ~data["mask"]})
     return kernel
 
 
