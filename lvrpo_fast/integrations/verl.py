@@ -39,8 +39,21 @@ import inspect
 import sys
 
 import torch
+from torch.distributed.tensor import DTensor, Partial
 
 from .. import fused_linear_logprobs
+
+try:
+    import verl.utils.kernel.linear_cross_entropy  # noqa: F401  (the slot's module; the package exports no function)
+    import verl.workers.utils.losses as verl_ppo_losses
+    from verl.models.transformers.monkey_patch import patch_forward_with_backends
+    from verl.trainer.ppo import core_algos
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.engine.base import EngineRegistry
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead, FSDPEngineWithValueHead
+except ImportError as exc:  # the switch must reach the log-probabilities, not the losses alone
+    raise ImportError("lvrpo_fast's verl switch needs verl's FSDP engine (pip install --no-deps verl==0.9.1 and "
+                      f"pip install 'lvrpo-fast[verl]'): {exc}") from exc
 from .verl_losses import (POLICY_LOSSES, agg_loss, compute_policy_loss_cispo, compute_policy_loss_gspo,
                           compute_policy_loss_sapo, compute_policy_loss_vanilla, kl_penalty, sequence_weights)
 
@@ -63,8 +76,6 @@ def _gathered(weight: torch.Tensor, device: torch.device) -> torch.Tensor:
     The gradient of the full tensor differs per rank (each rank's own tokens), so it is declared
     Partial("avg") on every mesh dimension: backward then reduce-scatters it as the mean over ranks,
     which is FSDP2's own gradient reduction (verl scales each rank's loss by the data-parallel size)."""
-    from torch.distributed.tensor import DTensor, Partial
-
     if not isinstance(weight, DTensor):
         return weight
     if weight.device != device:  # FSDP2 CPU offload keeps the shard on the host
@@ -108,8 +119,6 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
 # verl's FSDP engine on the fused path
 # ----------------------------------------------------------------------------------------------
 def _is_value_engine(engine) -> bool:
-    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithValueHead
-
     return isinstance(engine, FSDPEngineWithValueHead)
 
 
@@ -148,8 +157,6 @@ def _build_module(original):
         module = original(self)
         if _is_value_engine(self):
             return module
-        from verl.models.transformers.monkey_patch import patch_forward_with_backends
-
         check_model_config(module.config)
         check_lm_head(module)
         # verl's own fused forward, whatever use_fused_kernels / impl_backend say: "triton" is the
@@ -173,8 +180,6 @@ def _build_lora_module(original):
 
 def check_micro_batch(micro_batch) -> None:
     """Refuses what the fused path cannot compute (named after verl's micro-batch keys)."""
-    from verl.utils import tensordict_utils as tu
-
     if isinstance(micro_batch.get("temperature", None), torch.Tensor):  # verl: "not supported yet"
         raise ValueError("temperature: a per-sample temperature tensor is not supported by verl's fused forward "
                          "(which lvrpo_fast's switch uses); give one float")
@@ -190,8 +195,6 @@ def _forward_step(original):
     def forward_step(self, micro_batch, loss_function, forward_only):
         if _is_value_engine(self):
             return original(self, micro_batch, loss_function, forward_only)
-        from verl.utils import tensordict_utils as tu
-
         check_micro_batch(micro_batch)
         tu.assign_non_tensor(micro_batch, use_fused_kernels=True)
         calculate_entropy = tu.get_non_tensor_data(data=micro_batch, key="calculate_entropy", default=False)
@@ -208,8 +211,6 @@ def _engine_new(original):
     @functools.wraps(original)
     def new(cls, model_type, backend, *args, **kwargs):
         if model_type == "language_model":
-            from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
-
             engine_cls = cls.get_engine_cls(model_type, backend)
             patched = (issubclass(engine_cls, FSDPEngineWithLMHead)
                        and getattr(engine_cls.forward_step, _MARK, False)
@@ -240,25 +241,11 @@ def _replace(owner, name: str, wrap) -> None:
 
 
 def install() -> None:
-    """Puts lvrpo_fast under verl in this process (see the module docstring). Idempotent; called on import.
-
-    Raises ImportError naming what is missing when verl's engine cannot be imported (the switch would
-    otherwise reach the losses and not the log-probabilities)."""
-    try:
-        import verl.utils.kernel.linear_cross_entropy  # noqa: F401  (the module, not the function)
-        import verl.workers.utils.losses as verl_losses
-        from verl.trainer.ppo import core_algos
-        from verl.workers.engine.base import EngineRegistry
-        from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
-    except ImportError as exc:
-        raise ImportError(f"lvrpo_fast's verl switch needs verl's FSDP engine (pip install --no-deps verl==0.9.1 "
-                          f"and pip install 'lvrpo-fast[verl]'): {exc}") from exc
-
+    """Puts lvrpo_fast under verl in this process (see the module docstring). Idempotent; called on import."""
     for name, fn in POLICY_LOSSES.items():
         core_algos.POLICY_LOSS_REGISTRY[name] = fn
-    for name, fn in (("agg_loss", agg_loss), ("kl_penalty", kl_penalty)):  # bound in losses.py at its import
-        if getattr(verl_losses, name) is not fn:
-            setattr(verl_losses, name, fn)
+    for name, fn in (("agg_loss", agg_loss), ("kl_penalty", kl_penalty)):  # ppo_loss's module bound verl's at import
+        setattr(verl_ppo_losses, name, fn)
     slot = sys.modules["verl.utils.kernel.linear_cross_entropy"]
     slot.linear_cross_entropy = linear_cross_entropy
     # On the LM-head class (over FSDPEngine's methods): the value-head subclass inherits the wrappers,
