@@ -33,18 +33,21 @@ import time
 
 import torch
 
-# Cases: (strategy, tied LM head, packed "remove padding" batch, calculate_entropy). An untied head is
-# FSDP2's DTensor case; entropy on trains through the entropy (entropy_coeff != 0). Only fsdp2 runs on
-# the CPU: verl builds FSDP1 with sync_module_states=True, which FSDP1 allows on GPUs only.
+# Cases: (strategy, tied LM head, packed "remove padding" batch, calculate_entropy, FSDP param dtype).
+# An untied head is FSDP2's separately wrapped case; entropy on trains through the entropy
+# (entropy_coeff != 0); bf16 is verl's default mixed precision (the others run in float32, and the bf16
+# case is judged against its float32 twin, CASES[0]). Only fsdp2 runs on the CPU: verl builds FSDP1 with
+# sync_module_states=True, which FSDP1 allows on GPUs only.
 CASES = [
-    ("fsdp2", False, True, True),
-    ("fsdp2", False, False, False),
-    ("fsdp2", True, True, False),
-    ("fsdp2", True, False, True),
+    ("fsdp2", False, True, True, "fp32"),
+    ("fsdp2", False, False, False, "fp32"),
+    ("fsdp2", True, True, False, "fp32"),
+    ("fsdp2", True, False, True, "fp32"),
+    ("fsdp2", False, True, True, "bf16"),
 ]
 CASES_ONE_PROCESS = CASES[:2]
 VOCAB, HIDDEN = 301, 32
-CHUNK_ROWS = 8  # lvrpo_fast's rows per [C, V] tile in these runs (LVRPO_CHUNK_BYTES), far below the tokens
+CHUNK_ROWS = 8  # rows of lvrpo_fast's [C, V] bf16 tile in these runs (float32: half), far below the tokens
 BATCH, PROMPT, RESPONSE = 8, 7, 9  # per step (all ranks), left-padded prompts, right-padded responses
 
 
@@ -194,15 +197,16 @@ def make_batch(rank: int, world_size: int, vocab: int, batch: int, prompt: int, 
     return left_right_2_no_padding(data)
 
 
-def build_engine(model_path: str, strategy: str, packed: bool, lr: float = 1e-2, micro_batch: int = 2):
+def build_engine(model_path: str, strategy: str, packed: bool, lr: float = 1e-2, micro_batch: int = 2,
+                 param_dtype: str = "fp32"):
     from verl.trainer.config import CheckpointConfig
     from verl.workers.config import FSDPEngineConfig, FSDPOptimizerConfig, HFModelConfig
     from verl.workers.engine import EngineRegistry
 
     model_config = HFModelConfig(path=model_path, load_tokenizer=False, use_remove_padding=packed,
                                  override_config={"attn_implementation": "sdpa"})
-    fp32 = {"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"}
-    engine_config = FSDPEngineConfig(strategy=strategy, mixed_precision=fp32, use_dynamic_bsz=False,
+    precision = {"param_dtype": param_dtype, "reduce_dtype": "fp32", "buffer_dtype": "fp32"}
+    engine_config = FSDPEngineConfig(strategy=strategy, mixed_precision=precision, use_dynamic_bsz=False,
                                      micro_batch_size_per_gpu=micro_batch, infer_micro_batch_size_per_gpu=micro_batch)
     engine_config.use_remove_padding = packed  # as verl's TrainingWorker copies it from the model config
     engine = EngineRegistry.new(model_type="language_model", backend=strategy, model_config=model_config,
@@ -274,8 +278,9 @@ def local_grad(p):
 def run_case(model_dir: str, case, rank: int, world_size: int) -> dict:
     from verl.workers.utils.padding import no_padding_2_padding
 
-    strategy, tied, packed, entropy = case
-    engine = build_engine(os.path.join(model_dir, "tied" if tied else "untied"), strategy, packed)
+    strategy, tied, packed, entropy, param_dtype = case
+    engine = build_engine(os.path.join(model_dir, "tied" if tied else "untied"), strategy, packed,
+                          param_dtype=param_dtype)
     data = make_batch(rank, world_size, VOCAB, BATCH, PROMPT, RESPONSE)
     engine_flags(data, packed, entropy, True, BATCH)
     record = {"rows": 0}
@@ -317,7 +322,7 @@ def parity_worker(rank: int, tmp: str, out: str) -> None:
 
     The switch is imported between the plain and the switched runs, in the running process, as verl's
     external_lib loader imports it in a worker."""
-    os.environ["LVRPO_CHUNK_BYTES"] = str(CHUNK_ROWS * VOCAB * 4)
+    os.environ["LVRPO_CHUNK_BYTES"] = str(CHUNK_ROWS * VOCAB * 2)
     torch.set_num_threads(1)
     register_cpu_platform()
     start = time.perf_counter()

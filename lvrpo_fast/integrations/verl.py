@@ -26,13 +26,17 @@ for a language model (megatron, veomni, torchtitan, automodel), final-logit soft
 scaling, an LM head with a bias or a LoRA adapter, a per-sample temperature, ``calculate_sum_pi_squared``
 (needs the full distribution) and top-k distillation. A value-head (critic) engine is left alone.
 
-An untied LM head under FSDP2 is a separately sharded DTensor that the fused forward reads outside its
-module's forward, so FSDP never gathers it: :func:`linear_cross_entropy` gathers it itself, with a
-gradient that is averaged across the mesh and scattered back to the shards exactly as FSDP2 reduces
-its own gradients.
+An untied LM head: verl's FSDP2 wrapping gives it a unit of its own, gathered only inside its module's
+forward, which the fused forward never calls (it reads the weight, a sharded DTensor there, and FSDP2's
+backward then trips over the never-gathered unit under mixed precision). The switch keeps the head in
+the root unit instead, so FSDP gathers, casts, accumulates and reduces it like any root parameter, and
+refuses a wrap policy that still gives it a unit of its own. A DTensor weight that reaches
+:func:`linear_cross_entropy` by another way is gathered there, with a gradient averaged across the mesh
+and scattered back to the shards.
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -45,7 +49,10 @@ from .. import fused_linear_logprobs
 
 try:
     import verl.utils.kernel.linear_cross_entropy  # noqa: F401  (the slot's module; the package exports no function)
+    import verl.utils.fsdp_utils as verl_fsdp_utils
     import verl.workers.utils.losses as verl_ppo_losses
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from verl.models.transformers.monkey_patch import patch_forward_with_backends
     from verl.trainer.ppo import core_algos
     from verl.utils import tensordict_utils as tu
@@ -71,14 +78,16 @@ _MARK = "__lvrpo_fast__"
 # The fused-kernel slot
 # ----------------------------------------------------------------------------------------------
 def _gathered(weight: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A DTensor weight (FSDP2's shard of an untied head) as the full [V, D] tensor, differentiably.
+    """A DTensor weight (a sharded head that reaches the slot ungathered) as the full [V, D] tensor,
+    differentiably.
 
     The gradient of the full tensor differs per rank (each rank's own tokens), so it is declared
     Partial("avg") on every mesh dimension: backward then reduce-scatters it as the mean over ranks,
-    which is FSDP2's own gradient reduction (verl scales each rank's loss by the data-parallel size)."""
+    as FSDP reduces its own gradients (verl scales each rank's loss by the data-parallel size); a plain
+    full_tensor() would leave each rank the slice of its own gradient."""
     if not isinstance(weight, DTensor):
         return weight
-    if weight.device != device:  # FSDP2 CPU offload keeps the shard on the host
+    if weight.device != device:  # a shard offloaded to the host
         weight = weight.to(device)
     return weight.full_tensor(grad_placements=[Partial("avg")] * weight.device_mesh.ndim)
 
@@ -178,6 +187,42 @@ def _build_lora_module(original):
     return build_lora_module
 
 
+@contextlib.contextmanager
+def _head_in_root_unit():
+    """FSDP2 wraps an untied LM head in a unit of its own, whose parameters FSDP gathers only inside that
+    module's forward; verl's fused forward reads the head's weight without calling the module, and FSDP2
+    then trips over the never-gathered unit in backward (mixed precision with gradient accumulation).
+    Left in the root unit, the head is gathered, cast, accumulated and reduced by FSDP like the root's
+    other parameters."""
+    select = verl_fsdp_utils._select_fsdp2_wrap_targets
+
+    def without_head(model, classes):
+        head = model.get_output_embeddings()
+        return [module for module in select(model, classes) if module is not head]
+
+    verl_fsdp_utils._select_fsdp2_wrap_targets = without_head
+    try:
+        yield
+    finally:
+        verl_fsdp_utils._select_fsdp2_wrap_targets = select
+
+
+def _build_fsdp_module(original):
+    @functools.wraps(original)
+    def build_fsdp_module(self, module):
+        if _is_value_engine(self):
+            return original(self, module)
+        with _head_in_root_unit():
+            wrapped = original(self, module)
+        if isinstance(wrapped.get_output_embeddings(), (FSDP, FSDPModule)):
+            raise ValueError("the FSDP wrap policy (wrap_policy.min_num_params?) gives the LM head an FSDP unit of its "
+                             "own, which verl's fused forward reads outside that unit's forward; use the default "
+                             "wrap policy (transformer layers)")
+        return wrapped
+
+    return build_fsdp_module
+
+
 def check_micro_batch(micro_batch) -> None:
     """Refuses what the fused path cannot compute (named after verl's micro-batch keys)."""
     if isinstance(micro_batch.get("temperature", None), torch.Tensor):  # verl: "not supported yet"
@@ -252,6 +297,7 @@ def install() -> None:
     # which recognise it and step aside.
     _replace(FSDPEngineWithLMHead, "_build_module", _build_module)
     _replace(FSDPEngineWithLMHead, "_build_lora_module", _build_lora_module)
+    _replace(FSDPEngineWithLMHead, "_build_fsdp_module", _build_fsdp_module)
     _replace(FSDPEngineWithLMHead, "forward_step", _forward_step)
     _replace(EngineRegistry, "new", _engine_new)
 
