@@ -443,6 +443,24 @@ def test_switch_refuses_models_it_cannot_reproduce():
                                              peft.LoraConfig(r=2, target_modules="all-linear")))
 
 
+def test_switch_keeps_an_untied_head_in_fsdp2s_root_unit():
+    # verl's FSDP2 wrapping gives an untied head a unit of its own (read, never called, by the fused
+    # forward); while the switch builds an LM engine's FSDP module, the head is left to the root unit.
+    module = switch()
+    import transformers
+    import verl.utils.fsdp_utils as fsdp_utils
+
+    config = transformers.Qwen2Config(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    layers = ["Qwen2DecoderLayer"]
+    assert model.lm_head in fsdp_utils._select_fsdp2_wrap_targets(model, layers)
+    with module._head_in_root_unit():
+        targets = fsdp_utils._select_fsdp2_wrap_targets(model, layers)
+    assert model.lm_head not in targets and model.model.embed_tokens in targets
+    assert model.lm_head in fsdp_utils._select_fsdp2_wrap_targets(model, layers)
+
+
 @pytest.mark.parametrize("key, value, match", [
     ("temperature", torch.full((2,), 0.7), "temperature"),
     ("calculate_sum_pi_squared", True, "calculate_sum_pi_squared"),
