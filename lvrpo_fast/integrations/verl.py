@@ -22,9 +22,10 @@ process). Importing this module calls :func:`install` (idempotent), which, in th
 
 What the fused path cannot reproduce is refused with a ValueError when the engine is built or the
 micro-batch is run, never computed with verl's logits instead: an engine other than verl's FSDP one
-for a language model (megatron, veomni, torchtitan, automodel), final-logit soft-capping or logit
-scaling, an LM head with a bias or a LoRA adapter, a per-sample temperature, ``calculate_sum_pi_squared``
-(needs the full distribution) and top-k distillation. A value-head (critic) engine is left alone.
+for a language model (fsdp_turbo, megatron, veomni, torchtitan, automodel), final-logit soft-capping or
+logit scaling, an LM head with a bias, a LoRA adapter or an FSDP unit of its own, a per-sample
+temperature, ``calculate_sum_pi_squared`` (needs the full distribution) and top-k distillation. A
+value-head (critic) engine is left alone.
 
 An untied LM head: verl's FSDP2 wrapping gives it a unit of its own, gathered only inside its module's
 forward, which the fused forward never calls (it reads the weight, a sharded DTensor there, and FSDP2's
@@ -43,16 +44,18 @@ import inspect
 import sys
 
 import torch
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.tensor import DTensor, Partial
 
 from .. import fused_linear_logprobs
+from .verl_losses import (POLICY_LOSSES, agg_loss, compute_policy_loss_cispo, compute_policy_loss_gspo,
+                          compute_policy_loss_sapo, compute_policy_loss_vanilla, kl_penalty, sequence_weights)
 
 try:
     import verl.utils.kernel.linear_cross_entropy  # noqa: F401  (the slot's module; the package exports no function)
     import verl.utils.fsdp_utils as verl_fsdp_utils
     import verl.workers.utils.losses as verl_ppo_losses
-    from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from verl.models.transformers.monkey_patch import patch_forward_with_backends
     from verl.trainer.ppo import core_algos
     from verl.utils import tensordict_utils as tu
@@ -61,8 +64,6 @@ try:
 except ImportError as exc:  # the switch must reach the log-probabilities, not the losses alone
     raise ImportError("lvrpo_fast's verl switch needs verl's FSDP engine (pip install --no-deps verl==0.9.1 and "
                       f"pip install 'lvrpo-fast[verl]'): {exc}") from exc
-from .verl_losses import (POLICY_LOSSES, agg_loss, compute_policy_loss_cispo, compute_policy_loss_gspo,
-                          compute_policy_loss_sapo, compute_policy_loss_vanilla, kl_penalty, sequence_weights)
 
 __all__ = ["install", "linear_cross_entropy", "agg_loss", "sequence_weights", "kl_penalty",
            "compute_policy_loss_vanilla", "compute_policy_loss_gspo", "compute_policy_loss_cispo",
