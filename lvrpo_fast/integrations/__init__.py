@@ -2,8 +2,8 @@
 
     liger  lvrpo_fast.modules.FusedLinearGRPOLoss       LigerFusedLinearGRPOLoss's interface
     trl    lvrpo_fast.integrations.trl.LVRPOGRPOTrainer  trl.GRPOTrainer with lvrpo_fast's loss
-    verl   lvrpo_fast.integrations.verl                  core_algos' policy losses, agg_loss, kl_penalty,
-                                                         linear_cross_entropy
+    verl   lvrpo_fast.integrations.verl                  the switch verl's workers import (external_lib):
+                                                         policy losses, ppo_loss's helpers, the LM head
     hf     lvrpo_fast.integrations.hf                    a transformers model's LM-head inputs
 
 Each module imports its codebase only when loaded, so ``import lvrpo_fast`` never needs TRL or verl.
@@ -17,7 +17,8 @@ import importlib
 INTEGRATIONS = {
     "liger": ("lvrpo_fast.modules", "liger-kernel (only for the parity tests)"),
     "trl": ("lvrpo_fast.integrations.trl", "trl>=1.16"),
-    "verl": ("lvrpo_fast.integrations.verl", "verl (pip install --no-deps verl; plus its core_algos dependencies)"),
+    "verl": ("lvrpo_fast.integrations.verl",
+             "verl (pip install --no-deps verl==0.9.1; pip install 'lvrpo-fast[verl]')"),
     "hf": ("lvrpo_fast.integrations.hf", "transformers"),
 }
 

@@ -1,345 +1,306 @@
-"""verl: functions with the signatures and the numbers of ``verl.trainer.ppo.core_algos``, on lvrpo_fast.
+"""verl (0.9.1): one setting puts the actor's log-probabilities, entropy and policy loss on lvrpo_fast.
 
-Drop-in use (verl 0.9.1):
+verl computes losses and log-probabilities in its Ray worker processes, so the switch must be imported
+there. verl imports a module into every worker that builds the model config (its ``external_lib``):
 
-    from lvrpo_fast.integrations import verl as lvrpo_verl
-    lvrpo_verl.register()     # verl's "vanilla", "gspo", "cispo", "sapo" policy losses now run here
+    actor_rollout_ref.model.external_lib=lvrpo_fast.integrations.verl
 
-or call the functions directly. Each policy loss takes verl's arguments ``(old_log_prob, log_prob,
-advantages, response_mask, loss_agg_mode, config, rollout_is_weights)`` and returns verl's
-``(pg_loss, pg_metrics)``; the loss and its gradient w.r.t. log_prob come from lvrpo_fast.grpo_loss
-(one kernel pass forms both), the metrics from a few detached elementwise operations.
+(or, for code that does not build the model config in the worker, the environment variable
+``VERL_USE_EXTERNAL_MODULES=lvrpo_fast.integrations.verl``, which ``import verl`` honours in every
+process). Importing this module calls :func:`install` (idempotent), which, in that process:
 
-How verl's semantics map onto SPEC (../shared/SPEC.md):
-    vanilla   the clip family with dual clip (clip_ratio_c, default 3.0), ratio log clamped to +-20.
-    gspo      verl's GSPO-token: ratio value s_i = exp(mean_t log ratio) (log clamped at <= 10) for every
-              token, gradient s_i * grad log p_t per token. That is SPEC's *token-level* ratio with the
-              old log-probs replaced by log_prob - log s_i (detached), which is what is passed.
-    cispo     verl clamps the ratio to [1 - clip_ratio_low, 1 + clip_ratio_high] (SPEC's cispo caps it
-              above only, at epsilon_high): the clamped value is passed as the ratio in the same way,
-              with SPEC's cap set above it.
-    sapo      SPEC's sapo with sapo_temperature_pos/neg = config.tau_pos/tau_neg; verl always
-              aggregates it with seq-mean-token-mean, and so do we.
-    loss_agg_mode  Every verl mode is a weighted token sum, loss = sum_b s_b sum_t m[b,t] L[b,t], with a
-              per-sequence weight s_b (:func:`sequence_weights`). lvrpo_fast runs the policy term with
-              plain-sum aggregation (dapo / cispo with num_items_in_batch equal to the world size) and
-              s_b folded into the rollout weights, which multiply the policy term per token exactly
-              as verl's rollout_is_weights do. This reproduces SPEC section 10's difference: verl's
-              seq-mean modes divide by the number of non-empty sequences (or global_batch_size), SPEC
-              by B, a factor B / G between them.
+1. registers lvrpo_fast's "vanilla", "gspo", "cispo" and "sapo" in verl's policy-loss registry and
+   makes verl's ``ppo_loss`` use lvrpo_fast's ``agg_loss`` and ``kl_penalty`` (lvrpo_fast.integrations.
+   verl_losses: verl's numbers, float64 kept in float64);
+2. puts :func:`linear_cross_entropy` in verl's fused-kernel slot (``verl.utils.kernel.
+   linear_cross_entropy``), which the patched forward of verl's models calls with the hidden states
+   and the LM head's weight instead of computing the logits;
+3. makes verl's FSDP actor/reference engine (``FSDPEngineWithLMHead``) take that fused path whatever
+   ``use_fused_kernels`` says: its models get verl's fused forward, its micro-batches the fused
+   flag. The ``[tokens, vocabulary]`` logits are then never formed, in training and in
+   ``compute_log_prob`` alike; the entropy is computed only where verl asks for it.
 
-Advantages: verl passes them per token [B, T]; lvrpo_fast's loss takes one per sequence. GRPO-style
-estimators (grpo, rloo, reinforce++-baseline, ...) broadcast one value over each response, which is
-checked (one device synchronization) and reduced to [B]; per-token advantages (GAE) raise a ValueError.
-[B] advantages are accepted as they are.
+What the fused path cannot reproduce is refused with a ValueError when the engine is built or the
+micro-batch is run, never computed with verl's logits instead: an engine other than verl's FSDP one
+for a language model (fsdp_turbo, megatron, veomni, torchtitan, automodel), final-logit soft-capping or
+logit scaling, an LM head with a bias, a LoRA adapter or an FSDP unit of its own, a per-sample
+temperature, ``calculate_sum_pi_squared`` (needs the full distribution) and top-k distillation. A
+value-head (critic) engine is left alone.
 
-Known differences, all outside the numbers of a sane batch: an all-masked batch gives 0 here where
-verl's token-mean gives NaN; a GSPO sequence whose mean log-ratio exceeds 10 keeps a gradient here
-(verl's clamp zeroes it, but such a ratio, above 22026, is clipped for A > 0 anyway).
-
-Also here: :func:`agg_loss` and :func:`kl_penalty` (verl's, elementwise: no fused work to gain), and
-:func:`linear_cross_entropy` with the signature of ``verl.utils.kernel.linear_cross_entropy``
-(per-token log-probabilities and entropy from hidden states, through lvrpo_fast.fused_linear_logprobs).
+An untied LM head: verl's FSDP2 wrapping gives it a unit of its own, gathered only inside its module's
+forward, which the fused forward never calls (it reads the weight, a sharded DTensor there, and FSDP2's
+backward then trips over the never-gathered unit under mixed precision). The switch keeps the head in
+the root unit instead, so FSDP gathers, casts, accumulates and reduces it like any root parameter, and
+refuses a wrap policy that still gives it a unit of its own. A DTensor weight that reaches
+:func:`linear_cross_entropy` by another way is gathered there, with a gradient averaged across the mesh
+and scattered back to the shards.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+import contextlib
+import contextvars
+import functools
+import inspect
+import sys
 
 import torch
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.tensor import DTensor, Partial
 
-from ..grpo_loss import grpo_loss
-from ..logprobs import fused_linear_logprobs
-from ..options import world_size
+from .. import fused_linear_logprobs
+from .verl_losses import (POLICY_LOSSES, agg_loss, compute_policy_loss_cispo, compute_policy_loss_gspo,
+                          compute_policy_loss_sapo, compute_policy_loss_vanilla, kl_penalty, sequence_weights)
 
-__all__ = ["agg_loss", "sequence_weights", "kl_penalty", "compute_policy_loss_vanilla", "compute_policy_loss_gspo",
-           "compute_policy_loss_cispo", "compute_policy_loss_sapo", "linear_cross_entropy", "POLICY_LOSSES",
-           "register"]
-
-AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean")
-LOG_RATIO_CLAMP = 20.0
-GSPO_LOG_RATIO_MAX = 10.0  # verl clamps GSPO's log ratio from above only
-
-
-# ----------------------------------------------------------------------------------------------
-# Aggregation
-# ----------------------------------------------------------------------------------------------
-def sequence_weights(loss_mask: torch.Tensor, loss_agg_mode: str, dp_size: int = 1, batch_num_tokens=None,
-                     global_batch_size=None, loss_scale_factor=None) -> torch.Tensor:
-    """The weight s_b of each sequence's masked token sum in verl's agg_loss: [B, T] mask -> [B] float64.
-
-    agg_loss(L) = sum_b s_b * sum_t mask[b, t] * L[b, t] for every loss_agg_mode:
-        token-mean               dp_size / batch_num_tokens (default: the local token count)
-        token-sum                dp_size
-        seq-mean-token-sum       dp_size / G
-        seq-mean-token-sum-norm  dp_size / (G * loss_scale_factor)  (default factor: T)
-        seq-mean-token-mean      dp_size / (G * (n_b + 1e-8))       (verl's epsilon, in verl's dtype)
-    G = global_batch_size, by default the number of sequences with at least one token (verl's choice;
-    SPEC divides by B). Token and sequence counts are clamped at 1, so an empty batch gives 0, not NaN.
-    """
-    if loss_agg_mode not in AGG_MODES:
-        raise ValueError(f"loss_agg_mode must be one of {AGG_MODES}, got {loss_agg_mode!r}")
-    if loss_mask.dim() != 2:
-        raise ValueError(f"loss_mask must be 2-D [B, T], got shape {tuple(loss_mask.shape)}")
-    B, T = loss_mask.shape
-    counts = loss_mask.sum(-1, dtype=torch.float64)  # float64: exact counts, weights rounded once at the end
-    device = loss_mask.device
-
-    def as_count(name, value, default):
-        if value is None:
-            if dp_size > 1:
-                raise ValueError(f"{name} is required when dp_size > 1 (the global count, as in verl)")
-            return default.clamp(min=1.0)
-        return torch.as_tensor(value, dtype=torch.float64, device=device)
-
-    if loss_agg_mode == "token-mean":
-        n = as_count("batch_num_tokens", batch_num_tokens, counts.sum())
-        return (dp_size / n).expand(B).contiguous()
-    if loss_agg_mode == "token-sum":
-        return torch.full((B,), float(dp_size), dtype=torch.float64, device=device)
-    G = as_count("global_batch_size", global_batch_size, (counts > 0).sum(dtype=torch.float64))
-    if loss_agg_mode == "seq-mean-token-sum":
-        return (dp_size / G).expand(B).contiguous()
-    if loss_agg_mode == "seq-mean-token-sum-norm":
-        factor = T if loss_scale_factor is None else loss_scale_factor
-        return (dp_size / (G * factor)).expand(B).contiguous()
-    # verl adds its 1e-8 to the count in the mask's dtype (the default float dtype for a bool mask), where
-    # it usually rounds away; adding it the same way keeps agg_loss bit-compatible.
-    eps_dtype = loss_mask.dtype if loss_mask.is_floating_point() else torch.get_default_dtype()
-    return dp_size / (G * (counts.to(eps_dtype) + 1e-8).double())
-
-
-def agg_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str, dp_size: int = 1,
-             batch_num_tokens: Optional[int] = None, global_batch_size: Optional[int] = None,
-             loss_scale_factor: Optional[int] = None) -> torch.Tensor:
-    """verl's agg_loss: loss_mat [B, T], loss_mask [B, T] -> 0-dim loss (see :func:`sequence_weights`)."""
-    weights = sequence_weights(loss_mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size,
-                               loss_scale_factor)
-    masked = torch.where(loss_mask.bool(), loss_mat, torch.zeros_like(loss_mat))  # NaN outside the mask stays out
-    return (masked.sum(-1) * weights.to(masked.dtype)).sum()
-
-
-# ----------------------------------------------------------------------------------------------
-# KL penalty
-# ----------------------------------------------------------------------------------------------
-def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty: str) -> torch.Tensor:
-    """verl's per-token KL estimate [B, T] of the policy from the reference.
-
-    kl_penalty: "k1"/"kl" (logp - ref), "abs", "k2"/"mse" ((logp - ref)^2 / 2), "k3"/"low_var_kl"
-    (exp(x) - x - 1 with x = ref - logp clamped to +-20, the result clamped to +-10), and each with a
-    "+" suffix: the value of the estimator with the gradient of k2 (straight-through), which is the
-    unbiased gradient of the KL. "full" needs the whole distributions and is not supported.
-    """
-    straight_through = kl_penalty.endswith("+")
-    name = kl_penalty[:-1] if straight_through else kl_penalty
-    diff = logprob - ref_logprob
-    if name in ("k1", "kl"):
-        value = diff
-    elif name == "abs":
-        value = diff.abs()
-    elif name in ("k2", "mse"):
-        value = 0.5 * diff.square()
-    elif name in ("k3", "low_var_kl"):
-        x = torch.clamp(-diff, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        value = torch.clamp(torch.exp(x) - x - 1.0, -10.0, 10.0)
-    elif name == "full":
-        raise NotImplementedError("kl_penalty='full' needs the full distributions, which lvrpo_fast never forms")
-    else:
-        raise ValueError(f"kl_penalty must be one of k1, kl, abs, k2, mse, k3, low_var_kl (optionally with '+'), "
-                         f"got {kl_penalty!r}")
-    if not straight_through or name in ("k2", "mse"):
-        return value
-    k2 = 0.5 * diff.square()
-    return k2 - k2.detach() + value.detach()
-
-
-# ----------------------------------------------------------------------------------------------
-# Policy losses
-# ----------------------------------------------------------------------------------------------
-def _config_value(config, name, default):
-    if config is None:
-        return default
-    if hasattr(config, name):
-        value = getattr(config, name)
-    elif hasattr(config, "get"):
-        value = config.get(name, default)
-    else:
-        value = default
-    return default if value is None else value
-
-
-def _clip_range(config):
-    if config is None:
-        raise ValueError("config (verl's ActorConfig, or any object with clip_ratio / clip_ratio_low / "
-                         "clip_ratio_high) is required, as in verl")
-    clip = _config_value(config, "clip_ratio", 0.2)
-    return _config_value(config, "clip_ratio_low", clip), _config_value(config, "clip_ratio_high", clip)
-
-
-def _per_sequence_advantages(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, T] advantages constant over each response (or [B]) -> [B]; per-token ones raise."""
-    B = mask.shape[0]
-    if advantages.dim() == 1:
-        if advantages.shape[0] != B:
-            raise ValueError(f"advantages must have shape ({B},) or {tuple(mask.shape)}, got {tuple(advantages.shape)}")
-        return advantages
-    if tuple(advantages.shape) != tuple(mask.shape):
-        raise ValueError(f"advantages must have shape {tuple(mask.shape)} (as response_mask) or ({B},), "
-                         f"got {tuple(advantages.shape)}")
-    first = mask.to(torch.int8).argmax(-1, keepdim=True)  # first response token of each sequence
-    per_sequence = advantages.gather(-1, first)
-    if bool(((advantages != per_sequence) & mask).any()):
-        raise ValueError("advantages vary within a response (per-token advantages, e.g. GAE): lvrpo_fast's loss "
-                         "takes one advantage per sequence (GRPO-style estimators); use verl's own policy loss")
-    return per_sequence[:, 0]
-
-
-def _run_policy(log_prob, logp_old, advantages, mask, weights, rollout_is_weights, **options):
-    """grpo_loss with plain-sum aggregation and verl's per-sequence weights folded into the rollout weights."""
-    rollout = weights.float().unsqueeze(1).expand(mask.shape)
-    if rollout_is_weights is not None:
-        rollout = rollout * rollout_is_weights.float()
-    loss, _ = grpo_loss(log_prob, advantages, mask, logp_old=logp_old, rollout_weights=rollout.contiguous(),
-                        num_items_in_batch=float(world_size()), **options)
-    return loss
-
-
-def _prepare(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config):
-    mask = response_mask.bool()
-    info = dict(_config_value(config, "global_batch_info", {}) or {})
-    weights = sequence_weights(mask, loss_agg_mode, **info)
-    log_ratio = torch.clamp(log_prob.detach() - old_log_prob, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    return mask, weights, _per_sequence_advantages(advantages, mask), log_ratio
-
-
-def _masked_mean(values, mask):
-    return (values * mask).sum() / (mask.sum() + 1e-8)  # verl's masked_mean, epsilon included
-
-
-def _metrics(clipfrac, ppo_kl, clipfrac_lower) -> Dict[str, Any]:
-    return {"actor/pg_clipfrac": float(clipfrac), "actor/ppo_kl": float(ppo_kl),
-            "actor/pg_clipfrac_lower": float(clipfrac_lower)}
-
-
-def compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode: str = "token-mean",
-                                config=None, rollout_is_weights=None):
-    """verl's PPO clipped objective with dual clip. log_prob / old_log_prob [B, T] float, advantages
-    [B, T] (constant per response) or [B], response_mask [B, T], rollout_is_weights [B, T] or None.
-    Returns (pg_loss 0-dim float32, {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"})."""
-    clip_low, clip_high = _clip_range(config)
-    clip_ratio_c = _config_value(config, "clip_ratio_c", 3.0)
-    if not clip_ratio_c > 1.0:
-        raise ValueError(f"clip_ratio_c must be > 1 (dual-clip lower bound), got {clip_ratio_c}")
-    mask, weights, adv, log_ratio = _prepare(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
-                                             config)
-    loss = _run_policy(log_prob, old_log_prob, adv, mask, weights, rollout_is_weights, loss_type="dapo",
-                       epsilon_low=clip_low, epsilon_high=clip_high, clip_ratio_c=clip_ratio_c)
-    with torch.no_grad():
-        ratio = torch.exp(log_ratio)
-        A = adv.unsqueeze(1).to(ratio.dtype)
-        clipped = (((ratio > 1 + clip_high) & (A > 0)) | ((ratio < 1 - clip_low) & (A < 0))).float()
-        surrogate = torch.maximum(-A * ratio, -A * ratio.clamp(1 - clip_low, 1 + clip_high))
-        lower = ((surrogate > -A * clip_ratio_c) & (A < 0)).float()
-        metrics = _metrics(_masked_mean(clipped, mask), _masked_mean(-log_ratio, mask), _masked_mean(lower, mask))
-    return loss, metrics
-
-
-def compute_policy_loss_gspo(old_log_prob, log_prob, advantages, response_mask,
-                             loss_agg_mode: str = "seq-mean-token-mean", config=None, rollout_is_weights=None):
-    """verl's GSPO (sequence-level ratio, GSPO-token gradient). Arguments and result as the vanilla loss."""
-    clip_low, clip_high = _clip_range(config)
-    mask, weights, adv, _ = _prepare(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config)
-    with torch.no_grad():
-        log_ratio = log_prob - old_log_prob  # verl does not clamp this one before the mean
-        seq_log_ratio = (log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-        seq_log_ratio = seq_log_ratio.clamp(max=GSPO_LOG_RATIO_MAX)
-        # log_prob - logp_old == seq_log_ratio at every token: SPEC's token ratio then has verl's value
-        # s_i and verl's per-token gradient s_i * d log p_t.
-        logp_old = log_prob.detach() - seq_log_ratio.unsqueeze(1)
-    loss = _run_policy(log_prob, logp_old, adv, mask, weights, rollout_is_weights, loss_type="dapo",
-                       epsilon_low=clip_low, epsilon_high=clip_high)
-    with torch.no_grad():
-        ratio = torch.exp(seq_log_ratio).unsqueeze(1)
-        A = adv.unsqueeze(1).to(ratio.dtype)
-        clipped = (((ratio > 1 + clip_high) & (A > 0)) | ((ratio < 1 - clip_low) & (A < 0))).float()
-        metrics = _metrics(_masked_mean(clipped.expand(mask.shape), mask), _masked_mean(-log_ratio, mask), 0.0)
-    return loss, metrics
-
-
-def compute_policy_loss_cispo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode: str = "token-mean",
-                              config=None, rollout_is_weights=None):
-    """verl's CISPO: -stopgrad(clamp(ratio, 1 - low, 1 + high)) * A * log_prob. Arguments as vanilla."""
-    clip_low, clip_high = _clip_range(config)
-    mask, weights, adv, log_ratio = _prepare(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
-                                             config)
-    with torch.no_grad():
-        ratio = torch.exp(log_ratio)
-        clamped = ratio.clamp(1 - clip_low, 1 + clip_high)
-        # SPEC's cispo caps the ratio above only; passing the clamped ratio as the ratio itself (through
-        # logp_old) gives verl's two-sided clamp, and the cap above it changes nothing.
-        logp_old = log_prob.detach() - torch.log(clamped)
-    loss = _run_policy(log_prob, logp_old, adv, mask, weights, rollout_is_weights, loss_type="cispo",
-                       epsilon_high=2.0 * (1.0 + clip_high))
-    with torch.no_grad():
-        metrics = _metrics(_masked_mean((ratio != clamped).float(), mask), _masked_mean(-log_ratio, mask), 0.0)
-    return loss, metrics
-
-
-def compute_policy_loss_sapo(old_log_prob, log_prob, advantages, response_mask,
-                             loss_agg_mode: str = "seq-mean-token-mean", config=None, rollout_is_weights=None):
-    """verl's SAPO (soft gate, temperatures config.tau_pos / config.tau_neg). Like verl, it always
-    aggregates with seq-mean-token-mean whatever loss_agg_mode says."""
-    if config is None:
-        raise ValueError("config (with tau_pos and tau_neg) is required, as in verl")
-    mask, weights, adv, log_ratio = _prepare(old_log_prob, log_prob, advantages, response_mask,
-                                             "seq-mean-token-mean", config)
-    # SPEC's sapo divides each sequence's token sum by B * n_b; multiplying it back gives a plain sum.
-    n = mask.sum(-1, dtype=torch.float64).clamp(min=1.0)
-    loss = _run_policy(log_prob, old_log_prob, adv, mask, weights * (n * mask.shape[0]), rollout_is_weights,
-                       loss_type="sapo", sapo_temperature_pos=float(_config_value(config, "tau_pos", 1.0)),
-                       sapo_temperature_neg=float(_config_value(config, "tau_neg", 1.05)))
-    with torch.no_grad():
-        metrics = _metrics(0.0, _masked_mean(-log_ratio, mask), 0.0)
-    return loss, metrics
-
-
-POLICY_LOSSES = {
-    "vanilla": compute_policy_loss_vanilla,
-    "gspo": compute_policy_loss_gspo,
-    "cispo": compute_policy_loss_cispo,
-    "sapo": compute_policy_loss_sapo,
-}
-
-
-def register(names=tuple(POLICY_LOSSES)):
-    """Makes verl's policy-loss registry return these functions for `names` (verl's own are replaced)."""
+try:
+    import verl.utils.kernel.linear_cross_entropy  # noqa: F401  (the slot's module; the package exports no function)
+    import verl.utils.fsdp_utils as verl_fsdp_utils
+    import verl.workers.utils.losses as verl_ppo_losses
+    from verl.models.transformers.monkey_patch import patch_forward_with_backends
     from verl.trainer.ppo import core_algos
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.engine.base import EngineRegistry
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead, FSDPEngineWithValueHead
+except ImportError as exc:  # the switch must reach the log-probabilities, not the losses alone
+    raise ImportError("lvrpo_fast's verl switch needs verl's FSDP engine (pip install --no-deps verl==0.9.1 and "
+                      f"pip install 'lvrpo-fast[verl]'): {exc}") from exc
 
-    for name in names:
-        core_algos.POLICY_LOSS_REGISTRY[name] = POLICY_LOSSES[name]
+__all__ = ["install", "linear_cross_entropy", "agg_loss", "sequence_weights", "kl_penalty",
+           "compute_policy_loss_vanilla", "compute_policy_loss_gspo", "compute_policy_loss_cispo",
+           "compute_policy_loss_sapo", "POLICY_LOSSES"]
+
+# Set by the engine around each micro-batch: whether verl reads the entropy (calculate_entropy).
+# linear_cross_entropy called outside the engine always returns it, as verl's does.
+_ENTROPY_NEEDED = contextvars.ContextVar("lvrpo_fast_verl_entropy_needed", default=True)
+_MARK = "__lvrpo_fast__"
 
 
 # ----------------------------------------------------------------------------------------------
-# Fused log-probabilities and entropy
+# The fused-kernel slot
 # ----------------------------------------------------------------------------------------------
+def _gathered(weight: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A DTensor weight (a sharded head that reaches the slot ungathered) as the full [V, D] tensor,
+    differentiably.
+
+    The gradient of the full tensor differs per rank (each rank's own tokens), so it is declared
+    Partial("avg") on every mesh dimension: backward then reduce-scatters it as the mean over ranks,
+    as FSDP reduces its own gradients (verl scales each rank's loss by the data-parallel size); a plain
+    full_tensor() would leave each rank the slice of its own gradient."""
+    if not isinstance(weight, DTensor):
+        return weight
+    if weight.device != device:  # a shard offloaded to the host
+        weight = weight.to(device)
+    return weight.full_tensor(grad_placements=[Partial("avg")] * weight.device_mesh.ndim)
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
                          reduction: str = "none", dist_process_group=None):
-    """verl's linear_cross_entropy: per-token log-probabilities and entropy without the logits.
+    """verl's ``linear_cross_entropy``: per-token log-probabilities and entropy without the logits.
 
-    hidden [..., D] (flattened to [N, D]), weight [V, D], labels [...] in [0, V), temperature > 0.
-    Returns (logprobs, entropy), both float32: logprobs [N] for reduction "none", else their sum or
-    mean (0-dim); entropy always [N]. Differentiable w.r.t. hidden and weight through both.
-    dist_process_group (vocabulary-parallel heads) is not supported.
+    hidden [..., D] (verl passes [1, total_nnz, D] for packed batches, [B, T, D] for padded ones),
+    weight [V, D] (a tensor, or FSDP2's DTensor shard of it), labels [...] = hidden.shape[:-1] in
+    [0, V), temperature > 0. Returns (logprobs, entropy), float32 (float64 for float64 inputs):
+    logprobs of labels' shape for reduction "none", else their sum or mean (0-dim); entropy of labels'
+    shape, or None inside verl's engine when the micro-batch does not ask for it. Differentiable
+    w.r.t. hidden and weight through both. Under autocast the head runs in hidden's dtype, as the
+    autocast matmul of verl's unfused head would. dist_process_group (a vocabulary-parallel head) is
+    not supported.
     """
     if dist_process_group is not None:
         raise NotImplementedError("dist_process_group (a vocabulary-parallel LM head) is not supported")
     if not isinstance(reduction, str) or reduction.lower() not in ("none", "sum", "mean"):
         raise ValueError(f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    logprobs, entropy = fused_linear_logprobs(flat_hidden, weight, labels.reshape(-1), temperature=temperature,
-                                              return_entropy=True)
+    weight = _gathered(weight, hidden.device)
+    if weight.dtype != hidden.dtype:
+        weight = weight.to(hidden.dtype)
+    need_entropy = _ENTROPY_NEEDED.get()
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        out = fused_linear_logprobs(hidden, weight, labels, temperature=temperature, return_entropy=need_entropy)
+    logprobs, entropy = out if need_entropy else (out, None)
     reduction = reduction.lower()
     if reduction == "sum":
         logprobs = logprobs.sum()
     elif reduction == "mean":
         logprobs = logprobs.mean()
     return logprobs, entropy
+
+
+# ----------------------------------------------------------------------------------------------
+# verl's FSDP engine on the fused path
+# ----------------------------------------------------------------------------------------------
+def _is_value_engine(engine) -> bool:
+    return isinstance(engine, FSDPEngineWithValueHead)
+
+
+def check_model_config(hf_config) -> None:
+    """Refuses a model whose logits are not ``hidden @ weight.T`` (verl's fused forward assumes it)."""
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    model_type = getattr(hf_config, "model_type", "?")
+    if model_type == "kimi_vl":
+        raise ValueError("model_type kimi_vl: verl 0.9.1 has no fused forward for it, so lvrpo_fast's verl "
+                         "switch cannot run its LM head")
+    if getattr(text, "final_logit_softcapping", None) is not None:
+        raise ValueError(f"{model_type}: final_logit_softcapping={text.final_logit_softcapping} is not linear in "
+                         "the hidden states; verl's fused forward (which lvrpo_fast's switch uses) ignores it")
+    for name in ("logit_scale", "logits_scaling", "lm_head_multiplier"):
+        value = getattr(text, name, None)
+        if value is not None and float(value) != 1.0:
+            raise ValueError(f"{model_type}: {name}={value} scales the logits; verl's fused forward (which "
+                             "lvrpo_fast's switch uses) ignores it")
+
+
+def check_lm_head(module) -> None:
+    """Refuses an LM head that is not one [V, D] weight: a bias, or a (LoRA) adapter around it."""
+    head = module.get_output_embeddings()
+    if head is None or getattr(head, "weight", None) is None:
+        raise ValueError(f"{type(module).__name__} has no output embedding; lvrpo_fast's verl switch needs an LM head")
+    if hasattr(head, "base_layer"):
+        raise ValueError("the LM head carries an adapter (LoRA target_modules include lm_head); verl's fused forward "
+                         "reads only its base weight. Leave lm_head out of target_modules")
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("the LM head has a bias; verl's fused forward (which lvrpo_fast's switch uses) ignores it")
+
+
+def _build_module(original):
+    @functools.wraps(original)
+    def build_module(self):
+        module = original(self)
+        if _is_value_engine(self):
+            return module
+        check_model_config(module.config)
+        check_lm_head(module)
+        # verl's own fused forward, whatever use_fused_kernels / impl_backend say: "triton" is the
+        # backend whose forward calls the linear_cross_entropy slot, which now holds ours.
+        patch_forward_with_backends(module, use_fused_kernels=True, fused_kernels_backend="triton")
+        return module
+
+    return build_module
+
+
+def _build_lora_module(original):
+    @functools.wraps(original)
+    def build_lora_module(self, module):
+        module = original(self, module)
+        if not _is_value_engine(self):
+            check_lm_head(module)
+        return module
+
+    return build_lora_module
+
+
+@contextlib.contextmanager
+def _head_in_root_unit():
+    """FSDP2 wraps an untied LM head in a unit of its own, whose parameters FSDP gathers only inside that
+    module's forward; verl's fused forward reads the head's weight without calling the module, and FSDP2
+    then trips over the never-gathered unit in backward (mixed precision with gradient accumulation).
+    Left in the root unit, the head is gathered, cast, accumulated and reduced by FSDP like the root's
+    other parameters."""
+    select = verl_fsdp_utils._select_fsdp2_wrap_targets
+
+    def without_head(model, classes):
+        head = model.get_output_embeddings()
+        return [module for module in select(model, classes) if module is not head]
+
+    verl_fsdp_utils._select_fsdp2_wrap_targets = without_head
+    try:
+        yield
+    finally:
+        verl_fsdp_utils._select_fsdp2_wrap_targets = select
+
+
+def _build_fsdp_module(original):
+    @functools.wraps(original)
+    def build_fsdp_module(self, module):
+        if _is_value_engine(self):
+            return original(self, module)
+        with _head_in_root_unit():
+            wrapped = original(self, module)
+        if isinstance(wrapped.get_output_embeddings(), (FSDP, FSDPModule)):
+            raise ValueError("the FSDP wrap policy (wrap_policy.min_num_params?) gives the LM head an FSDP unit of its "
+                             "own, which verl's fused forward reads outside that unit's forward; use the default "
+                             "wrap policy (transformer layers)")
+        return wrapped
+
+    return build_fsdp_module
+
+
+def check_micro_batch(micro_batch) -> None:
+    """Refuses what the fused path cannot compute (named after verl's micro-batch keys)."""
+    if isinstance(micro_batch.get("temperature", None), torch.Tensor):  # verl: "not supported yet"
+        raise ValueError("temperature: a per-sample temperature tensor is not supported by verl's fused forward "
+                         "(which lvrpo_fast's switch uses); give one float")
+    if tu.get_non_tensor_data(data=micro_batch, key="calculate_sum_pi_squared", default=False):
+        raise ValueError("calculate_sum_pi_squared=True needs the full [tokens, vocabulary] distribution, which "
+                         "lvrpo_fast's verl switch never forms")
+    if tu.get_non_tensor_data(data=micro_batch, key="distillation_use_topk", default=False):
+        raise ValueError("distillation_use_topk=True (top-k distillation) is not supported by lvrpo_fast's verl switch")
+
+
+def _forward_step(original):
+    @functools.wraps(original)
+    def forward_step(self, micro_batch, loss_function, forward_only):
+        if _is_value_engine(self):
+            return original(self, micro_batch, loss_function, forward_only)
+        check_micro_batch(micro_batch)
+        tu.assign_non_tensor(micro_batch, use_fused_kernels=True)
+        calculate_entropy = tu.get_non_tensor_data(data=micro_batch, key="calculate_entropy", default=False)
+        token = _ENTROPY_NEEDED.set(bool(calculate_entropy))
+        try:
+            return original(self, micro_batch, loss_function, forward_only)
+        finally:
+            _ENTROPY_NEEDED.reset(token)
+
+    return forward_step
+
+
+def _engine_new(original):
+    @functools.wraps(original)
+    def new(cls, model_type, backend, *args, **kwargs):
+        if model_type == "language_model":
+            engine_cls = cls.get_engine_cls(model_type, backend)
+            patched = (issubclass(engine_cls, FSDPEngineWithLMHead)
+                       and getattr(engine_cls.forward_step, _MARK, False)
+                       and getattr(engine_cls._build_module, _MARK, False))
+            if not patched:
+                raise ValueError(f"strategy {backend!r} builds {engine_cls.__name__}, which lvrpo_fast's verl switch "
+                                 "does not cover (it covers verl's FSDP engine: strategy 'fsdp' or 'fsdp2'); "
+                                 f"remove {__name__} from external_lib to use verl's own path")
+        return original(cls, model_type, backend, *args, **kwargs)
+
+    return new
+
+
+# ----------------------------------------------------------------------------------------------
+# The switch
+# ----------------------------------------------------------------------------------------------
+def _replace(owner, name: str, wrap) -> None:
+    """owner.name = wrap(current) (current possibly inherited), once: a second install leaves an
+    installed replacement alone."""
+    current = inspect.getattr_static(owner, name)
+    function = current.__func__ if isinstance(current, classmethod) else current
+    if getattr(function, _MARK, False):
+        return
+    replacement = wrap(function)
+    replacement.__module__ = __name__  # functools.wraps copied verl's; the code is ours
+    setattr(replacement, _MARK, True)
+    setattr(owner, name, classmethod(replacement) if isinstance(current, classmethod) else replacement)
+
+
+def install() -> None:
+    """Puts lvrpo_fast under verl in this process (see the module docstring). Idempotent; called on import."""
+    for name, fn in POLICY_LOSSES.items():
+        core_algos.POLICY_LOSS_REGISTRY[name] = fn
+    for name, fn in (("agg_loss", agg_loss), ("kl_penalty", kl_penalty)):  # ppo_loss's module bound verl's at import
+        setattr(verl_ppo_losses, name, fn)
+    slot = sys.modules["verl.utils.kernel.linear_cross_entropy"]
+    slot.linear_cross_entropy = linear_cross_entropy
+    # On the LM-head class (over FSDPEngine's methods): the value-head subclass inherits the wrappers,
+    # which recognise it and step aside.
+    _replace(FSDPEngineWithLMHead, "_build_module", _build_module)
+    _replace(FSDPEngineWithLMHead, "_build_lora_module", _build_lora_module)
+    _replace(FSDPEngineWithLMHead, "_build_fsdp_module", _build_fsdp_module)
+    _replace(FSDPEngineWithLMHead, "forward_step", _forward_step)
+    _replace(EngineRegistry, "new", _engine_new)
+
+
+install()
