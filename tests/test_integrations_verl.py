@@ -194,10 +194,28 @@ def test_per_sequence_advantages_are_accepted():
     torch.testing.assert_close(full, per_seq)
 
 
-def test_per_token_advantages_are_refused():
+@pytest.mark.parametrize("backend", ["auto", "triton", "cpp"])
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("loss_mode", LOSSES)
+def test_per_token_advantages_match_verl(loss_mode, mode, backend, monkeypatch):
+    """Advantages that vary within a response (GAE, process rewards) give verl's numbers too."""
+    _use_backend(monkeypatch, backend)
+    old, log_prob, _, mask, rollout = _inputs()
+    advantages = torch.randn(B, T) * mask
+    args = (old, log_prob, advantages, mask, rollout, mode, _config())
+    truth_loss, truth_grad, truth_metrics = _evaluate(theirs(loss_mode), *args, torch.float64)
+    ref_loss, ref_grad, _ = _evaluate(theirs(loss_mode), *args, torch.float32)
+    loss, grad, metrics = _evaluate(ours.POLICY_LOSSES[loss_mode], *args, torch.float32)
+    assert_close_to_truth(loss, ref_loss, truth_loss, torch.float32, "pg_loss")
+    assert_close_to_truth(grad, ref_grad, truth_grad, torch.float32, "d pg_loss / d log_prob")
+    for name, value in truth_metrics.items():
+        assert metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+
+
+def test_advantages_of_a_wrong_shape_are_refused():
     old, log_prob, _, mask, _ = _inputs()
-    with pytest.raises(ValueError, match="advantages vary within a response"):
-        ours.compute_policy_loss_vanilla(old, log_prob, torch.randn(B, T), mask, config=_config())
+    with pytest.raises(ValueError, match="advantages must have shape"):
+        ours.compute_policy_loss_vanilla(old, log_prob, torch.randn(B, T + 1), mask, config=_config())
 
 
 @pytest.mark.parametrize("batch_info", [{}, dict(dp_size=4, batch_num_tokens=97, global_batch_size=17),

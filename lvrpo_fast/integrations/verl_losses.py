@@ -26,10 +26,9 @@ How verl's semantics map onto lvrpo_fast's loss options:
               sequences (or global_batch_size), and so do these functions (lvrpo_fast's own grpo
               loss_type divides by B).
 
-Advantages: verl passes them per token [B, T]; lvrpo_fast's loss takes one per sequence. GRPO-style
-estimators (grpo, rloo, reinforce++-baseline, ...) broadcast one value over each response, which is
-checked (one device synchronization) and reduced to [B]; per-token advantages (GAE) raise a ValueError.
-[B] advantages are accepted as they are.
+Advantages: verl passes them per token [B, T], and lvrpo_fast's loss takes them so, whatever the
+estimator: one value broadcast over each response (grpo, rloo, reinforce++-baseline, ...) or a value
+per token (GAE, process rewards). [B] advantages are accepted as they are.
 
 Known differences, outside the numbers of a sane batch:
 - A batch whose response_mask is all False gives loss 0 and zero gradient here (agg_loss too). verl's
@@ -175,22 +174,18 @@ def _clip_range(config):
     return _config_value(config, "clip_ratio_low", clip), _config_value(config, "clip_ratio_high", clip)
 
 
-def _per_sequence_advantages(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, T] advantages constant over each response (or [B]) -> [B]; per-token ones raise."""
+def _checked_advantages(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """advantages [B, T] (per token, as verl passes them) or [B] (per sequence), checked against the mask."""
     B = mask.shape[0]
-    if advantages.dim() == 1:
-        if advantages.shape[0] != B:
-            raise ValueError(f"advantages must have shape ({B},) or {tuple(mask.shape)}, got {tuple(advantages.shape)}")
-        return advantages
-    if tuple(advantages.shape) != tuple(mask.shape):
+    if tuple(advantages.shape) not in ((B,), tuple(mask.shape)):
         raise ValueError(f"advantages must have shape {tuple(mask.shape)} (as response_mask) or ({B},), "
                          f"got {tuple(advantages.shape)}")
-    first = mask.to(torch.int8).argmax(-1, keepdim=True)  # first response token of each sequence
-    per_sequence = advantages.gather(-1, first)
-    if bool(((advantages != per_sequence) & mask).any()):
-        raise ValueError("advantages vary within a response (per-token advantages, e.g. GAE): lvrpo_fast's loss "
-                         "takes one advantage per sequence (GRPO-style estimators); use verl's own policy loss")
-    return per_sequence[:, 0]
+    return advantages
+
+
+def _per_token(advantages: torch.Tensor) -> torch.Tensor:
+    """[B] or [B, T] advantages as something that broadcasts against [B, T] (for the metrics)."""
+    return advantages if advantages.dim() == 2 else advantages.unsqueeze(1)
 
 
 def _run_policy(log_prob, logp_old, advantages, mask, weights, rollout_is_weights, **options):
@@ -212,7 +207,7 @@ def _prepare(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, c
     info = dict(_config_value(config, "global_batch_info", {}) or {})
     weights = sequence_weights(mask, loss_agg_mode, **info)
     log_ratio = torch.clamp(log_prob.detach() - old_log_prob, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    return mask, weights, _per_sequence_advantages(advantages, mask), log_ratio
+    return mask, weights, _checked_advantages(advantages, mask), log_ratio
 
 
 def _masked_mean(values, mask):
@@ -227,7 +222,8 @@ def _metrics(clipfrac, ppo_kl, clipfrac_lower) -> Dict[str, Any]:
 def compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode: str = "token-mean",
                                 config=None, rollout_is_weights=None):
     """verl's PPO clipped objective with dual clip. log_prob / old_log_prob [B, T] float, advantages
-    [B, T] (constant per response) or [B], response_mask [B, T], rollout_is_weights [B, T] or None.
+    [B, T] (per token: GRPO's broadcast value, GAE, process rewards) or [B], response_mask [B, T],
+    rollout_is_weights [B, T] or None.
     Returns (pg_loss 0-dim float32, {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"})."""
     clip_low, clip_high = _clip_range(config)
     clip_ratio_c = _config_value(config, "clip_ratio_c", 3.0)
@@ -239,7 +235,7 @@ def compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mas
                        epsilon_low=clip_low, epsilon_high=clip_high, clip_ratio_c=clip_ratio_c)
     with torch.no_grad():
         ratio = torch.exp(log_ratio)
-        A = adv.unsqueeze(1).to(ratio.dtype)
+        A = _per_token(adv).to(ratio.dtype)
         clipped = (((ratio > 1 + clip_high) & (A > 0)) | ((ratio < 1 - clip_low) & (A < 0))).float()
         surrogate = torch.maximum(-A * ratio, -A * ratio.clamp(1 - clip_low, 1 + clip_high))
         lower = ((surrogate > -A * clip_ratio_c) & (A < 0)).float()
@@ -263,7 +259,7 @@ def compute_policy_loss_gspo(old_log_prob, log_prob, advantages, response_mask,
                        epsilon_low=clip_low, epsilon_high=clip_high)
     with torch.no_grad():
         ratio = torch.exp(seq_log_ratio).unsqueeze(1)
-        A = adv.unsqueeze(1).to(ratio.dtype)
+        A = _per_token(adv).to(ratio.dtype)
         clipped = (((ratio > 1 + clip_high) & (A > 0)) | ((ratio < 1 - clip_low) & (A < 0))).float()
         metrics = _metrics(_masked_mean(clipped.expand(mask.shape), mask), _masked_mean(-log_ratio, mask), 0.0)
     return loss, metrics
