@@ -103,6 +103,104 @@ def head_into(tile: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bi
     return torch.addmm(bias, hidden, weight.t(), out=out)
 
 
+# Batch-invariant mode (issue 19): a row's logits, hence its log-probability and entropy, the same bits
+# whatever else is in the call.
+#
+# BLAS libraries choose a kernel, a blocking and sometimes a split of the reduction over D by the shape
+# of the call, so the head's product for one row moves in its last bits when the chunk's row count
+# moves: with the torch 2.13 CPU wheel's MKL on the AMD EPYC of the test machine, a row computed in a
+# 1-row call differs from the same row in a 2- or 3-row call, which differs from calls of 4 rows or
+# more; cuBLAS switches kernels and split-K by M. What holds for every BLAS: one call shape gives one
+# kernel and one reduction order, and each row of that call gets the same treatment wherever it sits
+# (measured on that MKL for fp32, bf16 and fp16, calls of 8 to 256 rows, every position, 1 and 2
+# threads, output and input rows at any alignment). So in this mode the head is only ever called as
+# [R, D] @ [D, V] with R fixed per device (INVARIANT_TILE_ROWS): the live rows of the whole plan are
+# taken R at a time into one staging buffer, the call's last tile padded with zero rows. A tile that
+# runs past a chunk's last row is kept for the next chunk (at most R - 1 rows carried to the front of
+# the buffer), so chunks of whole sequences of any length waste nothing; only the last tile is padded.
+#
+# R: a power of two, so a multiple of the rows of the usual micro-kernels (8, 16, 32) and of cuBLAS's
+# tiles (64, 128), in case a BLAS treats a ragged last block of rows apart (this MKL does not: 48 and
+# 96 rows gave every position the same bits too). On the CPU each call packs W again, so small tiles
+# pay: on 2 loaded cores, 512 rows as 4 calls of 128 took ~1.3x one call of 512, as 2 calls of 256
+# ~1.15x; 128 keeps a 128-token call unpadded. On a GPU a call of 256 rows is 2 x 594 output tiles of
+# 128 x 256 at V = 151,936 (9.0 waves on 132 SMs): the GEMM stays large and the padding is at most 255
+# rows per call (benchmarks/README.md, "Batch-invariant mode").
+INVARIANT_TILE_ROWS = {"cuda": 256, "cpu": 128}
+
+
+def invariant_tile_rows(device: torch.device) -> int:
+    """R, the row count of every head GEMM in batch-invariant mode on `device`."""
+    return INVARIANT_TILE_ROWS.get(device.type, INVARIANT_TILE_ROWS["cuda"])
+
+
+class Logits:
+    """The LM head's logits of a plan's chunks, one chunk at a time, in one reused buffer.
+
+    hidden [N, D] (the flattened rows the chunks index), weight [V, D], bias [V] | None; the chunks of
+    one plan (row_chunks or sequence_chunks). :meth:`of` returns chunk c's logits [c.size, V] in the
+    input dtype, a view the caller may overwrite in place (its gradient) until the next call. Chunks
+    must be asked for in plan order, each once; chunks computing no row are skipped.
+
+    Default: one GEMM per chunk on its rows, into the first rows of a [max chunk size, V] tile.
+    batch_invariant: every GEMM is [R, D] @ [D, V] (see the note above), into a [max chunk size + R, V]
+    buffer with an [R, D] staging buffer for the gathered rows."""
+
+    def __init__(self, chunks: List["Chunk"], hidden: torch.Tensor, weight: torch.Tensor, bias,
+                 batch_invariant: bool):
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.invariant = batch_invariant
+        max_rows = max((c.size for c in chunks), default=0)
+        if not batch_invariant:
+            self.buffer = logits_tile(max_rows, weight.shape[0], hidden)
+            return
+        self.rows = invariant_tile_rows(hidden.device)
+        live = [c for c in chunks if c.size]
+        self.plan = live
+        # The plan's computed rows in plan order: the stream the fixed-shape tiles are cut from.
+        self.order = (torch.cat([c.live if c.live is not None else
+                                 torch.arange(c.start, c.end, device=hidden.device) for c in live])
+                      if live else torch.empty(0, dtype=torch.long, device=hidden.device))
+        self.buffer = logits_tile(max_rows + self.rows if live else 0, weight.shape[0], hidden)
+        self.staging = hidden.new_empty(self.rows if live else 0, hidden.shape[1])
+        self.next = 0      # index in self.plan of the next chunk
+        self.first = 0     # stream index of the buffer's row 0
+        self.computed = 0  # stream rows [0, computed) have been computed
+        self.position = 0  # stream index of the next chunk's first row
+
+    def of(self, chunk: "Chunk", rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """chunk's logits [chunk.size, V]; rows = chunk.take(hidden) when the caller has them already."""
+        if not self.invariant:
+            return head_into(self.buffer, chunk.take(self.hidden) if rows is None else rows, self.weight, self.bias)
+        if self.next >= len(self.plan) or chunk is not self.plan[self.next]:
+            raise RuntimeError("Logits.of: chunks must be asked for in plan order, each once")
+        self.next += 1
+        start, end = self.position, self.position + chunk.size
+        carried = self.computed - start  # rows of this chunk computed with the previous one's last tile
+        if carried > 0 and start > self.first:
+            src = self.buffer[start - self.first:self.computed - self.first]
+            self.buffer[:carried].copy_(src.clone() if start - self.first < carried else src)  # no overlap
+        self.first = start
+        while self.computed < end:
+            self._tile()
+        self.position = end
+        return self.buffer[:chunk.size]
+
+    def _tile(self) -> None:
+        """Computes the next R rows of the stream (zero rows past its end) into the buffer."""
+        R, begin = self.rows, self.computed
+        n = min(R, self.order.numel() - begin)
+        torch.index_select(self.hidden, 0, self.order[begin:begin + n], out=self.staging[:n])
+        if n < R:
+            self.staging[n:].zero_()
+        out = self.buffer[begin - self.first:begin - self.first + R]
+        if self.bias is None:
+            torch.mm(self.staging, self.weight.t(), out=out)
+        else:
+            torch.addmm(self.bias, self.staging, self.weight.t(), out=out)
+        self.computed += R
+
+
 def skips_rows(chunks: List["Chunk"], n_rows: int) -> bool:
     """Whether some of the n_rows rows is never computed (outputs must then be zero-initialized for it):
     a masked row, or every row when the plan is empty (all masked)."""
