@@ -113,25 +113,55 @@ def head_into(tile: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bi
 # more; cuBLAS switches kernels and split-K by M. What holds for every BLAS: one call shape gives one
 # kernel and one reduction order, and each row of that call gets the same treatment wherever it sits
 # (measured on that MKL for fp32, bf16 and fp16, calls of 8 to 256 rows, every position, 1 and 2
-# threads, output and input rows at any alignment). So in this mode the head is only ever called as
-# [R, D] @ [D, V] with R fixed per device (INVARIANT_TILE_ROWS): the live rows of the whole plan are
-# taken R at a time into one staging buffer, the call's last tile padded with zero rows. A tile that
-# runs past a chunk's last row is kept for the next chunk (at most R - 1 rows carried to the front of
-# the buffer), so chunks of whole sequences of any length waste nothing; only the last tile is padded.
+# threads, output and input rows at any alignment). So in this mode every row's logits are those of
+# an [R, D] @ [D, V] GEMM with R fixed per device (INVARIANT_TILE_ROWS): the live rows of the whole
+# plan are taken R at a time into a staging buffer, the call's last tile padded with zero rows. A tile
+# that runs past a chunk's last row is kept for the next chunk (at most R - 1 rows carried to the front
+# of the buffer), so chunks of whole sequences of any length waste nothing; only the last tile is padded.
+#
+# How the tiles run (head_tiles_into): on a GPU one cuBLAS call per tile. On the CPU one call per tile
+# packs W again each time (512 rows as 4 calls of 128: ~1.3-1.6x one call of 512 on 2 loaded cores),
+# so the k tiles a chunk needs go through one strided batched GEMM (torch.bmm, W broadcast over the
+# batch), which MKL runs at ~1.1x one call and which gives every item the bits of the single [R, D]
+# call whatever k (measured for fp32, bf16 and fp16, k = 1 to 17; tests/test_batch_invariant.py checks
+# it on every machine the suite runs on). cuBLAS chooses batched kernels by the batch count too, so the
+# GPU keeps single calls.
 #
 # R: a power of two, so a multiple of the rows of the usual micro-kernels (8, 16, 32) and of cuBLAS's
 # tiles (64, 128), in case a BLAS treats a ragged last block of rows apart (this MKL does not: 48 and
-# 96 rows gave every position the same bits too). On the CPU each call packs W again, so small tiles
-# pay: on 2 loaded cores, 512 rows as 4 calls of 128 took ~1.3x one call of 512, as 2 calls of 256
-# ~1.15x; 128 keeps a 128-token call unpadded. On a GPU a call of 256 rows is 2 x 594 output tiles of
-# 128 x 256 at V = 151,936 (9.0 waves on 132 SMs): the GEMM stays large and the padding is at most 255
-# rows per call (benchmarks/README.md, "Batch-invariant mode").
+# 96 rows gave every position the same bits too). 128 on the CPU: a 128-token call is unpadded, and
+# batched tiles of 64 rows cost ~1.3x one call. 256 on a GPU: a call is 2 x 594 output tiles of 128 x
+# 256 at V = 151,936 (9.0 waves on 132 SMs), large enough that streaming W per call stays hidden, and
+# the padding is at most 255 rows per op call (benchmarks/README.md, "Batch-invariant mode").
 INVARIANT_TILE_ROWS = {"cuda": 256, "cpu": 128}
 
 
 def invariant_tile_rows(device: torch.device) -> int:
     """R, the row count of every head GEMM in batch-invariant mode on `device`."""
     return INVARIANT_TILE_ROWS.get(device.type, INVARIANT_TILE_ROWS["cuda"])
+
+
+def invariant_chunk_rows(rows: int, device: torch.device) -> int:
+    """A chunk budget of `rows` rows as whole tiles of R rows (at least one): chunks of whole tiles never
+    carry rows to the next one, and their buffer is the chunk itself. Only the speed and the memory
+    depend on it; a row's bits do not."""
+    tile = invariant_tile_rows(device)
+    return max(tile, rows // tile * tile)
+
+
+def head_tiles_into(out: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias, tile_rows: int) -> None:
+    """out [k R, V] = rows [k R, D] @ weight [V, D]^T (+ bias [V]), each tile of R = tile_rows rows with
+    the bits of that tile's own [R, D] @ [D, V] GEMM (see the note above); out contiguous."""
+    k, D, V = rows.shape[0] // tile_rows, rows.shape[1], weight.shape[0]
+    if rows.device.type == "cpu":
+        tiles, w = rows.view(k, tile_rows, D), weight.t().unsqueeze(0).expand(k, D, V)
+        if bias is None:
+            torch.bmm(tiles, w, out=out.view(k, tile_rows, V))
+        else:
+            torch.baddbmm(bias, tiles, w, out=out.view(k, tile_rows, V))
+        return
+    for i in range(0, k * tile_rows, tile_rows):
+        head_into(out[i:i + tile_rows], rows[i:i + tile_rows], weight, bias)
 
 
 class Logits:
@@ -143,8 +173,9 @@ class Logits:
     must be asked for in plan order, each once; chunks computing no row are skipped.
 
     Default: one GEMM per chunk on its rows, into the first rows of a [max chunk size, V] tile.
-    batch_invariant: every GEMM is [R, D] @ [D, V] (see the note above), into a [max chunk size + R, V]
-    buffer with an [R, D] staging buffer for the gathered rows."""
+    batch_invariant: every row's logits are those of an [R, D] @ [D, V] GEMM (see the note above), in a
+    buffer of at most ceil(max chunk size / R) + 1 tiles of [R, V] (the chunk's own tiles when chunks
+    are whole tiles, see invariant_chunk_rows), with a staging buffer of the gathered hidden rows."""
 
     def __init__(self, chunks: List["Chunk"], hidden: torch.Tensor, weight: torch.Tensor, bias,
                  batch_invariant: bool):
@@ -161,8 +192,16 @@ class Logits:
         self.order = (torch.cat([c.live if c.live is not None else
                                  torch.arange(c.start, c.end, device=hidden.device) for c in live])
                       if live else torch.empty(0, dtype=torch.long, device=hidden.device))
-        self.buffer = logits_tile(max_rows + self.rows if live else 0, weight.shape[0], hidden)
-        self.staging = hidden.new_empty(self.rows if live else 0, hidden.shape[1])
+        # The buffer holds a chunk's carried rows and the tiles computed for it: replay the plan to size
+        # it (at most ceil(size / R) + 1 tiles; exactly the chunk when chunks are whole tiles).
+        capacity = staging = position = computed = 0
+        for c in live:
+            if computed < position + c.size:
+                count = -(-(position + c.size - computed) // self.rows) * self.rows
+                staging, computed = max(staging, count), computed + count
+            capacity, position = max(capacity, computed - position), position + c.size
+        self.buffer = logits_tile(capacity, weight.shape[0], hidden)
+        self.staging = hidden.new_empty(staging, hidden.shape[1])
         self.next = 0      # index in self.plan of the next chunk
         self.first = 0     # stream index of the buffer's row 0
         self.computed = 0  # stream rows [0, computed) have been computed
@@ -181,24 +220,23 @@ class Logits:
             src = self.buffer[start - self.first:self.computed - self.first]
             self.buffer[:carried].copy_(src.clone() if start - self.first < carried else src)  # no overlap
         self.first = start
-        while self.computed < end:
-            self._tile()
+        if self.computed < end:
+            self._tiles(end)
         self.position = end
         return self.buffer[:chunk.size]
 
-    def _tile(self) -> None:
-        """Computes the next R rows of the stream (zero rows past its end) into the buffer."""
+    def _tiles(self, end: int) -> None:
+        """Computes whole tiles of the stream's next rows, up to at least row `end`, into the buffer
+        (zero rows past the stream's end)."""
         R, begin = self.rows, self.computed
-        n = min(R, self.order.numel() - begin)
-        torch.index_select(self.hidden, 0, self.order[begin:begin + n], out=self.staging[:n])
-        if n < R:
-            self.staging[n:].zero_()
-        out = self.buffer[begin - self.first:begin - self.first + R]
-        if self.bias is None:
-            torch.mm(self.staging, self.weight.t(), out=out)
-        else:
-            torch.addmm(self.bias, self.staging, self.weight.t(), out=out)
-        self.computed += R
+        count = -(-(end - begin) // R) * R
+        n = min(count, self.order.numel() - begin)
+        rows = self.staging[:count]
+        torch.index_select(self.hidden, 0, self.order[begin:begin + n], out=rows[:n])
+        if n < count:
+            rows[n:].zero_()
+        head_tiles_into(self.buffer[begin - self.first:begin - self.first + count], rows, self.weight, self.bias, R)
+        self.computed += count
 
 
 def skips_rows(chunks: List["Chunk"], n_rows: int) -> bool:

@@ -38,7 +38,8 @@ across chunk boundaries (chunking.Logits), so each token's logp and entropy are 
 fused_linear_logprobs in the same mode, bit for bit (the first on-policy ratio is exactly 1). Each
 sequence's statistics then depend on that sequence alone (the loss kernels handle one sequence per
 program, with a block that does not follow T in this mode), and the loss is their sum in an order that
-does not depend on the sequences' (order_free_sum). Extra memory: R * V * s + R * D * s + 8 N bytes.
+does not depend on the sequences' (order_free_sum). Extra memory: up to 2 R rows of logits (2 R V s
+bytes), the gathered hidden rows ((C + 2 R) D s) and 8 N bytes of row indices.
 
 One custom op, ``lvrpo_fast::linear_grpo_loss`` (lvrpo_fast.fused.library), returning the loss, the
 statistics and the three gradients; its registered backward scales them with ``lvrpo_fast::scale_``.

@@ -24,8 +24,9 @@ grad_weight is accumulated across chunks in weight's dtype (one rounding per chu
 Batch-invariant mode (batch_invariant=True): the head runs as GEMMs of a fixed R rows (chunking.Logits,
 R = 128 on the CPU, 256 on CUDA), so a row's logp and entropy have the same bits whatever the batch,
 the mask, the row's position and LVRPO_CHUNK_BYTES; the statistics kernels are row-local and run the
-fixed launch configuration. It adds R * V * s to the tile, R * D * s of staging and 8 N bytes of row
-indices, and at most R - 1 padded rows of GEMM per call.
+fixed launch configuration. Chunks are whole tiles (C rounded down to a multiple of R, at least R:
+a budget under R rows of logits is exceeded), so it adds the gathered hidden rows (C D s), 8 N bytes
+of row indices and at most R - 1 padded rows of GEMM per call.
 
 Two custom ops (lvrpo_fast.fused.library): ``lvrpo_fast::linear_logprobs`` (forward) and
 ``lvrpo_fast::linear_logprobs_backward``, tied together by torch.library.register_autograd.
@@ -38,7 +39,7 @@ from typing import Optional
 import torch
 
 from .. import backends, validate
-from ..chunking import HeadGrads, Logits, row_chunks, rows_per_chunk, skips_rows
+from ..chunking import HeadGrads, Logits, invariant_chunk_rows, row_chunks, rows_per_chunk, skips_rows
 from . import library
 
 
@@ -58,6 +59,8 @@ _CODEC = library.ParamsCodec(LogprobsParams)
 def _plan(hidden, weight, bias, mask, batch_invariant):
     """The chunks of rows to compute (only mask's true rows) and their logits (chunking.Logits)."""
     rows = rows_per_chunk(weight.shape[0], hidden.element_size(), hidden.device, weight.shape[1])
+    if batch_invariant:
+        rows = invariant_chunk_rows(rows, hidden.device)
     chunks = row_chunks(hidden.shape[0], rows, mask)
     return chunks, Logits(chunks, hidden, weight, bias, batch_invariant)
 
