@@ -115,17 +115,18 @@ def head_into(tile: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bi
 # (measured on that MKL for fp32, bf16 and fp16, calls of 8 to 256 rows, every position, 1 and 2
 # threads, output and input rows at any alignment). So in this mode every row's logits are those of
 # an [R, D] @ [D, V] GEMM with R fixed per device (INVARIANT_TILE_ROWS): the live rows of the whole
-# plan are taken R at a time into a staging buffer, the call's last tile padded with zero rows. A tile
-# that runs past a chunk's last row is kept for the next chunk (at most R - 1 rows carried to the front
-# of the buffer), so chunks of whole sequences of any length waste nothing; only the last tile is padded.
+# plan are taken R at a time (read in place where they are consecutive rows of hidden, else gathered),
+# the call's last tile padded with zero rows. A tile that runs past a chunk's last row is kept for the
+# next chunk (at most R - 1 rows carried to the front of the buffer), so chunks of whole sequences of
+# any length waste nothing; only the last tile is padded.
 #
 # How the tiles run (head_tiles_into): on a GPU one cuBLAS call per tile. On the CPU one call per tile
 # packs W again each time (512 rows as 4 calls of 128: ~1.3-1.6x one call of 512 on 2 loaded cores),
 # so the k tiles a chunk needs go through one strided batched GEMM (torch.bmm, W broadcast over the
 # batch), which MKL runs at ~1.1x one call and which gives every item the bits of the single [R, D]
 # call whatever k (measured for fp32, bf16 and fp16, k = 1 to 17; tests/test_batch_invariant.py checks
-# it on every machine the suite runs on). cuBLAS chooses batched kernels by the batch count too, so the
-# GPU keeps single calls.
+# it on every machine the suite runs on); a single tile is a plain call. cuBLAS chooses batched kernels
+# by the batch count too, so the GPU keeps single calls.
 #
 # R: a power of two, so a multiple of the rows of the usual micro-kernels (8, 16, 32) and of cuBLAS's
 # tiles (64, 128), in case a BLAS treats a ragged last block of rows apart (this MKL does not: 48 and
@@ -153,7 +154,7 @@ def head_tiles_into(out: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor,
     """out [k R, V] = rows [k R, D] @ weight [V, D]^T (+ bias [V]), each tile of R = tile_rows rows with
     the bits of that tile's own [R, D] @ [D, V] GEMM (see the note above); out contiguous."""
     k, D, V = rows.shape[0] // tile_rows, rows.shape[1], weight.shape[0]
-    if rows.device.type == "cpu":
+    if rows.device.type == "cpu" and k > 1:
         tiles, w = rows.view(k, tile_rows, D), weight.t().unsqueeze(0).expand(k, D, V)
         if bias is None:
             torch.bmm(tiles, w, out=out.view(k, tile_rows, V))
@@ -175,7 +176,8 @@ class Logits:
     Default: one GEMM per chunk on its rows, into the first rows of a [max chunk size, V] tile.
     batch_invariant: every row's logits are those of an [R, D] @ [D, V] GEMM (see the note above), in a
     buffer of at most ceil(max chunk size / R) + 1 tiles of [R, V] (the chunk's own tiles when chunks
-    are whole tiles, see invariant_chunk_rows), with a staging buffer of the gathered hidden rows."""
+    are whole tiles, see invariant_chunk_rows); the tiles read hidden's rows in place where they are
+    consecutive, else gathered into a staging buffer."""
 
     def __init__(self, chunks: List["Chunk"], hidden: torch.Tensor, weight: torch.Tensor, bias,
                  batch_invariant: bool):
@@ -194,14 +196,21 @@ class Logits:
                       if live else torch.empty(0, dtype=torch.long, device=hidden.device))
         # The buffer holds a chunk's carried rows and the tiles computed for it: replay the plan to size
         # it (at most ceil(size / R) + 1 tiles; exactly the chunk when chunks are whole tiles).
-        capacity = staging = position = computed = 0
+        capacity = self.staging_rows = position = computed = 0
+        self.runs = []  # (stream index, row index, length) of the stream's runs of consecutive rows
         for c in live:
             if computed < position + c.size:
                 count = -(-(position + c.size - computed) // self.rows) * self.rows
-                staging, computed = max(staging, count), computed + count
+                self.staging_rows, computed = max(self.staging_rows, count), computed + count
+            if c.live is None:
+                if self.runs and self.runs[-1][0] + self.runs[-1][2] == position and \
+                        self.runs[-1][1] + self.runs[-1][2] == c.start:
+                    self.runs[-1] = (self.runs[-1][0], self.runs[-1][1], self.runs[-1][2] + c.size)
+                else:
+                    self.runs.append((position, c.start, c.size))
             capacity, position = max(capacity, computed - position), position + c.size
         self.buffer = logits_tile(capacity, weight.shape[0], hidden)
-        self.staging = hidden.new_empty(staging, hidden.shape[1])
+        self.staging = None  # allocated when a tile must be gathered
         self.next = 0      # index in self.plan of the next chunk
         self.first = 0     # stream index of the buffer's row 0
         self.computed = 0  # stream rows [0, computed) have been computed
@@ -231,12 +240,26 @@ class Logits:
         R, begin = self.rows, self.computed
         count = -(-(end - begin) // R) * R
         n = min(count, self.order.numel() - begin)
-        rows = self.staging[:count]
-        torch.index_select(self.hidden, 0, self.order[begin:begin + n], out=rows[:n])
-        if n < count:
-            rows[n:].zero_()
+        rows = self._consecutive(begin, count) if n == count else None
+        if rows is None:  # masked rows between, or the last tile's zero padding: gather into the staging
+            if self.staging is None:
+                self.staging = self.hidden.new_empty(self.staging_rows, self.hidden.shape[1])
+            rows = self.staging[:count]
+            # index_select(out=) is ~200x slower than a gather and a copy on the CPU (4 ms for 128 x 512).
+            rows[:n].copy_(self.hidden.index_select(0, self.order[begin:begin + n]))
+            if n < count:
+                rows[n:].zero_()
         head_tiles_into(self.buffer[begin - self.first:begin - self.first + count], rows, self.weight, self.bias, R)
         self.computed += count
+
+    def _consecutive(self, begin: int, count: int) -> Optional[torch.Tensor]:
+        """hidden's rows of stream rows [begin, begin + count) as a view when they are consecutive rows
+        of hidden (no copy: the unmasked case), else None. Alignment does not move a BLAS's bits (the
+        note above)."""
+        for stream, row, length in self.runs:
+            if stream <= begin and begin + count <= stream + length:
+                return self.hidden[row + begin - stream:row + begin - stream + count]
+        return None
 
 
 def skips_rows(chunks: List["Chunk"], n_rows: int) -> bool:

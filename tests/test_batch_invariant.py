@@ -108,8 +108,8 @@ def assert_same_bits(got, expected, what):
 def test_a_fixed_shape_head_gemm_gives_every_row_the_same_bits(kernel_backend, dtype):
     """The BLAS properties the mode is built on (lvrpo_fast/chunking.py), through the mode's own GEMM call
     (chunking.head_tiles_into): a row gets the same bits at every place of an [R, D] @ [D, V] tile, in
-    any of the k tiles of one call whatever k, and at any alignment of the output rows, bias or not. If
-    this fails on a machine, the mode's guarantee does not hold there."""
+    any of the k tiles of one call whatever k, at any alignment of the input and output rows, bias or
+    not. If this fails on a machine, the mode's guarantee does not hold there."""
     skip_unless(*kernel_backend, dtype)
     _, dev = kernel_backend
     g = torch.Generator().manual_seed(19)
@@ -123,7 +123,9 @@ def test_a_fixed_shape_head_gemm_gives_every_row_the_same_bits(kernel_backend, d
         expected = None
         for place, offset, k in ((0, 0, 1), (1, 3, 1), (R // 2, 1, 2), (R - 1, 13, 1), (37 % R, 5, 3),
                                  (R + 5, 0, 2), (2 * R + R // 3, 7, 3)):
-            a = rows[:k * R].clone()
+            # The input rows too at several alignments: a tile reads hidden's rows in place (D = 97).
+            a = torch.empty(k * R + offset, D, dtype=dtype, device=dev)[offset:]
+            a.copy_(rows[:k * R])
             a[place] = row
             out = buffer[offset:offset + k * R]
             chunking.head_tiles_into(out, a, weight, b, R)
