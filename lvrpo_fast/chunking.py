@@ -115,10 +115,10 @@ def head_into(tile: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bi
 # (measured on that MKL for fp32, bf16 and fp16, calls of 8 to 256 rows, every position, 1 and 2
 # threads, output and input rows at any alignment). So in this mode every row's logits are those of
 # an [R, D] @ [D, V] GEMM with R fixed per device (INVARIANT_TILE_ROWS): the live rows of the whole
-# plan are taken R at a time (read in place where they are consecutive rows of hidden, else gathered),
-# the call's last tile padded with zero rows. A tile that runs past a chunk's last row is kept for the
-# next chunk (at most R - 1 rows carried to the front of the buffer), so chunks of whole sequences of
-# any length waste nothing; only the last tile is padded.
+# plan are taken R at a time (on the CPU read in place where they are consecutive rows of hidden, else
+# gathered), the call's last tile padded with zero rows. A tile that runs past a chunk's last row is
+# kept for the next chunk (moved to the front of the buffer), so chunks of whole sequences of any
+# length waste nothing; only the last tile is padded.
 #
 # How the tiles run (head_tiles_into): on a GPU one cuBLAS call per tile. On the CPU one call per tile
 # packs W again each time (512 rows as 4 calls of 128: ~1.3-1.6x one call of 512 on 2 loaded cores),
@@ -176,8 +176,8 @@ class Logits:
     Default: one GEMM per chunk on its rows, into the first rows of a [max chunk size, V] tile.
     batch_invariant: every row's logits are those of an [R, D] @ [D, V] GEMM (see the note above), in a
     buffer of at most ceil(max chunk size / R) + 1 tiles of [R, V] (the chunk's own tiles when chunks
-    are whole tiles, see invariant_chunk_rows); the tiles read hidden's rows in place where they are
-    consecutive, else gathered into a staging buffer."""
+    are whole tiles, see invariant_chunk_rows), each tile at a multiple of R rows; on the CPU the tiles
+    read hidden's rows in place where they are consecutive, else they are gathered into a staging buffer."""
 
     def __init__(self, chunks: List["Chunk"], hidden: torch.Tensor, weight: torch.Tensor, bias,
                  batch_invariant: bool):
@@ -194,26 +194,28 @@ class Logits:
         self.order = (torch.cat([c.live if c.live is not None else
                                  torch.arange(c.start, c.end, device=hidden.device) for c in live])
                       if live else torch.empty(0, dtype=torch.long, device=hidden.device))
-        # The buffer holds a chunk's carried rows and the tiles computed for it: replay the plan to size
-        # it (at most ceil(size / R) + 1 tiles; exactly the chunk when chunks are whole tiles).
+        # The buffer holds the tiles of a chunk's rows, the first one perhaps computed with the previous
+        # chunk: replay the plan to size it (at most ceil(size / R) + 1 tiles; exactly the chunk when
+        # chunks are whole tiles).
         capacity = self.staging_rows = position = computed = 0
         self.runs = []  # (stream index, row index, length) of the stream's runs of consecutive rows
         for c in live:
             if computed < position + c.size:
                 count = -(-(position + c.size - computed) // self.rows) * self.rows
                 self.staging_rows, computed = max(self.staging_rows, count), computed + count
+            capacity = max(capacity, computed - position // self.rows * self.rows)
             if c.live is None:
                 if self.runs and self.runs[-1][0] + self.runs[-1][2] == position and \
                         self.runs[-1][1] + self.runs[-1][2] == c.start:
                     self.runs[-1] = (self.runs[-1][0], self.runs[-1][1], self.runs[-1][2] + c.size)
                 else:
                     self.runs.append((position, c.start, c.size))
-            capacity, position = max(capacity, computed - position), position + c.size
+            position += c.size
         self.buffer = logits_tile(capacity, weight.shape[0], hidden)
         self.staging = None  # allocated when a tile must be gathered
         self.next = 0      # index in self.plan of the next chunk
-        self.first = 0     # stream index of the buffer's row 0
-        self.computed = 0  # stream rows [0, computed) have been computed
+        self.first = 0     # stream index of the buffer's row 0, a multiple of R
+        self.computed = 0  # stream rows [0, computed) have been computed, a multiple of R
         self.position = 0  # stream index of the next chunk's first row
 
     def of(self, chunk: "Chunk", rows: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -223,16 +225,18 @@ class Logits:
         if self.next >= len(self.plan) or chunk is not self.plan[self.next]:
             raise RuntimeError("Logits.of: chunks must be asked for in plan order, each once")
         self.next += 1
-        start, end = self.position, self.position + chunk.size
-        carried = self.computed - start  # rows of this chunk computed with the previous one's last tile
-        if carried > 0 and start > self.first:
-            src = self.buffer[start - self.first:self.computed - self.first]
-            self.buffer[:carried].copy_(src.clone() if start - self.first < carried else src)  # no overlap
-        self.first = start
+        R, start, end = self.rows, self.position, self.position + chunk.size
+        # Tiles sit at multiples of R rows in the buffer, so every GEMM writes to a tile-aligned output.
+        first = start // R * R
+        if first > self.first:
+            if self.computed > first:  # the tile holding `start`, computed with the previous chunk
+                src = self.buffer[first - self.first:first - self.first + R]
+                self.buffer[:R].copy_(src.clone() if first - self.first < R else src)  # no overlap
+            self.first = first
         if self.computed < end:
             self._tiles(end)
         self.position = end
-        return self.buffer[:chunk.size]
+        return self.buffer[start - first:end - first]
 
     def _tiles(self, end: int) -> None:
         """Computes whole tiles of the stream's next rows, up to at least row `end`, into the buffer
@@ -254,8 +258,11 @@ class Logits:
 
     def _consecutive(self, begin: int, count: int) -> Optional[torch.Tensor]:
         """hidden's rows of stream rows [begin, begin + count) as a view when they are consecutive rows
-        of hidden (no copy: the unmasked case), else None. Alignment does not move a BLAS's bits (the
-        note above)."""
+        of hidden (no copy: the unmasked case), else None. Only on the CPU, where the rows' alignment
+        does not move MKL's bits (the note above); cuBLAS picks kernels by pointer alignment too, so a
+        GPU tile always reads the staging buffer, whose tiles are aligned (the copy is C D s bytes)."""
+        if self.hidden.device.type != "cpu":
+            return None
         for stream, row, length in self.runs:
             if stream <= begin and begin + count <= stream + length:
                 return self.hidden[row + begin - stream:row + begin - stream + count]
