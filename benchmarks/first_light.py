@@ -15,7 +15,8 @@ the row ends, so a command cut off at its limit still brings back every row it f
     01-ceiling.jsonl    torch.mm at the LM head's layout and dtype (the ceiling of every fraction below),
                         the three GEMMs of one chunk of the fused ops at several chunk sizes, a copy's GB/s
     02-headline.jsonl   the fused GRPO loss fwd+bwd (N=8192, D=4096, V=151936, bf16): eager reference,
-                        triton, Liger's LigerFusedLinearGRPOLoss; without padding, then padded
+                        triton, Liger's LigerFusedLinearGRPOLoss; without padding, then padded; then
+                        triton in the batch-invariant mode (issue 19), both layouts
     03-logprobs.jsonl   log-probs forward and forward+backward: reference, triton, Liger, CCE
     04-tests.json       the compiled kernel tests of the core ops (pytest-xdist, no interpreter, no C++)
     05-compiled.jsonl   torch.compile of the reference on the headline, if the time left allows (its
@@ -63,7 +64,7 @@ TERMINAL = ("ok", "check_failed", "skipped", "failed")
 # are for the kernels the interpreter cannot judge.
 KERNEL_TESTS = ("tests/test_logprobs.py", "tests/test_linear_grpo_loss.py", "tests/test_grpo_loss.py",
                 "tests/test_advantages.py", "tests/test_sm90_compile.py", "tests/test_property.py",
-                "tests/test_modules.py")
+                "tests/test_modules.py", "tests/test_batch_invariant.py")
 FINGERPRINTED = ("lvrpo_fast", "kernels", "csrc", "benchmarks", "tests")
 SOURCE_SUFFIXES = (".py", ".cpp", ".h", ".sh", ".md")
 STOP_S = 20  # the kernel tests' time to stop after SIGINT
@@ -442,6 +443,11 @@ def stage_headline(compiled: bool = False) -> None:
         for impl in impls:
             rows.append((f"{case} {impl}", impl,
                          lambda impl=impl, padded=padded: linear.case_fields(shape, impl, dtype, DEVICE, padded)))
+    if not compiled:  # the batch-invariant mode's cost (issue 19), after the rows the targets judge
+        for padded in (False, True):
+            case = "linear_grpo_loss fwd+bwd" + ("" if padded else ", no padding")
+            rows.append((f"{case} triton batch-invariant", "triton",
+                         lambda padded=padded: linear.case_fields(shape, "triton", dtype, DEVICE, padded, True)))
     _bench_rows("compiled" if compiled else "headline", rows)
 
 

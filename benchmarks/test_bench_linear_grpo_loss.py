@@ -20,6 +20,11 @@ test_issue5_paired[no_padding] time the same inputs with every token unmasked, w
 Implementations: the eager reference, torch.compile of lvrpo_fast.reference.linear_grpo_loss_impl, the
 Triton and C++ backends, and Liger-Kernel's LigerFusedLinearGRPOLoss (chunked PyTorch; its loss math
 under torch.compile on a GPU, eager with compiled=False on the CPU; its default chunk of one sequence).
+
+Batch-invariant mode (issue 19): the Triton and C++ backends with batch_invariant=True, as rows of
+their own (test_linear_grpo_loss_batch_invariant, padded batch) and as the mode's cost, each call timed
+alternately with the default mode's on the same inputs (test_linear_grpo_loss_batch_invariant_cost:
+the median of the per-pair time ratios, invariant / default, padded and unpadded).
 """
 import pytest
 import torch
@@ -31,6 +36,9 @@ from lvrpo_fast.options import GRPOOptions
 import harness
 
 IMPLS = ("reference", "compiled", "triton", "cpp", "liger")
+KERNEL_IMPLS = ("triton", "cpp")
+# Pairs of the mode's cost rows: a cost of ~5% is within one pair's noise on a shared machine.
+COST_PAIRS = 9
 OPTIONS = {"loss_type": "dapo", "beta": 0.04, "epsilon_low": 0.2, "epsilon_high": 0.2}
 LOGIT_STD = 3.0
 
@@ -66,12 +74,14 @@ def make_set(shape, dtype, device):
     }
 
 
-def loss_fn(impl, device):
-    """(hidden, weight, inputs) -> scalar loss of one implementation on `device`."""
+def loss_fn(impl, device, invariant=False):
+    """(hidden, weight, inputs) -> scalar loss of one implementation on `device` (invariant: the kernel
+    backends' batch-invariant mode)."""
     if impl in ("reference", "triton", "cpp"):
+        mode = {"batch_invariant": invariant} if impl != "reference" else {}
         return lambda h, w, s: lvrpo_fast.fused_linear_grpo_loss(
             h, w, s["targets"], s["mask"], s["advantages"], logp_old=s["logp_old"], logp_ref=s["logp_ref"],
-            backend=impl, **OPTIONS)[0]
+            backend=impl, **mode, **OPTIONS)[0]
     if impl == "compiled":
         impl_fn = harness.compiled(reference.linear_grpo_loss_impl)
         opts = GRPOOptions(**OPTIONS)
@@ -107,10 +117,10 @@ def make_call(fn, padded=True):
     return call
 
 
-def case_fields(shape, impl, dtype, device, padded=True):
+def case_fields(shape, impl, dtype, device, padded=True, invariant=False):
     """The harness.Case fields of one implementation at one shape. padded=False: the same inputs with
     every token unmasked (the kernel backends skip the padding's rows, the reference and the peers
-    compute them; without padding there is nothing to skip)."""
+    compute them; without padding there is nothing to skip). invariant: the batch-invariant mode."""
     if impl in ("triton", "cpp"):
         harness.lvrpo_backend(impl, dtype)
 
@@ -129,8 +139,10 @@ def case_fields(shape, impl, dtype, device, padded=True):
     executed = unmasked_flops if impl in ("triton", "cpp") and padded else None
 
     return dict(
-        case="linear_grpo_loss fwd+bwd" + ("" if padded else ", no padding"), op="linear_grpo_loss", impl=impl,
-        shape=shape, dtype=dtype, make_set=inputs, call=make_call(loss_fn(impl, device), padded),
+        case=("linear_grpo_loss fwd+bwd" + ("" if padded else ", no padding")
+              + (" batch-invariant" if invariant else "")),
+        op="linear_grpo_loss", impl=impl, shape=shape, dtype=dtype, make_set=inputs,
+        call=make_call(loss_fn(impl, device, invariant), padded),
         reference_call=make_call(loss_fn("reference", device), padded),
         checked=("loss", "grad_hidden", "grad_weight"), flops=per_token * shape.N * shape.V * shape.D,
         executed_flops=executed, mm=(shape.N, shape.D, shape.V))
@@ -139,6 +151,22 @@ def case_fields(shape, impl, dtype, device, padded=True):
 @pytest.mark.bench_op("linear_grpo_loss", impls=IMPLS)
 def test_linear_grpo_loss(bench, shape, impl):
     bench.run(**case_fields(shape, impl, bench.dtype, bench.device))
+
+
+@pytest.mark.bench_op("linear_grpo_loss", impls=KERNEL_IMPLS)
+def test_linear_grpo_loss_batch_invariant(bench, shape, impl):
+    bench.run(**case_fields(shape, impl, bench.dtype, bench.device, invariant=True))
+
+
+@pytest.mark.bench_op("linear_grpo_loss", impls=KERNEL_IMPLS,
+                      variants=[{"layout": "padded"}, {"layout": "no_padding"}])
+def test_linear_grpo_loss_batch_invariant_cost(bench, shape, impl, layout):
+    """The mode's time over the default mode's, call by call on the same inputs (Bench.paired)."""
+    padded = layout == "padded"
+    cases = {label: harness.Case(**case_fields(shape, impl, bench.dtype, bench.device, padded, invariant))
+             for label, invariant in (("batch_invariant", True), ("default", False))}
+    bench.paired(cases, name="linear_grpo_loss fwd+bwd" + ("" if padded else ", no padding")
+                 + f" batch-invariant cost ({impl})", min_pairs=COST_PAIRS)
 
 
 @pytest.mark.bench_op("linear_grpo_loss_full", impls=IMPLS)

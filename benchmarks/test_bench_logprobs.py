@@ -15,6 +15,11 @@ Implementations: the eager reference, torch.compile of lvrpo_fast.reference.logp
 and C++ backends, and the peers that compute the same log-probabilities: Liger-Kernel's fused linear
 cross entropy and Cut Cross-Entropy's linear_cross_entropy (both reduction="none", negated), and
 flash-attn's Triton cross entropy on logits from F.linear. None of the peers returns the entropy.
+
+Batch-invariant mode (issue 19): the Triton and C++ backends with batch_invariant=True, as rows of
+their own (test_logprobs_batch_invariant: time, memory, TFLOP/s, checked against the reference) and as
+the mode's cost, each call timed alternately with the default mode's on the same inputs
+(test_logprobs_batch_invariant_cost: the median of the per-pair time ratios, invariant / default).
 """
 import pytest
 import torch
@@ -26,6 +31,9 @@ from lvrpo_fast import reference, validate
 import harness
 
 IMPLS = ("reference", "compiled", "triton", "cpp", "liger", "cce", "flash_attn")
+KERNEL_IMPLS = ("triton", "cpp")
+# Pairs of the mode's cost rows: a cost of ~5% is within one pair's noise on a shared machine.
+COST_PAIRS = 9
 VARIANTS = [{"mode": mode, "entropy": entropy} for mode in ("fwd", "fwd+bwd") for entropy in (False, True)]
 LOGIT_STD = 3.0
 
@@ -49,11 +57,13 @@ def make_set(shape, dtype, device):
     }
 
 
-def logprobs_fn(impl, entropy, device):
-    """(hidden [N, D], weight [V, D], targets [N]) -> (logp [N], entropy [N] or None) of one implementation."""
+def logprobs_fn(impl, entropy, device, invariant=False):
+    """(hidden [N, D], weight [V, D], targets [N]) -> (logp [N], entropy [N] or None) of one implementation
+    (invariant: the kernel backends' batch-invariant mode)."""
     if impl in ("reference", "triton", "cpp"):
         def fn(h, w, t):
-            out = lvrpo_fast.fused_linear_logprobs(h, w, t, return_entropy=entropy, backend=impl)
+            out = lvrpo_fast.fused_linear_logprobs(h, w, t, return_entropy=entropy, backend=impl,
+                                                   batch_invariant=invariant if impl != "reference" else None)
             return out if entropy else (out, None)
         return fn
     if impl == "compiled":
@@ -110,17 +120,19 @@ def make_call(fn, mode):
     return call
 
 
-def case_fields(shape, impl, mode, entropy, dtype, device):
-    """The harness.Case fields of one implementation, mode ("fwd" | "fwd+bwd") and entropy flag."""
+def case_fields(shape, impl, mode, entropy, dtype, device, invariant=False):
+    """The harness.Case fields of one implementation, mode ("fwd" | "fwd+bwd") and entropy flag
+    (invariant: the batch-invariant mode of a kernel backend)."""
     if impl in ("triton", "cpp"):
         harness.lvrpo_backend(impl, dtype)
-    fn = logprobs_fn(impl, entropy, device)
+    fn = logprobs_fn(impl, entropy, device, invariant)
     checked = ("logp", "entropy")
     if mode == "fwd+bwd" and impl != "cce":
         # CCE drops small softmax entries from its gradient by design (filter_eps): forward compared only.
         checked += ("grad_hidden", "grad_weight")
     return dict(
-        case=f"logprobs {mode}{' entropy' if entropy else ''}", op="logprobs", impl=impl, shape=shape, dtype=dtype,
+        case=f"logprobs {mode}{' entropy' if entropy else ''}{' batch-invariant' if invariant else ''}", op="logprobs",
+        impl=impl, shape=shape, dtype=dtype,
         make_set=lambda: make_set(shape, dtype, device),
         call=make_call(fn, mode),
         reference_call=make_call(logprobs_fn("reference", entropy, device), mode),
@@ -130,3 +142,17 @@ def case_fields(shape, impl, mode, entropy, dtype, device):
 @pytest.mark.bench_op("logprobs", impls=IMPLS, variants=VARIANTS)
 def test_logprobs(bench, shape, impl, mode, entropy):
     bench.run(**case_fields(shape, impl, mode, entropy, bench.dtype, bench.device))
+
+
+@pytest.mark.bench_op("logprobs", impls=KERNEL_IMPLS, variants=VARIANTS)
+def test_logprobs_batch_invariant(bench, shape, impl, mode, entropy):
+    bench.run(**case_fields(shape, impl, mode, entropy, bench.dtype, bench.device, invariant=True))
+
+
+@pytest.mark.bench_op("logprobs", impls=KERNEL_IMPLS, variants=VARIANTS)
+def test_logprobs_batch_invariant_cost(bench, shape, impl, mode, entropy):
+    """The mode's time over the default mode's, call by call on the same inputs (Bench.paired)."""
+    cases = {label: harness.Case(**case_fields(shape, impl, mode, entropy, bench.dtype, bench.device, invariant))
+             for label, invariant in (("batch_invariant", True), ("default", False))}
+    bench.paired(cases, name=f"logprobs {mode}{' entropy' if entropy else ''} batch-invariant cost ({impl})",
+                 min_pairs=COST_PAIRS)

@@ -150,14 +150,15 @@ def config_for(name: str) -> LaunchConfig:
     return INTERPRETER if interpreted() else DEFAULTS[name]
 
 
-def kernel_and_meta(name: str, kernel) -> Tuple[Callable, Dict[str, int]]:
+def kernel_and_meta(name: str, kernel, tune: bool = True) -> Tuple[Callable, Dict[str, int]]:
     """Returns (launchable kernel, meta keyword arguments) for the @triton.jit `kernel` named `name`.
 
     Launch as ``launchable[grid](*args, **constexpr_flags, **meta)``: meta is empty when autotuning
     (the autotuner supplies BLOCK_V, num_warps and num_stages), the fixed config otherwise. The
     environment is read at each launch, so a test or a script may switch regimes at run time.
+    tune=False: the fixed config even when autotuning (the batch-invariant mode's launches).
     """
-    if autotuning():
+    if tune and autotuning():
         if name not in _tuned:
             _tuned[name] = triton.autotune(
                 configs=[c.triton_config() for c in SEARCH[name]],

@@ -278,13 +278,14 @@ def _grpo_loss_kernel(
 
 
 def grpo_token_loss(logp, logp_old, logp_ref, advantages, mask, rollout_weights, entropy, row_scale, params,
-                    need_grad):
+                    need_grad, batch_invariant=False):
     """The grpo_token_loss primitive (lvrpo_fast.contract.Primitives).
 
     logp, logp_old, logp_ref, rollout_weights, entropy: [B, T] float32 contiguous (all but logp may be
     None); advantages: [B] or [B, T] float32; row_scale: [B] float32; mask: [B, T] bool; params:
     contract.token_loss_params.
-    Returns (stats [B, NSTATS] float32, grad_logp [B, T] float32 or None)."""
+    Returns (stats [B, NSTATS] float32, grad_logp [B, T] float32 or None). batch_invariant: the block
+    does not follow T, so a sequence's sums do not depend on how far the batch is padded."""
     p = params
     B, T = logp.shape
     mask_bytes = mask.view(torch.uint8)  # bool -> uint8 without a copy
@@ -300,7 +301,9 @@ def grpo_token_loss(logp, logp_old, logp_ref, advantages, mask, rollout_weights,
     entropy_bonus = p["entropy_coef"] != 0
     if entropy_bonus and entropy is None:
         raise ValueError(f"entropy_coef={p['entropy_coef']} needs entropy [B, T]")
-    block, num_warps = autotune.grpo_loss_config(T)
+    # The block sets which lane sums which token and the shape of the final tree: fixed in the
+    # batch-invariant mode (token t always in lane t % 1024), else fitted to T.
+    block, num_warps = autotune.grpo_loss_config(autotune.GRPO_LOSS_MAX_BLOCK_T if batch_invariant else T)
     # Absent tensors are never read (their constexpr flag is off); logp stands in for the pointer.
     with autotune.on_device(logp):
         _grpo_loss_kernel[(B,)](

@@ -149,12 +149,15 @@ def _check_row_vector(name: str, value: Optional[torch.Tensor], rows: int, devic
 # to ~0 only if x / T is rounded identically in both kernels. A fused multiply-add rounds it once in
 # one kernel and not in the other, leaving ~1e-3 of error in p (the C++ backend measured exactly
 # this). The kernels are memory-bound, so giving up FMA costs nothing.
-def logits_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
-                 with_entropy: bool) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+def logits_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool,
+                 batch_invariant: bool = False) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Per-row log-prob of the target, log-sum-exp and (optionally) entropy of softmax(logits / T).
 
     logits [C, V] float16/bfloat16/float32 (rows may be strided, V contiguous); targets [C] int64
     in [0, V). Returns (logp [C], lse [C], entropy [C] or None), float32, logp <= 0, entropy >= 0.
+    One program per row, its blocks of V in order: a row's results never depend on the other rows.
+    batch_invariant: the fixed launch configuration even under LVRPO_AUTOTUNE=1, whose choice (per
+    process, per entropy flag) would set the lanes' summation order.
     """
     _check_tile(logits, targets, temperature)
     rows, vocab = logits.shape
@@ -163,7 +166,7 @@ def logits_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float
     entropy = torch.empty_like(logp) if with_entropy else None
     if rows == 0:
         return logp, lse, entropy
-    kernel, meta = autotune.kernel_and_meta("logits_stats", _logits_stats_kernel)
+    kernel, meta = autotune.kernel_and_meta("logits_stats", _logits_stats_kernel, tune=not batch_invariant)
     with autotune.on_device(logits):
         kernel[(rows,)](logits, targets, logp, lse, lse if entropy is None else entropy, vocab, logits.stride(0),
                         1.0 / float(temperature), WITH_ENTROPY=bool(with_entropy), enable_fp_fusion=False, **meta)

@@ -103,6 +103,172 @@ def head_into(tile: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bi
     return torch.addmm(bias, hidden, weight.t(), out=out)
 
 
+# Batch-invariant mode (issue 19): a row's logits, hence its log-probability and entropy, the same bits
+# whatever else is in the call.
+#
+# BLAS libraries choose a kernel, a blocking and sometimes a split of the reduction over D by the shape
+# of the call, so the head's product for one row moves in its last bits when the chunk's row count
+# moves: with the torch 2.13 CPU wheel's MKL on the AMD EPYC of the test machine, a row computed in a
+# 1-row call differs from the same row in a 2- or 3-row call, which differs from calls of 4 rows or
+# more; cuBLAS switches kernels and split-K by M. What holds for every BLAS: one call shape gives one
+# kernel and one reduction order, and each row of that call gets the same treatment wherever it sits
+# (measured on that MKL for fp32, bf16 and fp16, calls of 8 to 256 rows, every position, 1 and 2
+# threads, output and input rows at any alignment). So in this mode every row's logits are those of
+# an [R, D] @ [D, V] GEMM with R fixed per device (INVARIANT_TILE_ROWS): the live rows of the whole
+# plan are taken R at a time (on the CPU read in place where they are consecutive rows of hidden, else
+# gathered), the call's last tile padded with zero rows. A tile that runs past a chunk's last row is
+# kept for the next chunk (moved to the front of the buffer), so chunks of whole sequences of any
+# length waste nothing; only the last tile is padded.
+#
+# How the tiles run (head_tiles_into): on a GPU one cuBLAS call per tile. On the CPU one call per tile
+# packs W again each time (512 rows as 4 calls of 128: ~1.3-1.6x one call of 512 on 2 loaded cores),
+# so the k tiles a chunk needs go through one strided batched GEMM (torch.bmm, W broadcast over the
+# batch), which MKL runs at ~1.1x one call and which gives every item the bits of the single [R, D]
+# call whatever k (measured for fp32, bf16 and fp16, k = 1 to 17; tests/test_batch_invariant.py checks
+# it on every machine the suite runs on); a single tile is a plain call. cuBLAS chooses batched kernels
+# by the batch count too, so the GPU keeps single calls.
+#
+# R: a power of two, so a multiple of the rows of the usual micro-kernels (8, 16, 32) and of cuBLAS's
+# tiles (64, 128), in case a BLAS treats a ragged last block of rows apart (this MKL does not: 48 and
+# 96 rows gave every position the same bits too). 128 on the CPU: a 128-token call is unpadded, and
+# batched tiles of 64 rows cost ~1.3x one call. 256 on a GPU: a call is 2 x 594 output tiles of 128 x
+# 256 at V = 151,936 (9.0 waves on 132 SMs), large enough that streaming W per call stays hidden, and
+# the padding is at most 255 rows per op call (benchmarks/README.md, "Batch-invariant mode").
+INVARIANT_TILE_ROWS = {"cuda": 256, "cpu": 128}
+
+
+def invariant_tile_rows(device: torch.device) -> int:
+    """R, the row count of every head GEMM in batch-invariant mode on `device`."""
+    return INVARIANT_TILE_ROWS.get(device.type, INVARIANT_TILE_ROWS["cuda"])
+
+
+def invariant_chunk_rows(rows: int, device: torch.device) -> int:
+    """A chunk budget of `rows` rows as whole tiles of R rows (at least one): chunks of whole tiles never
+    carry rows to the next one, and their buffer is the chunk itself. Only the speed and the memory
+    depend on it; a row's bits do not."""
+    tile = invariant_tile_rows(device)
+    return max(tile, rows // tile * tile)
+
+
+def head_tiles_into(out: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias, tile_rows: int) -> None:
+    """out [k R, V] = rows [k R, D] @ weight [V, D]^T (+ bias [V]), each tile of R = tile_rows rows with
+    the bits of that tile's own [R, D] @ [D, V] GEMM (see the note above); out contiguous."""
+    k, D, V = rows.shape[0] // tile_rows, rows.shape[1], weight.shape[0]
+    if rows.device.type == "cpu" and k > 1:
+        tiles, w = rows.view(k, tile_rows, D), weight.t().unsqueeze(0).expand(k, D, V)
+        if bias is None:
+            torch.bmm(tiles, w, out=out.view(k, tile_rows, V))
+        else:
+            torch.baddbmm(bias, tiles, w, out=out.view(k, tile_rows, V))
+        return
+    for i in range(0, k * tile_rows, tile_rows):
+        head_into(out[i:i + tile_rows], rows[i:i + tile_rows], weight, bias)
+
+
+class Logits:
+    """The LM head's logits of a plan's chunks, one chunk at a time, in one reused buffer.
+
+    hidden [N, D] (the flattened rows the chunks index), weight [V, D], bias [V] | None; the chunks of
+    one plan (row_chunks or sequence_chunks). :meth:`of` returns chunk c's logits [c.size, V] in the
+    input dtype, a view the caller may overwrite in place (its gradient) until the next call. Chunks
+    must be asked for in plan order, each once; chunks computing no row are skipped.
+
+    Default: one GEMM per chunk on its rows, into the first rows of a [max chunk size, V] tile.
+    batch_invariant: every row's logits are those of an [R, D] @ [D, V] GEMM (see the note above), in a
+    buffer of at most ceil(max chunk size / R) + 1 tiles of [R, V] (the chunk's own tiles when chunks
+    are whole tiles, see invariant_chunk_rows), each tile at a multiple of R rows; on the CPU the tiles
+    read hidden's rows in place where they are consecutive, else they are gathered into a staging buffer."""
+
+    def __init__(self, chunks: List["Chunk"], hidden: torch.Tensor, weight: torch.Tensor, bias,
+                 batch_invariant: bool):
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.invariant = batch_invariant
+        max_rows = max((c.size for c in chunks), default=0)
+        if not batch_invariant:
+            self.buffer = logits_tile(max_rows, weight.shape[0], hidden)
+            return
+        self.rows = invariant_tile_rows(hidden.device)
+        live = [c for c in chunks if c.size]
+        self.plan = live
+        # The plan's computed rows in plan order: the stream the fixed-shape tiles are cut from.
+        self.order = (torch.cat([c.live if c.live is not None else
+                                 torch.arange(c.start, c.end, device=hidden.device) for c in live])
+                      if live else torch.empty(0, dtype=torch.long, device=hidden.device))
+        # The buffer holds the tiles of a chunk's rows, the first one perhaps computed with the previous
+        # chunk: replay the plan to size it (at most ceil(size / R) + 1 tiles; exactly the chunk when
+        # chunks are whole tiles).
+        capacity = self.staging_rows = position = computed = 0
+        self.runs = []  # (stream index, row index, length) of the stream's runs of consecutive rows
+        for c in live:
+            if computed < position + c.size:
+                count = -(-(position + c.size - computed) // self.rows) * self.rows
+                self.staging_rows, computed = max(self.staging_rows, count), computed + count
+            capacity = max(capacity, computed - position // self.rows * self.rows)
+            if c.live is None:
+                if self.runs and self.runs[-1][0] + self.runs[-1][2] == position and \
+                        self.runs[-1][1] + self.runs[-1][2] == c.start:
+                    self.runs[-1] = (self.runs[-1][0], self.runs[-1][1], self.runs[-1][2] + c.size)
+                else:
+                    self.runs.append((position, c.start, c.size))
+            position += c.size
+        self.buffer = logits_tile(capacity, weight.shape[0], hidden)
+        self.staging = None  # allocated when a tile must be gathered
+        self.next = 0      # index in self.plan of the next chunk
+        self.first = 0     # stream index of the buffer's row 0, a multiple of R
+        self.computed = 0  # stream rows [0, computed) have been computed, a multiple of R
+        self.position = 0  # stream index of the next chunk's first row
+
+    def of(self, chunk: "Chunk", rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """chunk's logits [chunk.size, V]; rows = chunk.take(hidden) when the caller has them already."""
+        if not self.invariant:
+            return head_into(self.buffer, chunk.take(self.hidden) if rows is None else rows, self.weight, self.bias)
+        if self.next >= len(self.plan) or chunk is not self.plan[self.next]:
+            raise RuntimeError("Logits.of: chunks must be asked for in plan order, each once")
+        self.next += 1
+        R, start, end = self.rows, self.position, self.position + chunk.size
+        # Tiles sit at multiples of R rows in the buffer, so every GEMM writes to a tile-aligned output.
+        first = start // R * R
+        if first > self.first:
+            if self.computed > first:  # the tile holding `start`, computed with the previous chunk
+                src = self.buffer[first - self.first:first - self.first + R]
+                self.buffer[:R].copy_(src.clone() if first - self.first < R else src)  # no overlap
+            self.first = first
+        if self.computed < end:
+            self._tiles(end)
+        self.position = end
+        return self.buffer[start - first:end - first]
+
+    def _tiles(self, end: int) -> None:
+        """Computes whole tiles of the stream's next rows, up to at least row `end`, into the buffer
+        (zero rows past the stream's end)."""
+        R, begin = self.rows, self.computed
+        count = -(-(end - begin) // R) * R
+        n = min(count, self.order.numel() - begin)
+        rows = self._consecutive(begin, count) if n == count else None
+        if rows is None:  # masked rows between, or the last tile's zero padding: gather into the staging
+            if self.staging is None:
+                self.staging = self.hidden.new_empty(self.staging_rows, self.hidden.shape[1])
+            rows = self.staging[:count]
+            # index_select(out=) is ~200x slower than a gather and a copy on the CPU (4 ms for 128 x 512).
+            rows[:n].copy_(self.hidden.index_select(0, self.order[begin:begin + n]))
+            if n < count:
+                rows[n:].zero_()
+        head_tiles_into(self.buffer[begin - self.first:begin - self.first + count], rows, self.weight, self.bias, R)
+        self.computed += count
+
+    def _consecutive(self, begin: int, count: int) -> Optional[torch.Tensor]:
+        """hidden's rows of stream rows [begin, begin + count) as a view when they are consecutive rows
+        of hidden (no copy: the unmasked case), else None. Only on the CPU, where the rows' alignment
+        does not move MKL's bits (the note above); cuBLAS picks kernels by pointer alignment too, so a
+        GPU tile always reads the staging buffer, whose tiles are aligned (the copy is C D s bytes)."""
+        if self.hidden.device.type != "cpu":
+            return None
+        for stream, row, length in self.runs:
+            if stream <= begin and begin + count <= stream + length:
+                return self.hidden[row + begin - stream:row + begin - stream + count]
+        return None
+
+
 def skips_rows(chunks: List["Chunk"], n_rows: int) -> bool:
     """Whether some of the n_rows rows is never computed (outputs must then be zero-initialized for it):
     a masked row, or every row when the plan is empty (all masked)."""

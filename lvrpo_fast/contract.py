@@ -87,13 +87,16 @@ class Primitives(Protocol):
     def available(self, device: torch.device, dtype: torch.dtype) -> Tuple[bool, str]:
         """(True, "") when the backend runs tensors of `dtype` on `device`, else (False, the reason)."""
 
-    def logits_stats(self, logits: torch.Tensor, targets: torch.Tensor, temperature: float,
-                     with_entropy: bool) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    def logits_stats(self, logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool,
+                     batch_invariant: bool = False) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """logits [C, V] float16/bfloat16/float32 (the LM head's output, bias included, before the
         temperature), targets [C] int64 in [0, V). Returns float32 [C] tensors (logp, lse, entropy or
         None): logp = z[target] - lse, lse = logsumexp(z), entropy = lse - sum softmax(z) z, z = logits / T,
         computed blockwise over V with an online max so nothing of size [C, V] is allocated. A NaN or
-        inf logit gives a non-finite row, never a finite wrong one."""
+        inf logit gives a non-finite row, never a finite wrong one. A row's results depend on that row
+        alone (not on C, its place or the thread count) and logp does not depend on with_entropy;
+        batch_invariant=True also fixes whatever could differ between calls or processes (a tuned
+        launch configuration)."""
 
     def logits_grad_(self, logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
                      entropy: Optional[torch.Tensor], grad_logp: torch.Tensor, grad_entropy: Optional[torch.Tensor],
@@ -105,7 +108,7 @@ class Primitives(Protocol):
     def grpo_token_loss(self, logp: torch.Tensor, logp_old: Optional[torch.Tensor], logp_ref: Optional[torch.Tensor],
                         advantages: torch.Tensor, mask: torch.Tensor, rollout_weights: Optional[torch.Tensor],
                         entropy: Optional[torch.Tensor], row_scale: torch.Tensor, params: Dict[str, object],
-                        need_grad: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                        need_grad: bool, batch_invariant: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """logp, logp_old, logp_ref, entropy, rollout_weights [B, T] float32 (the last four may be None),
         advantages [B] or [B, T] float32 (per sequence or per token), mask [B, T] bool, row_scale [B] float32 (the aggregation weight of each
         sequence), params from :func:`token_loss_params`. Rows are whole sequences. Returns stats
@@ -113,7 +116,8 @@ class Primitives(Protocol):
         d(loss)/d(logp) including the row scale and the mask (0 at masked tokens). Values at masked
         tokens are never read into a result; a NaN or inf at an unmasked token reaches the loss column.
         The entropy bonus's gradient w.r.t. the entropy is the constant -entropy_coef * mask * row_scale,
-        formed by the caller."""
+        formed by the caller. batch_invariant=True: a sequence's stats row depends on that sequence's
+        unmasked tokens and row_scale alone, not on B, its place or the padded length T."""
 
     def group_advantages(self, rewards: torch.Tensor, group_size: int, scale: str, eps: float,
                          leave_one_out: bool) -> torch.Tensor:

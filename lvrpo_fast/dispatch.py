@@ -14,6 +14,11 @@ saying why; "auto" falls back with a one-time warning naming the reason.
 The choice depends only on constants of a call (the keyword, the environment, the device and the
 dtype), so under torch.compile it is made once at trace time (assume_constant_result) and the
 compiled graph holds the chosen op.
+
+Batch-invariant mode (the log-prob ops; lvrpo_fast/chunking.py, "Batch-invariant mode"): the keyword
+`batch_invariant=` of those ops, else the environment variable LVRPO_BATCH_INVARIANT (1 / 0, true /
+false, yes / no, on / off), else off. It selects the kernel backends' invariant variant; the reference
+is exempt (its eager head runs all rows in one call whose shape follows the batch).
 """
 from __future__ import annotations
 
@@ -21,11 +26,12 @@ import os
 import warnings
 from typing import Optional
 
+import numpy as np
 import torch
 
 from . import backends, reference
 from .contract import BACKENDS
-from .fused import KERNEL_BACKENDS
+from .fused import INVARIANT_KERNEL_BACKENDS, KERNEL_BACKENDS
 
 _warned = set()
 
@@ -78,9 +84,33 @@ def resolve(backend: Optional[str], device: str, dtype: torch.dtype) -> str:
 resolve._dynamo_marked_constant = True
 
 
-def select(backend: Optional[str], device: torch.device, dtype: torch.dtype):
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+def batch_invariant(value: Optional[bool] = None) -> bool:
+    """Whether a log-prob op runs in batch-invariant mode: the keyword `value` (a bool, or None), else
+    LVRPO_BATCH_INVARIANT, else False. Raises naming the keyword or the variable for anything else."""
+    if value is not None:
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"batch_invariant must be a bool or None, got {value!r}")
+        return bool(value)
+    text = os.environ.get("LVRPO_BATCH_INVARIANT", "").strip().lower()
+    if text not in _TRUE + _FALSE:
+        raise ValueError(f"LVRPO_BATCH_INVARIANT must be one of {_TRUE + _FALSE[:-1]} (or unset), "
+                         f"got {os.environ['LVRPO_BATCH_INVARIANT']!r}")
+    return text in _TRUE
+
+
+batch_invariant._dynamo_marked_constant = True  # a constant of the call, as resolve (above)
+
+
+def select(backend: Optional[str], device: torch.device, dtype: torch.dtype, invariant: bool = False):
     """The backend object for tensors on `device` with floating dtype `dtype`: the reference module, or
-    a lvrpo_fast.fused.KernelBackend. Each has logprobs_impl, advantages_impl, grpo_loss_impl and
+    a lvrpo_fast.fused.KernelBackend (its batch-invariant variant when `invariant`, the value of
+    :func:`batch_invariant`). Each has logprobs_impl, advantages_impl, grpo_loss_impl and
     linear_grpo_loss_impl taking validated inputs (see lvrpo_fast.reference for their contracts)."""
     name = resolve(backend, str(device), dtype)
-    return reference if name == "reference" else KERNEL_BACKENDS[name]
+    if name == "reference":
+        return reference
+    return (INVARIANT_KERNEL_BACKENDS if invariant else KERNEL_BACKENDS)[name]

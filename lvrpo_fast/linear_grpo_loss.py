@@ -16,7 +16,7 @@ def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: 
                            bias: Optional[torch.Tensor] = None, logp_old: Optional[torch.Tensor] = None,
                            logp_ref: Optional[torch.Tensor] = None, rollout_weights: Optional[torch.Tensor] = None,
                            temperature: float = 1.0, return_entropy: bool = False, backend: Optional[str] = None,
-                           **options):
+                           batch_invariant: Optional[bool] = None, **options):
     """The GRPO loss straight from hidden states and the LM head, never building the [B*T, V] logits.
 
     Args:
@@ -32,6 +32,11 @@ def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: 
         temperature: the sampling temperature, dividing the logits.
         return_entropy: compute the entropy metric even when entropy_coef == 0.
         backend: "auto", "triton", "cpp" or "reference".
+        batch_invariant: True: every token's logp and entropy are those fused_linear_logprobs gives in
+            the same mode, bit for bit, whatever else is in the batch (so the ratio of an on-policy
+            step is exactly 1); each sequence's share of the loss depends on that sequence and the
+            loss's normalizer alone, and the loss does not depend on the sequences' order. None
+            (default): LVRPO_BATCH_INVARIANT, else off. See README, "Batch-invariant mode".
         **options: the GRPO options (lvrpo_fast.GRPOOptions).
 
     Returns:
@@ -44,7 +49,7 @@ def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     opts = GRPOOptions.from_kwargs(**options)
     hidden, weight, bias, mask, temperature = validate.linear_grpo_loss_inputs(
         hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref, rollout_weights, temperature, opts)
-    impl = dispatch.select(backend, hidden.device, hidden.dtype)
+    impl = dispatch.select(backend, hidden.device, hidden.dtype, dispatch.batch_invariant(batch_invariant))
     with validate.autocast_off(hidden.device):
         return impl.linear_grpo_loss_impl(hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref,
                                           rollout_weights, temperature, bool(return_entropy), opts)

@@ -15,7 +15,7 @@ from . import dispatch, validate
 def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                           bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
                           return_entropy: bool = False, mask: Optional[torch.Tensor] = None,
-                          backend: Optional[str] = None):
+                          backend: Optional[str] = None, batch_invariant: Optional[bool] = None):
     """Per-token log-probabilities (and entropy) of `targets` under softmax((hidden @ weight.T + bias) / temperature).
 
     Args:
@@ -29,6 +29,12 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         mask: optional [...] bool/0-1; masked positions return 0 and get zero gradient, and their
             values (even NaN) never matter. No true entry (or an empty batch) gives all zeros.
         backend: "auto" (default), "triton", "cpp" or "reference"; see lvrpo_fast.dispatch.
+        batch_invariant: True: each position's logp and entropy are bitwise identical for the same
+            hidden row, weight, bias, target and temperature whatever else is in the call (batch size,
+            the row's place, other rows and the mask, LVRPO_CHUNK_BYTES) and equal to the ones
+            fused_linear_grpo_loss computes in the same mode, on the triton and cpp backends (the
+            reference is exempt). None (default): the environment variable LVRPO_BATCH_INVARIANT,
+            else off. Its cost and what it needs of the BLAS: README, "Batch-invariant mode".
 
     Returns:
         logp [...] float32 (float64 for float64 inputs), and entropy [...] if return_entropy.
@@ -39,7 +45,7 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     """
     hidden, weight, targets, bias, mask, temperature, return_entropy = validate.linear_logprobs_inputs(
         hidden, weight, targets, bias, mask, temperature, return_entropy)
-    impl = dispatch.select(backend, hidden.device, hidden.dtype)
+    impl = dispatch.select(backend, hidden.device, hidden.dtype, dispatch.batch_invariant(batch_invariant))
     with validate.autocast_off(hidden.device):
         logp, entropy = impl.logprobs_impl(hidden, weight, targets, bias, temperature, return_entropy, mask)
     return (logp, entropy) if return_entropy else logp

@@ -62,6 +62,8 @@ class FusedLinearGRPOLoss(nn.Module):
         use_bias_correction_kl: multiply the KL by the importance ratio (DeepSeek-V3.2).
         vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: accepted; vespo is unsupported.
         backend (keyword only, not in Liger): "auto", "triton", "cpp" or "reference".
+        batch_invariant (keyword only, not in Liger): the batch-invariant mode of the fused ops (also
+            for the reference's log-probabilities from ref_input); None: LVRPO_BATCH_INVARIANT.
     """
 
     def __init__(self, beta: float = 0.04, compiled: bool = True, use_ref_model: bool = True, chunk_size: int = 1,
@@ -70,7 +72,7 @@ class FusedLinearGRPOLoss(nn.Module):
                  sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05, temperature: float = 1.0,
                  delta: Optional[float] = None, use_bias_correction_kl: bool = False, vespo_k_pos: float = 2.0,
                  vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0, *,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, batch_invariant: Optional[bool] = None):
         super().__init__()
         if loss_type == "vespo":
             raise ValueError("loss_type='vespo' is not supported by lvrpo_fast (no kernel implements VESPO's "
@@ -98,10 +100,13 @@ class FusedLinearGRPOLoss(nn.Module):
         self.vespo_k_neg = vespo_k_neg
         self.vespo_lambda_neg = vespo_lambda_neg
         self.backend = backend
+        self.batch_invariant = batch_invariant
         # Every option error at construction, not at the first batch.
         self.temperature = validate.check_temperature(temperature)
         if backend is not None:
             dispatch.requested(backend)
+        if batch_invariant is not None:
+            dispatch.batch_invariant(batch_invariant)
         self._options(beta)
 
     def _options(self, beta, num_items_in_batch=None) -> GRPOOptions:
@@ -133,7 +138,8 @@ class FusedLinearGRPOLoss(nn.Module):
         # Liger scores the reference under no_grad with the policy's temperature; so do we.
         with torch.no_grad():
             return fused_linear_logprobs(ref_input, ref_weight, selected_token_ids, bias=ref_bias,
-                                         temperature=self.temperature, mask=mask, backend=self.backend)
+                                         temperature=self.temperature, mask=mask, backend=self.backend,
+                                         batch_invariant=self.batch_invariant)
 
     def _dapo_normalizer(self, attention_mask, num_items_in_batch):
         """num_items_in_batch for lvrpo_fast (which divides it by the world size) reproducing Liger's
@@ -203,7 +209,7 @@ class FusedLinearGRPOLoss(nn.Module):
         loss, metrics = fused_linear_grpo_loss(
             _input, weight, selected_token_ids, mask, advantages, bias=bias, logp_old=old_per_token_logps,
             logp_ref=logp_ref, rollout_weights=rollout_weights, temperature=self.temperature, backend=self.backend,
-            **{f: getattr(options, f) for f in _OPTION_FIELDS})
+            batch_invariant=self.batch_invariant, **{f: getattr(options, f) for f in _OPTION_FIELDS})
         if self.loss_type == "cispo":
             clip_ratio = metrics["clip_ratio_high"]
         elif self.loss_type == "sapo":

@@ -60,8 +60,11 @@ def _run(fn, data, backend):
     return loss.detach(), kl, {k: v.grad for k, v in leaves.items()}
 
 
+@pytest.mark.parametrize("invariant", ["0", "1"], ids=["default", "batch_invariant"])
 @pytest.mark.parametrize("name", KERNEL_BACKENDS)
-def test_fullgraph_compile_matches_eager(name):
+def test_fullgraph_compile_matches_eager(name, invariant, monkeypatch):
+    """Both modes; the batch-invariant one chosen by LVRPO_BATCH_INVARIANT, read once at trace time."""
+    monkeypatch.setenv("LVRPO_BATCH_INVARIANT", invariant)
     dev = torch.device("cpu") if name == "cpp" else device()
     if dispatch.usable(name, dev, torch.float32)[0] is None:
         pytest.skip(f"{name} unavailable on {dev}")
@@ -108,13 +111,15 @@ def test_custom_ops_pass_opcheck():
     data = _inputs(torch.device("cpu"))
     hidden = data["hidden"].requires_grad_()
     weight = data["weight"].requires_grad_()
-    scalars, _ = LOGPROBS.encode(LogprobsParams(backend="cpp", temperature=0.8, return_entropy=True))
-    torch.library.opcheck(library.op("linear_logprobs"),
-                          (hidden, weight, None, data["targets"], data["mask"]), scalars,
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    scalars, _ = LOSS.encode(LinearLossParams(backend="cpp", temperature=1.0, need_entropy=False,
-                                              options=GRPOOptions(loss_type="bnpo")))
-    torch.library.opcheck(library.op("linear_grpo_loss"),
-                          (hidden, weight, None, data["targets"], data["mask"], data["rewards"], None, None, None,
-                           None, True, True, False), scalars,
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    for invariant in (False, True):
+        scalars, _ = LOGPROBS.encode(LogprobsParams(backend="cpp", temperature=0.8, return_entropy=True,
+                                                    batch_invariant=invariant))
+        torch.library.opcheck(library.op("linear_logprobs"),
+                              (hidden, weight, None, data["targets"], data["mask"]), scalars,
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+        scalars, _ = LOSS.encode(LinearLossParams(backend="cpp", temperature=1.0, need_entropy=False,
+                                                  options=GRPOOptions(loss_type="bnpo"), batch_invariant=invariant))
+        torch.library.opcheck(library.op("linear_grpo_loss"),
+                              (hidden, weight, None, data["targets"], data["mask"], data["rewards"], None, None,
+                               None, None, True, True, False), scalars,
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

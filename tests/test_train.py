@@ -412,6 +412,35 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path, caps
         (whole / "summary.json").read_text())["final"]
 
 
+@pytest.mark.parametrize("backend, dtype", [("cpp", "float32"), ("cpp", "bfloat16"), ("triton", "float32")])
+def test_batch_invariant_first_update_is_exactly_on_policy(backend, dtype, tmp_path, monkeypatch):
+    """--batch-invariant: the old policy's log-probs (fused_linear_logprobs, forward only) and those
+    inside the loss (fused_linear_grpo_loss) have the same bits, so the first update of a step has
+    every ratio exactly 1 and clips nothing. A one-byte chunk budget makes the two passes cut the batch
+    differently (one row per chunk in the first, one sequence per chunk in the second)."""
+    monkeypatch.setenv("LVRPO_CHUNK_BYTES", "1")
+    # The loss kernel's own inputs, token by token: a mean ratio of 1.0 alone could hide a rounding.
+    module = lvrpo_fast.backends.primitives(backend)
+    real = module.grpo_token_loss
+    differing = []
+
+    def spy(logp, logp_old, logp_ref, advantages, mask, *rest):
+        differing.append(int((logp != logp_old)[mask].sum()))
+        return real(logp, logp_old, logp_ref, advantages, mask, *rest)
+
+    monkeypatch.setattr(module, "grpo_token_loss", spy)
+    run = tmp_path / "run"
+    assert run_main(["--output-dir", str(run), "--warmup-steps", "1", "--steps", "2", "--num-iterations", "1",
+                     "--backend", backend, "--dtype", dtype, "--batch-invariant", "--beta", "0.04"]) == 0
+    assert len(differing) > 2 and not any(differing), differing
+    grpo = [r for r in metrics(run) if r["phase"] == "grpo"]
+    assert len(grpo) == 2
+    for r in grpo:
+        assert r["ratio"] == 1.0, r
+        assert r["clip_ratio_low"] == r["clip_ratio_high"] == r["clip_ratio_region"] == 0.0, r
+    assert json.loads((run / "summary.json").read_text())["config"]["batch_invariant"] is True
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------

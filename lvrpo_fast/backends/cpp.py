@@ -199,8 +199,10 @@ def _extension():
 # ----------------------------------------------------------------------------------------------
 # Primitives (contract: lvrpo_fast/contract.py)
 # ----------------------------------------------------------------------------------------------
-def logits_stats(logits, targets, temperature, with_entropy):
-    """logits [C, V] fp16/bf16/fp32, targets [C] int64 -> (logp, lse, entropy or None), float32 [C]."""
+def logits_stats(logits, targets, temperature, with_entropy, batch_invariant=False):
+    """logits [C, V] fp16/bf16/fp32, targets [C] int64 -> (logp, lse, entropy or None), float32 [C].
+    batch_invariant needs nothing here: a row is one task, its blocks of V summed in order, whatever
+    the row count, the row's place or the thread count (csrc/logprobs.cpp)."""
     logp, lse, entropy = _extension().logits_stats(logits, targets, float(temperature), bool(with_entropy))
     return logp, lse, entropy
 
@@ -223,9 +225,10 @@ def loss_params(module, params):
 
 
 def grpo_token_loss(logp, logp_old, logp_ref, advantages, mask, rollout_weights, entropy, row_scale, params,
-                    need_grad):
+                    need_grad, batch_invariant=False):
     """[B, T] float32 per-token inputs, advantages / row_scale [B] float32, mask [B, T] bool, params from
-    contract.token_loss_params -> (stats [B, NSTATS] float32, grad_logp [B, T] float32 or None)."""
+    contract.token_loss_params -> (stats [B, NSTATS] float32, grad_logp [B, T] float32 or None).
+    batch_invariant needs nothing here: a sequence is one task summing its unmasked tokens in order."""
     module = _extension()
     stats, grad_logp = module.grpo_token_loss(logp, logp_old, logp_ref, advantages, mask, rollout_weights, entropy,
                                               row_scale, loss_params(module, params), bool(need_grad))

@@ -19,13 +19,16 @@ from .logprobs import linear_logprobs
 
 
 class KernelBackend:
-    """The backend interface of lvrpo_fast.dispatch for a kernel backend: the fused ops on its primitives."""
+    """The backend interface of lvrpo_fast.dispatch for a kernel backend: the fused ops on its primitives.
+    batch_invariant: the log-prob ops' batch-invariant mode (fused/logprobs.py, fused/linear_grpo_loss.py)."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, batch_invariant: bool = False):
         self.name = name
+        self.batch_invariant = batch_invariant
 
     def logprobs_impl(self, hidden, weight, targets, bias, temperature, return_entropy, mask):
-        return linear_logprobs(self.name, hidden, weight, targets, bias, temperature, return_entropy, mask)
+        return linear_logprobs(self.name, hidden, weight, targets, bias, temperature, return_entropy, mask,
+                               self.batch_invariant)
 
     def advantages_impl(self, rewards, group_size, scale, eps, leave_one_out):
         return group_advantages_with(self.name, rewards, group_size, scale, eps, leave_one_out)
@@ -37,12 +40,14 @@ class KernelBackend:
     def linear_grpo_loss_impl(self, hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref,
                               rollout_weights, temperature, return_entropy, options):
         return linear_grpo_loss_with(self.name, hidden, weight, targets, mask, advantages, bias, logp_old,
-                                     logp_ref, rollout_weights, temperature, return_entropy, options)
+                                     logp_ref, rollout_weights, temperature, return_entropy, options,
+                                     self.batch_invariant)
 
     def __repr__(self):
-        return f"KernelBackend({self.name})"
+        return f"KernelBackend({self.name}{', batch_invariant' if self.batch_invariant else ''})"
 
 
 KERNEL_BACKENDS = {"triton": KernelBackend("triton"), "cpp": KernelBackend("cpp")}
+INVARIANT_KERNEL_BACKENDS = {name: KernelBackend(name, batch_invariant=True) for name in KERNEL_BACKENDS}
 
-__all__ = ["KernelBackend", "KERNEL_BACKENDS"]
+__all__ = ["KernelBackend", "KERNEL_BACKENDS", "INVARIANT_KERNEL_BACKENDS"]

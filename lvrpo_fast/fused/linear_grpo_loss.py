@@ -33,6 +33,14 @@ with s the element size and C = the unmasked tokens of whole sequences filling L
 dtype, one rounding per chunk. Under torch.no_grad (or when nothing requires grad) only the 2 N V D
 forward runs.
 
+Batch-invariant mode (batch_invariant=True): the logits come from fixed-shape GEMMs of R rows carried
+across chunk boundaries (chunking.Logits), so each token's logp and entropy are those of
+fused_linear_logprobs in the same mode, bit for bit (the first on-policy ratio is exactly 1). Each
+sequence's statistics then depend on that sequence alone (the loss kernels handle one sequence per
+program, with a block that does not follow T in this mode), and the loss is their sum in an order that
+does not depend on the sequences' (order_free_sum). Extra memory: up to 2 R rows of logits (2 R V s
+bytes), the gathered hidden rows ((C + 2 R) D s) and 8 N bytes of row indices.
+
 One custom op, ``lvrpo_fast::linear_grpo_loss`` (lvrpo_fast.fused.library), returning the loss, the
 statistics and the three gradients; its registered backward scales them with ``lvrpo_fast::scale_``.
 """
@@ -43,7 +51,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import backends, validate
-from ..chunking import HeadGrads, head_into, logits_tile, rows_per_chunk, sequence_chunks
+from ..chunking import HeadGrads, Logits, rows_per_chunk, sequence_chunks
 from ..contract import NSTATS, STAT_LOSS, token_loss_params
 from ..options import GRPOOptions
 from . import library
@@ -58,6 +66,7 @@ class LinearLossParams:
     temperature: float
     need_entropy: bool
     options: GRPOOptions
+    batch_invariant: bool = False
 
 
 _CODEC = library.ParamsCodec(LinearLossParams)
@@ -68,12 +77,22 @@ def _slice(t, start, end):
     return None if t is None else t[start:end]
 
 
+def order_free_sum(values: torch.Tensor) -> torch.Tensor:
+    """The sum of values [B] float32 as a 0-dim float32 that does not depend on their order: sorted,
+    accumulated in float64, rounded once. (A plain sum's rounding follows the order, so shuffling a
+    batch's sequences would move the loss's last bits even with every sequence's terms unchanged.)"""
+    return values.sort().values.sum(dtype=torch.float64).float()
+
+
 def forward(prims, hidden, weight, bias, targets, mask, advantages, logp_old, logp_ref, rollout_weights,
-            temperature, need_entropy, options, need_h, need_w, need_b):
+            temperature, need_entropy, options, need_h, need_w, need_b, batch_invariant=False):
     """(loss, per-sequence stats [B, NSTATS], (grad_hidden, grad_weight, grad_bias)), chunk by chunk.
 
     hidden [B, T, D], targets [B, T] int64 (masked ids replaced), mask [B, T] bool, advantages [B] and
-    the per-token [B, T] inputs in float32; the gradients are None where not needed."""
+    the per-token [B, T] inputs in float32; the gradients are None where not needed. batch_invariant:
+    the log-probabilities and entropies are those of the forward-only op in the same mode, bit for bit
+    (the same chunking.Logits tiles and statistics launch), each sequence's statistics depend on that
+    sequence alone, and the loss sums them in an order that does not depend on theirs."""
     B, T, D = hidden.shape
     V = weight.shape[0]
     need_grad = need_h or need_w or need_b
@@ -85,7 +104,7 @@ def forward(prims, hidden, weight, bias, targets, mask, advantages, logp_old, lo
     flat_targets = targets.view(B * T)
     grads = HeadGrads(hidden, weight, need_h, need_w, need_b, chunks)
     stats = torch.zeros((B, NSTATS), dtype=torch.float32, device=hidden.device)  # B = 0: no chunk at all
-    tile = logits_tile(max((c.size for c in chunks), default=0), V, hidden)
+    head = Logits(chunks, flat_hidden, weight, bias, batch_invariant)
     for c in chunks:
         s0, s1 = c.start // T, c.end // T
         m = mask[s0:s1]
@@ -95,8 +114,8 @@ def forward(prims, hidden, weight, bias, targets, mask, advantages, logp_old, lo
         if c.size:
             h = c.take(flat_hidden)
             tgt = c.take(flat_targets)
-            logits = head_into(tile, h, weight, bias)
-            lp, lse, ent = prims.logits_stats(logits, tgt, temperature, need_entropy)
+            logits = head.of(c, h)
+            lp, lse, ent = prims.logits_stats(logits, tgt, temperature, need_entropy, batch_invariant)
             rel.put_(logp, lp)
             if need_entropy:
                 rel.put_(entropy, ent)
@@ -104,7 +123,7 @@ def forward(prims, hidden, weight, bias, targets, mask, advantages, logp_old, lo
         chunk_stats, grad_logp = prims.grpo_token_loss(
             logp, _slice(logp_old, s0, s1), _slice(logp_ref, s0, s1), advantages[s0:s1], m,
             _slice(rollout_weights, s0, s1), None if entropy is None else entropy.view(s1 - s0, T),
-            scale[s0:s1], params, need_grad)
+            scale[s0:s1], params, need_grad, batch_invariant)
         stats[s0:s1] = chunk_stats
         if need_grad and c.size:
             grad_ent = None
@@ -113,7 +132,7 @@ def forward(prims, hidden, weight, bias, targets, mask, advantages, logp_old, lo
             prims.logits_grad_(logits, tgt, lse, None if grad_ent is None else ent,
                                rel.take(grad_logp.reshape(-1)), grad_ent, temperature)
             grads.add_(c, logits, h, weight)
-    loss = stats[:, STAT_LOSS].sum()
+    loss = order_free_sum(stats[:, STAT_LOSS]) if batch_invariant else stats[:, STAT_LOSS].sum()
     return loss, stats, grads.result(bias)
 
 
@@ -128,7 +147,7 @@ def _op(hidden, weight, bias, targets, mask, advantages, logp_old, logp_ref, rol
         loss, stats, (gh, gw, gb) = forward(
             backends.primitives(p.backend), hidden, weight, bias, targets, mask, as_float32(advantages),
             as_float32(logp_old), as_float32(logp_ref), per_token(rollout_weights, mask.shape), p.temperature,
-            p.need_entropy, p.options, need_h, need_w, need_b)
+            p.need_entropy, p.options, need_h, need_w, need_b, p.batch_invariant)
     return (loss, stats, hidden.new_empty(0) if gh is None else gh, weight.new_empty(0) if gw is None else gw,
             weight.new_empty(0) if gb is None else gb)
 
@@ -200,12 +219,13 @@ library.register_autograd("linear_grpo_loss", _backward, _setup_context)
 
 
 def linear_grpo_loss_with(backend: str, hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref,
-                          rollout_weights, temperature, return_entropy, options: GRPOOptions):
+                          rollout_weights, temperature, return_entropy, options: GRPOOptions,
+                          batch_invariant: bool = False):
     """Backend entry (validated inputs): hidden [B, T, D], targets / mask [B, T], advantages [B].
     Returns (loss 0-dim float32, metrics)."""
     need_entropy = bool(return_entropy) or options.entropy_coef != 0
     params = LinearLossParams(backend=backend, temperature=float(temperature), need_entropy=need_entropy,
-                              options=options)
+                              batch_invariant=bool(batch_invariant), options=options)
     scalars, num_items = _CODEC.encode(params)
     grad_on = torch.is_grad_enabled()
     need = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]

@@ -21,6 +21,13 @@ with s the element size of the input dtype and C = LVRPO_CHUNK_BYTES / (V * s) r
 CUDA by default, 64 MiB on the CPU). The term that grows with N is only the O(N) per-row vectors.
 grad_weight is accumulated across chunks in weight's dtype (one rounding per chunk for bf16/fp16).
 
+Batch-invariant mode (batch_invariant=True): the head runs as GEMMs of a fixed R rows (chunking.Logits,
+R = 128 on the CPU, 256 on CUDA), so a row's logp and entropy have the same bits whatever the batch,
+the mask, the row's position and LVRPO_CHUNK_BYTES; the statistics kernels are row-local and run the
+fixed launch configuration. Chunks are whole tiles (C rounded down to a multiple of R, at least R:
+a budget under R rows of logits is exceeded), so it adds the gathered hidden rows (C D s), 8 N bytes
+of row indices and at most R - 1 padded rows of GEMM per call.
+
 Two custom ops (lvrpo_fast.fused.library): ``lvrpo_fast::linear_logprobs`` (forward) and
 ``lvrpo_fast::linear_logprobs_backward``, tied together by torch.library.register_autograd.
 """
@@ -32,7 +39,7 @@ from typing import Optional
 import torch
 
 from .. import backends, validate
-from ..chunking import HeadGrads, head_into, logits_tile, row_chunks, rows_per_chunk, skips_rows
+from ..chunking import HeadGrads, Logits, invariant_chunk_rows, row_chunks, rows_per_chunk, skips_rows
 from . import library
 
 
@@ -43,30 +50,33 @@ class LogprobsParams:
     backend: str
     temperature: float
     return_entropy: bool
+    batch_invariant: bool = False
 
 
 _CODEC = library.ParamsCodec(LogprobsParams)
 
 
-def _plan(hidden, weight, mask):
-    """The chunks of rows to compute (only mask's true rows) and the one [C, V] tile they share."""
+def _plan(hidden, weight, bias, mask, batch_invariant):
+    """The chunks of rows to compute (only mask's true rows) and their logits (chunking.Logits)."""
     rows = rows_per_chunk(weight.shape[0], hidden.element_size(), hidden.device, weight.shape[1])
+    if batch_invariant:
+        rows = invariant_chunk_rows(rows, hidden.device)
     chunks = row_chunks(hidden.shape[0], rows, mask)
-    return chunks, logits_tile(max((c.size for c in chunks), default=0), weight.shape[0], hidden)
+    return chunks, Logits(chunks, hidden, weight, bias, batch_invariant)
 
 
-def forward(prims, hidden, weight, bias, targets, mask, temperature, return_entropy):
+def forward(prims, hidden, weight, bias, targets, mask, temperature, return_entropy, batch_invariant=False):
     """logp, lse [N] float32 and entropy [N] float32 or None: 2 N V D FLOPs (N: the unmasked rows),
     one [C, V] tile alive at a time. Masked rows are 0 in all three."""
     N = hidden.shape[0]
-    chunks, tile = _plan(hidden, weight, mask)
+    chunks, head = _plan(hidden, weight, bias, mask, batch_invariant)
     new = torch.zeros if skips_rows(chunks, N) else torch.empty  # rows never computed stay 0
     logp = new(N, dtype=torch.float32, device=hidden.device)
     lse = new(N, dtype=torch.float32, device=hidden.device)
     entropy = new(N, dtype=torch.float32, device=hidden.device) if return_entropy else None
     for c in chunks:
-        logits = head_into(tile, c.take(hidden), weight, bias)
-        lp, ls, ent = prims.logits_stats(logits, c.take(targets), temperature, return_entropy)
+        logits = head.of(c)
+        lp, ls, ent = prims.logits_stats(logits, c.take(targets), temperature, return_entropy, batch_invariant)
         c.put_(logp, lp)
         c.put_(lse, ls)
         if return_entropy:
@@ -75,14 +85,15 @@ def forward(prims, hidden, weight, bias, targets, mask, temperature, return_entr
 
 
 def backward(prims, hidden, weight, bias, targets, mask, lse, entropy, grad_logp, grad_entropy, temperature,
-             need_h, need_w, need_b):
+             need_h, need_w, need_b, batch_invariant=False):
     """(grad_hidden, grad_weight, grad_bias), None where not needed: the tile of each chunk recomputed
-    (2 C V D), turned into d(loss)/d(logits) in place, and taken back through the head (4 C V D)."""
-    chunks, tile = _plan(hidden, weight, mask)
+    (2 C V D, the forward's bits in either mode), turned into d(loss)/d(logits) in place, and taken back
+    through the head (4 C V D)."""
+    chunks, head = _plan(hidden, weight, bias, mask, batch_invariant)
     grads = HeadGrads(hidden, weight, need_h, need_w, need_b, chunks)
     for c in chunks:
         h = c.take(hidden)
-        logits = head_into(tile, h, weight, bias)
+        logits = head.of(c, h)
         prims.logits_grad_(logits, c.take(targets), c.take(lse),
                            None if grad_entropy is None else c.take(entropy), c.take(grad_logp),
                            None if grad_entropy is None else c.take(grad_entropy), temperature)
@@ -106,7 +117,7 @@ def _forward_op(hidden, weight, bias, targets, mask, **scalars):
     flat_hidden, flat_targets, flat_mask = _flat(hidden, targets, mask)
     with validate.autocast_off(hidden.device):
         logp, lse, entropy = forward(backends.primitives(p.backend), flat_hidden, weight, bias, flat_targets,
-                                     flat_mask, p.temperature, p.return_entropy)
+                                     flat_mask, p.temperature, p.return_entropy, p.batch_invariant)
     return (logp.view(shape), lse.view(shape),
             entropy.view(shape) if entropy is not None else hidden.new_empty(0, dtype=torch.float32))
 
@@ -127,7 +138,7 @@ def _backward_op(hidden, weight, bias, targets, mask, lse, entropy, grad_logp, g
         gh, gw, gb = backward(backends.primitives(p.backend), flat_hidden, weight, bias, flat_targets, flat_mask,
                               lse.reshape(-1), entropy.reshape(-1) if has_entropy else None, grad_logp.reshape(-1),
                               grad_entropy.reshape(-1) if has_entropy else None, p.temperature, need_h, need_w,
-                              need_b)
+                              need_b, p.batch_invariant)
     return (hidden.new_empty(0) if gh is None else gh.view(hidden.shape), weight.new_empty(0) if gw is None else gw,
             weight.new_empty(0) if gb is None else gb)
 
@@ -180,10 +191,13 @@ def _backward(ctx, grad_logp, grad_lse, grad_entropy):
 library.register_autograd("linear_logprobs", _backward, _setup_context)
 
 
-def linear_logprobs(backend: str, hidden, weight, targets, bias, temperature, return_entropy, mask):
+def linear_logprobs(backend: str, hidden, weight, targets, bias, temperature, return_entropy, mask,
+                    batch_invariant: bool = False):
     """Backend entry (validated inputs): hidden [..., D], weight [V, D], targets [...], bias [V] | None,
-    mask [...] bool | None -> (logp [...] float32, entropy [...] float32 or None)."""
-    params = LogprobsParams(backend=backend, temperature=float(temperature), return_entropy=bool(return_entropy))
+    mask [...] bool | None -> (logp [...] float32, entropy [...] float32 or None). batch_invariant: a
+    row's results do not depend on the other rows (chunking.Logits)."""
+    params = LogprobsParams(backend=backend, temperature=float(temperature), return_entropy=bool(return_entropy),
+                            batch_invariant=bool(batch_invariant))
     scalars, _ = _CODEC.encode(params)
     logp, _, entropy = library.op("linear_logprobs")(
         hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),

@@ -19,7 +19,7 @@ class FusedCheckError(RuntimeError):
 def check_fused(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
                 mask: torch.Tensor, advantages: torch.Tensor, logp_old: torch.Tensor, logp_ref: Optional[torch.Tensor],
                 *, dtype: torch.dtype, backend: str, loss_kwargs: Dict, backend_name: str,
-                step: int) -> Dict[str, float]:
+                step: int, batch_invariant: bool = False) -> Dict[str, float]:
     """Compares the fused loss and its gradients (hidden [B, T, D], weight [V, D], bias [V]) with the
     reference at `dtype` and in float64, on detached copies (the step's own graph is untouched).
 
@@ -38,7 +38,7 @@ def check_fused(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         grads = torch.autograd.grad(loss, list(leaves.values()))
         return {"loss": loss.detach(), **dict(zip(leaves, grads))}
 
-    fused = run(lvrpo_fast.fused_linear_grpo_loss, dtype, backend=backend)
+    fused = run(lvrpo_fast.fused_linear_grpo_loss, dtype, backend=backend, batch_invariant=batch_invariant)
     ref = run(reference.fused_linear_grpo_loss, dtype)
     truth = run(reference.fused_linear_grpo_loss, torch.float64)
     outcomes = {o.name: o for o in testing.compare_results(fused, ref, truth, dtype)}

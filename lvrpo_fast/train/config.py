@@ -53,6 +53,10 @@ class TrainConfig:
     dtype: str = _opt("float32", "compute dtype of the model body and the fused ops (master weights stay float32)",
                       choices=DTYPES)
     backend: str = _opt("auto", "lvrpo_fast backend of the fused ops", choices=dispatch.BACKENDS)
+    batch_invariant: bool = _opt(False, "the fused ops' batch-invariant mode: a token's log-probability has the same "
+                                        "bits in the old-policy pass and in the loss, whatever the batch around it, "
+                                        "so the first update's ratio is exactly 1 (triton and cpp backends; on the "
+                                        "CPU the fused ops took 0-19%% longer, see the README)")
     cpu_threads: int = _opt(1, "torch threads per process on the CPU: the embedded model's matmuls are too small "
                                "to gain from more, and on a shared machine oversubscribed threads cost up to 5x")
     # the embedded model and task

@@ -6,7 +6,9 @@ One GRPO step (:meth:`Trainer.grpo_step`), per process (torch.distributed ranks 
        rule-based rewards -> lvrpo_fast.group_advantages.
     2. log-probs: the reference's, from the frozen reference model's hidden states of prompt +
        completion through lvrpo_fast.fused_linear_logprobs under torch.no_grad (the forward-only
-       fused path); the old policy's, likewise, from the first update's own forward pass.
+       fused path); the old policy's, likewise, from the first update's own forward pass. With
+       --batch-invariant a token's log-probability there has the bits it gets inside the loss, so
+       the first update's ratio is exactly 1.
     3. update: num_iterations policy updates: hidden states with grad -> lvrpo_fast.fused_linear_grpo_loss
        with the LM head's weight (gradients reach both), the KL to the frozen reference, AdamW.
     4. record: the step's metrics row, averaged over ranks.
@@ -269,7 +271,7 @@ class Trainer:
         hidden = self._hidden(self.model, batch)
         weight, bias = self._head(self.model)
         logp = lvrpo_fast.fused_linear_logprobs(hidden, weight, completion_ids, bias=bias, mask=completion_mask,
-                                                backend=cfg.backend)
+                                                backend=cfg.backend, batch_invariant=cfg.batch_invariant)
         tokens = completion_mask.sum()
         # Every sequence weighs the same (as in the GRPO loss): a token mean would give the 2-token
         # answers of the understanding task a seventh of the weight of the 12-token images.
@@ -345,7 +347,7 @@ class Trainer:
                 logp_ref = lvrpo_fast.fused_linear_logprobs(self._hidden(self.ref_model, batch), ref_weight,
                                                             batch.completion_ids, bias=ref_bias,
                                                             mask=batch.completion_mask, temperature=cfg.temperature,
-                                                            backend=cfg.backend)
+                                                            backend=cfg.backend, batch_invariant=cfg.batch_invariant)
         self._sync()
         timings["logprob_time_s"] = time.perf_counter() - t0
         return logp_ref
@@ -361,7 +363,8 @@ class Trainer:
             logp_old = lvrpo_fast.fused_linear_logprobs(hidden.detach(), weight.detach(), batch.completion_ids,
                                                         bias=None if bias is None else bias.detach(),
                                                         mask=batch.completion_mask, temperature=self.cfg.temperature,
-                                                        backend=self.cfg.backend)
+                                                        backend=self.cfg.backend,
+                                                        batch_invariant=self.cfg.batch_invariant)
         self._sync()
         timings["logprob_time_s"] += time.perf_counter() - t0
         return logp_old
@@ -383,12 +386,13 @@ class Trainer:
             if iteration == 0 and cfg.check_every and grpo_index % cfg.check_every == 0:
                 sums.update(check_fused(hidden, weight, bias, targets, mask, rollout.advantages, logp_old, logp_ref,
                                         dtype=self.dtype, backend=cfg.backend, loss_kwargs=self._loss_kwargs(),
-                                        backend_name=self.backend_name, step=self.step))
+                                        backend_name=self.backend_name, step=self.step,
+                                        batch_invariant=cfg.batch_invariant))
             self._sync()
             t0 = time.perf_counter()
             loss, metrics = lvrpo_fast.fused_linear_grpo_loss(
                 hidden, weight, targets, mask, rollout.advantages, bias=bias, logp_old=logp_old, logp_ref=logp_ref,
-                return_entropy=True, backend=cfg.backend, **self._loss_kwargs())
+                return_entropy=True, backend=cfg.backend, batch_invariant=cfg.batch_invariant, **self._loss_kwargs())
             self._sync()
             timings["loss_time_s"] += time.perf_counter() - t0
             loss.backward()
@@ -553,10 +557,12 @@ class Trainer:
     def _resume(self, path: str) -> None:
         state = C.load(path)
         saved = state["config"]
+        # A flag newer than the checkpoint had its default when the checkpoint was written.
+        defaults = {f.name: f.default for f in dataclasses.fields(self.cfg)}
         for key, value in dataclasses.asdict(self.cfg).items():
-            if key not in RESUMABLE_CHANGES and saved.get(key) != value:
+            if key not in RESUMABLE_CHANGES and saved.get(key, defaults[key]) != value:
                 raise ValueError(f"--resume: the checkpoint was written with --{key.replace('_', '-')} "
-                                 f"{saved.get(key)!r}, this run has {value!r}")
+                                 f"{saved.get(key, defaults[key])!r}, this run has {value!r}")
         self.step = state["step"]
         self.model.load_state_dict(state["model"])
         if state["ref_model"] is not None:
