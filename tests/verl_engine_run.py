@@ -242,7 +242,7 @@ def engine_flags(data, packed: bool, entropy: bool, training: bool, global_batch
 def widest_logits(vocab: int, record: dict):
     """Records in record["rows"] the most rows of any tensor [..., vocab] allocated inside the block:
     an output of an aten op that does not share storage with one of its inputs (views, such as the
-    transposed LM head weight, and out= results allocate nothing)."""
+    transposed LM head weight, and out= results allocate nothing), inside lvrpo_fast's fused operators too."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
@@ -254,6 +254,12 @@ def widest_logits(vocab: int, record: dict):
 
     class Watch(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "lvrpo_fast":
+                # A mode is off while its __torch_dispatch__ runs: run the fused op's own CPU kernel under
+                # a fresh watch, so the tiles it allocates inside are seen too.
+                with Watch():
+                    return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args,
+                                           **(kwargs or {}))
             out = func(*args, **(kwargs or {}))
             wide = [t for t in tree_leaves(out)
                     if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[-1] == vocab]
