@@ -49,3 +49,23 @@ def test_process_advantages(bench, shape, impl):
         call=lambda s: {"advantages": fn(s)},
         reference_call=lambda s: {"advantages": reference_fn(s)},
         checked=("advantages",), min_bytes=12 * S_per_row * shape.B + 8 * (shape.B + 1) + 4 * shape.N)
+
+
+def test_process_advantages_paired(bench):
+    """The kernel backend of this set (C++ on the CPU, Triton on a GPU) against the eager reference, called
+    alternately on the same inputs (Bench.paired): the median of the per-pair time ratios, which a
+    shared machine's drift moves far less than the ratio of two medians. 51 pairs: each call takes
+    milliseconds, and a call preempted by another process spoils only its own pair."""
+    impl = "triton" if bench.device.type == "cuda" else "cpp"
+    harness.lvrpo_backend(impl, torch.float32)
+    shape = harness.SHAPES[bench.shape_set]["process_advantages"][-1]
+
+    def case(name):
+        fn = advantages_fn(name, shape)
+        return harness.Case(case=f"process_advantages G={shape.G}", op="process_advantages", impl=name, shape=shape,
+                            dtype=torch.float32, make_set=lambda: make_set(shape, bench.device),
+                            call=lambda s: {"advantages": fn(s)},
+                            reference_call=lambda s: {"advantages": advantages_fn("reference", shape)(s)},
+                            checked=("advantages",))
+
+    bench.paired({"reference": case("reference"), impl: case(impl)}, name="process_advantages paired", min_pairs=51)

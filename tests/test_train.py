@@ -836,3 +836,26 @@ def test_two_data_parallel_processes(tmp_path):
     assert steps == [1, 2, 3, 4]  # one writer: no step twice
     assert proc.stdout.count("held-out mean reward") == 1
     assert "past_key_values" not in proc.stderr
+
+
+def test_compare_tabulates_and_plots_runs(tmp_path, capsys):
+    """python -m lvrpo_fast.train.compare: the first GRPO step at the level, the gain and the mean of the
+    GRPO-phase evaluations, read from each run directory."""
+    from lvrpo_fast.train import compare
+
+    for name, process, curve in (("a", False, [0.5, 0.6, 0.7, 0.75]), ("b", True, [0.5, 0.72, 0.7, 0.8])):
+        run = tmp_path / name
+        run.mkdir()
+        rows = [{"step": 10 + 5 * i, "phase": "eval", "tag": "grpo", "heldout_interleaved": v}
+                for i, v in enumerate(curve)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        config = {"seed": 3, "warmup_steps": 10, "process_rewards": process, "outcome_weight": 0.5}
+        summary = {"config": config, "warmup": {"interleaved": curve[0]}, "final": {"interleaved": curve[-1]},
+                   "improvement": {"interleaved": curve[-1] - curve[0]}}
+        (run / "summary.json").write_text(json.dumps(summary))
+    plot = tmp_path / "compare.png"
+    assert compare.main([str(tmp_path / "a"), str(tmp_path / "b"), "--level", "0.7", "--output", str(plot)]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert rows[0] == "| 3 | outcome only | 0.500 | 0.750 | +0.250 | 10 | 0.683 |"
+    assert rows[1] == "| 3 | process + outcome (w = 0.5) | 0.500 | 0.800 | +0.300 | 5 | 0.740 |"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -2,7 +2,8 @@
 
 Reads each run directory's summary.json and metrics.jsonl, prints a Markdown table (one row per run:
 its seed, whether --process-rewards was on, the held-out reward of the task after the warm-up and
-after GRPO, the gain, and the first GRPO step whose held-out evaluation reached --level) and, with
+after GRPO, the gain, the first GRPO step whose held-out evaluation reached --level, and the mean of
+the evaluations after the warm-up's) and, with
 --output, plots the held-out reward of the task against the GRPO step for every run (process-reward
 runs solid, outcome-only runs dashed, one color per seed).
 """
@@ -39,16 +40,24 @@ def first_step_at(curve, level: float) -> Optional[int]:
     return next((step for step, value in curve if value >= level), None)
 
 
+def mean_after_warmup(curve) -> Optional[float]:
+    """The mean held-out reward over the evaluations after GRPO step 0 (less noisy than one evaluation)."""
+    values = [value for step, value in curve if step > 0]
+    return sum(values) / len(values) if values else None
+
+
 def table(runs: List[Dict], task: str, level: float) -> str:
-    lines = [f"| seed | advantages | held-out {task} after warm-up | after GRPO | gain | first GRPO step >= {level:g} |",
-             "|---:|---|---:|---:|---:|---:|"]
+    lines = [f"| seed | advantages | held-out {task} after warm-up | after GRPO | gain | first GRPO step >= {level:g} "
+             f"| mean of the GRPO-phase evaluations |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
     for run in runs:
         summary = run["summary"]
         kind = (f"process + outcome (w = {run['outcome_weight']:g})" if run["process_rewards"]
                 else "outcome only")
         reached = first_step_at(run["curve"], level)
         lines.append(f"| {run['seed']} | {kind} | {summary['warmup'][task]:.3f} | {summary['final'][task]:.3f} | "
-                     f"{summary['improvement'][task]:+.3f} | {'not reached' if reached is None else reached} |")
+                     f"{summary['improvement'][task]:+.3f} | {'not reached' if reached is None else reached} | "
+                     f"{mean_after_warmup(run['curve']):.3f} |")
     return "\n".join(lines)
 
 
