@@ -39,7 +39,7 @@ GRPO_SIGNATURE = {
     "eps_low": "fp32", "eps_high": "fp32", "delta": "fp32", "clip_c": "fp32", "beta": "fp32",
     "entropy_coef": "fp32", "sapo_pos": "fp32", "sapo_neg": "fp32",
 }
-_TOGGLES = ("HAS_DELTA", "DUAL_CLIP", "HAS_OLD", "HAS_WEIGHTS", "HAS_ENTROPY", "ENTROPY_BONUS", "NEED_GRAD")
+_TOGGLES = ("HAS_DELTA", "DUAL_CLIP", "HAS_OLD", "HAS_WEIGHTS", "HAS_ENTROPY", "ENTROPY_BONUS", "NEED_GRAD", "ADV_PER_TOKEN")
 # The kernels' own tables, so a new loss kind, estimator or tile dtype is compiled here too.
 LOSS_KINDS = tuple(POLICY_KINDS)
 KL_KINDS = (0, *CONTRACT_KL_KINDS.values())  # 0: no KL term
