@@ -80,7 +80,8 @@ resolve._dynamo_marked_constant = True
 
 def select(backend: Optional[str], device: torch.device, dtype: torch.dtype):
     """The backend object for tensors on `device` with floating dtype `dtype`: the reference module, or
-    a lvrpo_fast.fused.KernelBackend. Each has logprobs_impl, advantages_impl, grpo_loss_impl and
-    linear_grpo_loss_impl taking validated inputs (see lvrpo_fast.reference for their contracts)."""
+    a lvrpo_fast.fused.KernelBackend. Each has logprobs_impl, advantages_impl, grpo_loss_impl,
+    linear_grpo_loss_impl and process_advantages_impl taking validated inputs (see lvrpo_fast.reference
+    for their contracts)."""
     name = resolve(backend, str(device), dtype)
     return reference if name == "reference" else KERNEL_BACKENDS[name]
