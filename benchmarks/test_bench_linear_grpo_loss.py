@@ -117,10 +117,12 @@ def make_call(fn, padded=True):
     return call
 
 
-def case_fields(shape, impl, dtype, device, padded=True, invariant=False):
+def case_fields(shape, impl, dtype, device, padded=True, invariant=False, per_token=None):
     """The harness.Case fields of one implementation at one shape. padded=False: the same inputs with
     every token unmasked (the kernel backends skip the padding's rows, the reference and the peers
-    compute them; without padding there is nothing to skip). invariant: the batch-invariant mode."""
+    compute them; without padding there is nothing to skip). invariant: the batch-invariant mode.
+    per_token (the op linear_grpo_loss_per_token, whose input sets also hold advantages [B, T] ~ N(0, 1)):
+    True passes those, False the same sets' advantages [B]; None: the plain op."""
     if impl in ("triton", "cpp"):
         harness.lvrpo_backend(impl, dtype)
 
@@ -128,23 +130,32 @@ def case_fields(shape, impl, dtype, device, padded=True, invariant=False):
         s = make_set(shape, dtype, device)
         s["mask_float"] = s["mask"].float()  # Liger multiplies by the mask
         s["mask_full"] = torch.ones_like(s["mask"])
+        if per_token is not None:  # step-wise advantages, one per token, as process_advantages gives them
+            s["advantages_per_token"] = torch.randn(shape.B, shape.T, device=device)
         return s
 
-    per_token = 8 if impl == "liger" else 6
+    flops_per = 8 if impl == "liger" else 6  # per token and head weight
 
     def unmasked_flops(s):
-        return per_token * int(s["mask"].sum()) * shape.V * shape.D
+        return flops_per * int(s["mask"].sum()) * shape.V * shape.D
 
     # the kernel backends compute the unmasked tokens only
     executed = unmasked_flops if impl in ("triton", "cpp") and padded else None
 
+    def with_advantages(fn):
+        if not per_token:
+            return fn
+        return lambda h, w, s: fn(h, w, {**s, "advantages": s["advantages_per_token"]})
+
+    case = "linear_grpo_loss fwd+bwd" + ("" if padded else ", no padding") + (" batch-invariant" if invariant else "")
+    if per_token is not None:
+        case += ", advantages [B, T]" if per_token else ", advantages [B]"
     return dict(
-        case=("linear_grpo_loss fwd+bwd" + ("" if padded else ", no padding")
-              + (" batch-invariant" if invariant else "")),
-        op="linear_grpo_loss", impl=impl, shape=shape, dtype=dtype, make_set=inputs,
-        call=make_call(loss_fn(impl, device, invariant), padded),
-        reference_call=make_call(loss_fn("reference", device), padded),
-        checked=("loss", "grad_hidden", "grad_weight"), flops=per_token * shape.N * shape.V * shape.D,
+        case=case, op="linear_grpo_loss" if per_token is None else "linear_grpo_loss_per_token", impl=impl,
+        shape=shape, dtype=dtype, make_set=inputs,
+        call=make_call(with_advantages(loss_fn(impl, device, invariant)), padded),
+        reference_call=make_call(with_advantages(loss_fn("reference", device)), padded),
+        checked=("loss", "grad_hidden", "grad_weight"), flops=flops_per * shape.N * shape.V * shape.D,
         executed_flops=executed, mm=(shape.N, shape.D, shape.V))
 
 
@@ -188,3 +199,25 @@ def test_issue5_paired(bench, padded):
     bench.paired({impl: harness.Case(**case_fields(bench.issue5_shape, impl, bench.dtype, bench.device, padded))
                   for impl in ("reference", "cpp")},
                  name="issue 5 paired" + ("" if padded else ", no padding"), target=1.5)
+
+
+@pytest.mark.bench_op("linear_grpo_loss_per_token", impls=("reference", "triton", "cpp"))
+def test_linear_grpo_loss_per_token(bench, shape, impl):
+    """Per-token advantages [B, T] (process rewards, GAE): the same loss with one advantage per token.
+    Liger's loss takes advantages [B] only; torch.compile is left out (its cost, one graph per variant)."""
+    bench.run(**case_fields(shape, impl, bench.dtype, bench.device, per_token=True))
+
+
+def test_per_token_advantages_paired(bench):
+    """What per-token advantages cost against per-sequence ones: the kernel backend of this set (C++ on
+    the CPU, Triton on a GPU) called alternately with advantages [B, T] and [B] on the same input sets,
+    the median of the per-pair time ratios (Bench.paired). The forward reads B T more floats and the
+    per-token loss kernel one more load per token; the LM head's 6 N V D FLOPs are unchanged."""
+    impl = "triton" if bench.device.type == "cuda" else "cpp"
+    shape = harness.SHAPES[bench.shape_set]["linear_grpo_loss_per_token"][0]
+    harness.lvrpo_backend(impl, bench.dtype)
+    bench.paired({f"{impl} [B, T]": harness.Case(**case_fields(shape, impl, bench.dtype, bench.device,
+                                                               per_token=True)),
+                  f"{impl} [B]": harness.Case(**case_fields(shape, impl, bench.dtype, bench.device,
+                                                            per_token=False))},
+                 name="per-token advantages paired")

@@ -43,4 +43,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_advantages", &lvrpo::group_advantages, "rewards [B] float32 -> advantages [B] float32",
         pybind11::arg("rewards"), pybind11::arg("group_size"), pybind11::arg("scale"), pybind11::arg("eps"),
         pybind11::arg("leave_one_out"));
+  m.def("process_advantages", &lvrpo::process_advantages,
+        "step_rewards [S] float32, step_ends [S] int64, step_offsets [B + 1] int64 -> advantages [B, T] float32",
+        pybind11::arg("step_rewards"), pybind11::arg("step_ends"), pybind11::arg("step_offsets"),
+        pybind11::arg("group_size"), pybind11::arg("seq_len"), pybind11::arg("scale"), pybind11::arg("eps"),
+        pybind11::arg("leave_one_out"), pybind11::arg("outcome_advantages"), pybind11::arg("outcome_weight"));
 }

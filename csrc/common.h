@@ -82,6 +82,11 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> grpo_token_loss(
 at::Tensor group_advantages(const at::Tensor& rewards, int64_t group_size, const std::string& scale, double eps,
                             bool leave_one_out);
 
+at::Tensor process_advantages(const at::Tensor& step_rewards, const at::Tensor& step_ends,
+                              const at::Tensor& step_offsets, int64_t group_size, int64_t seq_len,
+                              const std::string& scale, double eps, bool leave_one_out,
+                              const std::optional<at::Tensor>& outcome_advantages, double outcome_weight);
+
 // Checks shared by the primitives: a clear message naming the argument instead of a wild read.
 inline void check_tensor(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got one on ", t.device());

@@ -122,6 +122,18 @@ def advantages_block(group_size: int) -> int:
     return min(triton.next_power_of_2(group_size), ADVANTAGES_MAX_BLOCK_GROUP)
 
 
+# --- process-reward advantages (kernels/process_advantages.py) ---------------------------------------------
+# Steps are few per group (tens): a block of 64 steps per loop iteration in the normalizing kernel. The
+# token kernel writes a block of up to 1024 tokens of one sequence per program (T ~ 1e2..1e4), looping
+# over the sequence's steps; default warps, the work per token being one compare-and-add per step.
+PROCESS_ADVANTAGES_BLOCK_STEPS = 64
+PROCESS_ADVANTAGES_MAX_BLOCK_T = 1024
+
+
+def process_advantages_block_t(T: int) -> int:
+    return min(triton.next_power_of_2(max(T, 1)), PROCESS_ADVANTAGES_MAX_BLOCK_T)
+
+
 # --- in-place scaling of the fused loss's stored gradients (kernels/linear_grpo_loss.py) ------------------
 # A pure streaming kernel over [V, D] (1.2 GB in bf16 at V = 151936, D = 4096): 4096 elements per program
 # and 8 warps give 16 contiguous elements (two 16-byte vectors in bf16) per thread, as the log-prob

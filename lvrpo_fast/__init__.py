@@ -3,6 +3,7 @@
 Public API (each takes `backend=` "auto" | "triton" | "cpp" | "reference"; see lvrpo_fast.dispatch):
     fused_linear_logprobs   hidden states + LM head -> per-token log-probabilities (and entropy)
     group_advantages        rewards -> group-normalized advantages
+    process_advantages      step-wise (process) rewards -> per-token advantages [B, T]
     grpo_loss               per-token log-probabilities -> (loss, metrics)
     fused_linear_grpo_loss  hidden states + LM head -> (loss, metrics), gradients w.r.t. both
     FusedLinearGRPOLoss     the same as an nn.Module, with Liger-Kernel's interface
@@ -17,6 +18,7 @@ from .linear_grpo_loss import fused_linear_grpo_loss
 from .logprobs import fused_linear_logprobs
 from .modules import FusedLinearGRPOLoss
 from .options import GRPOOptions
+from .process_advantages import process_advantages
 
 __version__ = "0.1.0"
 
@@ -27,5 +29,6 @@ __all__ = [
     "fused_linear_grpo_loss",
     "FusedLinearGRPOLoss",
     "GRPOOptions",
+    "process_advantages",
     "reference",
 ]

@@ -124,6 +124,14 @@ class Primitives(Protocol):
         """rewards [B] float32 -> advantages [B] float32 (docs/math.md section 2). A NaN reward makes its
         whole group NaN (never 0)."""
 
+    def process_advantages(self, step_rewards: torch.Tensor, step_ends: torch.Tensor, step_offsets: torch.Tensor,
+                           group_size: int, seq_len: int, scale: str, eps: float, leave_one_out: bool,
+                           outcome_advantages: Optional[torch.Tensor], outcome_weight: float) -> torch.Tensor:
+        """step_rewards [S] float32, step_ends [S] int64, step_offsets [B + 1] int64 (the packed steps,
+        already validated), outcome_advantages [B] float32 or None (then outcome_weight is ignored) ->
+        advantages [B, seq_len] float32 (docs/math.md section 11), every element written. A NaN step
+        reward makes its group's steps NaN (never 0)."""
+
     def scale_(self, tensors, factor: torch.Tensor) -> None:
         """Multiplies each tensor in place by the 0-dim float32 `factor`, and does nothing at all when
         the factor is exactly 1 (the usual loss.backward()), without a host synchronization on a GPU."""

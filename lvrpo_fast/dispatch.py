@@ -108,8 +108,9 @@ batch_invariant._dynamo_marked_constant = True  # a constant of the call, as res
 def select(backend: Optional[str], device: torch.device, dtype: torch.dtype, invariant: bool = False):
     """The backend object for tensors on `device` with floating dtype `dtype`: the reference module, or
     a lvrpo_fast.fused.KernelBackend (its batch-invariant variant when `invariant`, the value of
-    :func:`batch_invariant`). Each has logprobs_impl, advantages_impl, grpo_loss_impl and
-    linear_grpo_loss_impl taking validated inputs (see lvrpo_fast.reference for their contracts)."""
+    :func:`batch_invariant`). Each has logprobs_impl, advantages_impl, grpo_loss_impl,
+    linear_grpo_loss_impl and process_advantages_impl taking validated inputs (see lvrpo_fast.reference
+    for their contracts)."""
     name = resolve(backend, str(device), dtype)
     if name == "reference":
         return reference

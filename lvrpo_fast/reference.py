@@ -12,9 +12,10 @@ neither a NaN there nor its gradient (0 * NaN) can leak into the result. A NaN o
 position reaches the loss.
 
 Public functions (the same names, keywords and entry checks as the package's top level, see
-lvrpo_fast.validate): fused_linear_logprobs, group_advantages, grpo_loss, fused_linear_grpo_loss.
+lvrpo_fast.validate): fused_linear_logprobs, group_advantages, grpo_loss, fused_linear_grpo_loss,
+process_advantages.
 Backend interface used by :mod:`lvrpo_fast.dispatch` (inputs already validated):
-    logprobs_impl, advantages_impl, grpo_loss_impl, linear_grpo_loss_impl
+    logprobs_impl, advantages_impl, grpo_loss_impl, linear_grpo_loss_impl, process_advantages_impl
 """
 from __future__ import annotations
 
@@ -112,6 +113,64 @@ def group_advantages(rewards, group_size, *, scale="group", eps=1e-4, leave_one_
     """Reference group-normalized advantages. rewards [B] float, B = P * group_size -> [B] float32."""
     group_size, eps = validate.check_advantage_inputs(rewards, group_size, scale, eps, leave_one_out)
     return advantages_impl(rewards, group_size, scale, eps, leave_one_out)
+
+
+# ----------------------------------------------------------------------------------------------
+# 11. Process-reward advantages (step rewards -> per-token advantages)
+# ----------------------------------------------------------------------------------------------
+def process_advantages_impl(step_rewards, step_ends, step_offsets, group_size, seq_len, scale, eps, leave_one_out,
+                            outcome_advantages, outcome_weight):
+    """Validated inputs (docs/math.md section 11) -> advantages [B, seq_len]. Segment sums by index_add
+    and a reverse cumulative sum over a [B, T + 1] grid of step rewards placed at their ends."""
+    validate.check_process_values(step_ends, step_offsets, group_size, seq_len)
+    compute = _compute_dtype(step_rewards.dtype)
+    device = step_rewards.device
+    r = step_rewards.to(compute)
+    offsets = step_offsets.to(device=device, dtype=torch.int64)
+    ends = step_ends.to(device=device, dtype=torch.int64)
+    B = offsets.shape[0] - 1
+    P = B // group_size
+    counts = offsets[1:] - offsets[:-1]
+    sequence = torch.repeat_interleave(torch.arange(B, device=device), counts)
+    group = sequence // group_size
+    n = counts.view(P, group_size).sum(1).to(compute)  # S_g >= 1 (validated)
+    mean = torch.zeros(P, dtype=compute, device=device).index_add_(0, group, r) / n
+    centered = r - mean[group]
+    if leave_one_out:
+        # r - mean(other steps) = S_g / (S_g - 1) (r - mu); S_g = 1 is an equal group, set to 0 below.
+        centered = centered * (n / (n - 1))[group]
+    if scale == "group":
+        var = torch.zeros(P, dtype=compute, device=device).index_add_(0, group, (r - mean[group]) ** 2) / (n - 1)
+        normalized = centered / (var.sqrt()[group] + eps)
+    elif scale == "batch":
+        # One step in the whole batch is one equal group (0 below): no std of a single value is taken.
+        normalized = centered / ((r.std() if r.numel() > 1 else r.new_ones(())) + eps)
+    else:
+        normalized = centered
+    hi = torch.full((P,), -torch.inf, dtype=compute, device=device).scatter_reduce(0, group, r, "amax")
+    lo = torch.full((P,), torch.inf, dtype=compute, device=device).scatter_reduce(0, group, r, "amin")
+    # Equal step rewards carry no signal: exactly 0, never 0 / 0. amax and amin propagate a NaN, so a
+    # group holding one is never "equal" and its NaN reaches every step.
+    equal = (hi == lo)[group]
+    normalized = torch.where(equal, torch.zeros_like(normalized), normalized)
+    at_ends = torch.zeros(B, seq_len + 1, dtype=compute, device=device)
+    at_ends.index_put_((sequence, ends), normalized, accumulate=True)
+    # A[b, t] = sum over steps ending at t' >= t: a cumulative sum from the right.
+    adv = at_ends.flip(1).cumsum(1).flip(1)[:, :seq_len]
+    if outcome_advantages is not None:
+        adv = (1.0 - outcome_weight) * adv + outcome_weight * outcome_advantages.to(compute).unsqueeze(1)
+    return adv.to(torch.float64 if step_rewards.dtype == torch.float64 else torch.float32)
+
+
+def process_advantages(step_rewards, step_ends, step_offsets, group_size, seq_len, *, scale="group", eps=1e-4,
+                       leave_one_out=False, outcome_advantages=None, outcome_weight=None):
+    """Reference process-reward advantages: step_rewards [S] float, step_ends [S] int, step_offsets [B + 1]
+    int -> [B, seq_len] float32 (float64 for float64 step rewards)."""
+    group_size, seq_len, eps, outcome_weight = validate.check_process_inputs(
+        step_rewards, step_ends, step_offsets, group_size, seq_len, scale, eps, leave_one_out, outcome_advantages,
+        outcome_weight)
+    return process_advantages_impl(step_rewards, step_ends, step_offsets, group_size, seq_len, scale, eps,
+                                   leave_one_out, outcome_advantages, outcome_weight)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -219,9 +219,102 @@ def check_advantage_inputs(rewards, group_size, scale, eps, leave_one_out) -> Tu
     return group_size, float(eps)
 
 
+def check_process_inputs(step_rewards, step_ends, step_offsets, group_size, seq_len, scale, eps, leave_one_out,
+                         outcome_advantages, outcome_weight) -> Tuple[int, int, float, Optional[float]]:
+    """Checks process_advantages' inputs that need no tensor value (docs/math.md section 11); returns
+    (group_size, seq_len, eps, outcome_weight) as Python numbers. The values of step_ends and
+    step_offsets are checked inside the op, by check_process_values."""
+    _tensor("step_rewards", step_rewards, floating=True)
+    if step_rewards.dim() != 1:
+        raise ValueError(f"step_rewards must be 1-D [S], got shape {tuple(step_rewards.shape)}")
+    for name, t in (("step_ends", step_ends), ("step_offsets", step_offsets)):
+        _tensor(name, t)
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor, got dtype {t.dtype}")
+        if t.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    _shape("step_ends", step_ends, step_rewards.shape, "step_rewards, one end per step")
+    if step_offsets.shape[0] < 1:
+        raise ValueError("step_offsets must have shape [B + 1] (B + 1 >= 1), got shape (0,)")
+    B = step_offsets.shape[0] - 1
+    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
+        raise TypeError(f"group_size must be an int, got {group_size!r}")
+    group_size = int(group_size)
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 (a group needs a baseline), got {group_size}")
+    if B % group_size != 0:
+        raise ValueError(f"group_size={group_size} must divide the number of sequences B={B} "
+                         f"(step_offsets has B + 1 = {B + 1} entries)")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral) or seq_len < 0:
+        raise ValueError(f"seq_len must be an integer >= 0 (T, the completion positions), got {seq_len!r}")
+    if scale not in ADVANTAGE_SCALES:
+        raise ValueError(f"scale must be one of {ADVANTAGE_SCALES}, got {scale!r}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if not isinstance(leave_one_out, bool):
+        raise TypeError(f"leave_one_out must be a bool, got {leave_one_out!r}")
+    if (outcome_advantages is None) != (outcome_weight is None):
+        given = "outcome_advantages" if outcome_weight is None else "outcome_weight"
+        missing = "outcome_weight" if outcome_weight is None else "outcome_advantages"
+        raise ValueError(f"{given} was given without {missing}: the hybrid advantage (1 - w) A_process + w "
+                         f"A_outcome needs both (or neither, for process advantages alone)")
+    if outcome_advantages is not None:
+        _tensor("outcome_advantages", outcome_advantages, floating=True)
+        _shape("outcome_advantages", outcome_advantages, (B,), "one per sequence, B = len(step_offsets) - 1")
+        if (isinstance(outcome_weight, bool) or not isinstance(outcome_weight, numbers.Real)
+                or not 0 <= outcome_weight <= 1):
+            raise ValueError(f"outcome_weight must be a number in [0, 1], got {outcome_weight!r}")
+        outcome_weight = float(outcome_weight)
+    _same_device(step_rewards=step_rewards, step_ends=step_ends, step_offsets=step_offsets,
+                 outcome_advantages=outcome_advantages)
+    return group_size, int(seq_len), float(eps), outcome_weight
+
+
 # ------------------------------------------------------------------------------------------------------
 # Checks on values, run inside the ops (they read tensors on the host)
 # ------------------------------------------------------------------------------------------------------
+def check_process_values(step_ends: torch.Tensor, step_offsets: torch.Tensor, group_size: int, seq_len: int) -> None:
+    """Raises a ValueError naming the argument and the index when the packed steps of process_advantages
+    are malformed (docs/math.md section 11): offsets not starting at 0, decreasing or not ending at S; a
+    group without a step; a step end outside [0, seq_len); ends not strictly increasing within a sequence.
+    Reads both tensors on the host (one synchronization)."""
+    offsets = step_offsets.detach().to("cpu", torch.int64)
+    ends = step_ends.detach().to("cpu", torch.int64)
+    S, B = ends.shape[0], offsets.shape[0] - 1
+    if int(offsets[0]) != 0:
+        raise ValueError(f"step_offsets[0] must be 0 (the first sequence's steps start the packed arrays), "
+                         f"got {int(offsets[0])}")
+    counts = offsets[1:] - offsets[:-1]
+    if bool((counts < 0).any()):
+        b = int((counts < 0).nonzero()[0])
+        raise ValueError(f"step_offsets must be non-decreasing: step_offsets[{b}] = {int(offsets[b])} > "
+                         f"step_offsets[{b + 1}] = {int(offsets[b + 1])}")
+    if int(offsets[B]) != S:
+        raise ValueError(f"step_offsets[B] = step_offsets[{B}] must equal the number of steps S = {S} "
+                         f"(len(step_rewards)), got {int(offsets[B])}")
+    if B > 0:
+        per_group = counts.view(-1, group_size).sum(1)
+        if bool((per_group == 0).any()):
+            g = int((per_group == 0).nonzero()[0])
+            raise ValueError(f"group {g} (sequences {g * group_size} to {(g + 1) * group_size - 1}) has no step: "
+                             f"step_offsets[{g * group_size}] = step_offsets[{(g + 1) * group_size}] = "
+                             f"{int(offsets[g * group_size])}; every group needs at least one step reward")
+    if S == 0:
+        return
+    outside = (ends < 0) | (ends >= seq_len)
+    if bool(outside.any()):
+        s = int(outside.nonzero()[0])
+        b = int(torch.searchsorted(offsets, s, right=True)) - 1
+        raise ValueError(f"step_ends must lie in [0, seq_len={seq_len}) (token indices of the completion); "
+                         f"step_ends[{s}] = {int(ends[s])} (sequence {b})")
+    sequence = torch.repeat_interleave(torch.arange(B), counts)
+    unsorted = (sequence[1:] == sequence[:-1]) & (ends[1:] <= ends[:-1])
+    if bool(unsorted.any()):
+        s = int(unsorted.nonzero()[0])
+        raise ValueError(f"step_ends must increase strictly within each sequence: sequence {int(sequence[s])} has "
+                         f"step_ends[{s}] = {int(ends[s])} then step_ends[{s + 1}] = {int(ends[s + 1])}")
+
+
 def check_target_range(targets: torch.Tensor, vocab_size: int, mask: Optional[torch.Tensor]) -> None:
     """Raises a ValueError if a target id at an unmasked position is outside [0, V).
 

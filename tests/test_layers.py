@@ -29,7 +29,7 @@ LAYERS = [
     ("fused autograd", ["lvrpo_fast.fused", "lvrpo_fast.fused.*"]),
     ("dispatch", ["lvrpo_fast.dispatch"]),
     ("public ops", ["lvrpo_fast.logprobs", "lvrpo_fast.grpo_loss", "lvrpo_fast.linear_grpo_loss",
-                    "lvrpo_fast.advantages"]),
+                    "lvrpo_fast.advantages", "lvrpo_fast.process_advantages"]),
     ("modules", ["lvrpo_fast.modules"]),
     ("users of the API", ["lvrpo_fast", "lvrpo_fast.integrations", "lvrpo_fast.integrations.*", "lvrpo_fast.train",
                           "lvrpo_fast.train.*"]),

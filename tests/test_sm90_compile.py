@@ -30,6 +30,7 @@ from lvrpo_fast.kernels import autotune as AT
 from lvrpo_fast.kernels import grpo_loss as G
 from lvrpo_fast.kernels import linear_grpo_loss as S
 from lvrpo_fast.kernels import logprobs as L
+from lvrpo_fast.kernels import process_advantages as P
 
 F32 = "*fp32"
 GRPO_SIGNATURE = {
@@ -57,7 +58,9 @@ LOGPROB_VARIANTS = [f"{kernel}-{dtype}-{'entropy' if ent else 'plain'}{'-hinted'
                     for hinted in (False, True)]
 ADVANTAGE_VARIANTS = [f"advantages-{scale}" for scale in ADVANTAGE_SCALES] + ["batch_std"]
 SCALE_VARIANTS = [f"scale-{dtype}" for dtype in TILE_DTYPES]
-VARIANTS = LOGPROB_VARIANTS + GRPO_VARIANTS + ADVANTAGE_VARIANTS + SCALE_VARIANTS
+PROCESS_VARIANTS = ([f"process_steps-{scale}-{loo}" for scale in ADVANTAGE_SCALES for loo in ("loo", "plain")]
+                    + [f"process_tokens-{mix}" for mix in ("outcome", "plain")])
+VARIANTS = LOGPROB_VARIANTS + GRPO_VARIANTS + ADVANTAGE_VARIANTS + SCALE_VARIANTS + PROCESS_VARIANTS
 
 
 def _compile_all():
@@ -120,9 +123,22 @@ def _compile_all():
                                                   "eps": "fp32", "loo_factor": "fp32"},
                      {"SCALE": A.SCALES[scale], "BLOCK": 8})
 
+    def process(name):
+        kind, variant = name.split("-")[0], name.split("-")[1:]
+        if kind == "process_steps":
+            return build(P._normalize_steps_kernel, {"rewards_ptr": F32, "offsets_ptr": "*i64", "std_ptr": F32,
+                                                     "out_ptr": F32, "G": "i32", "eps": "fp32"},
+                         {"LEAVE_ONE_OUT": variant[1] == "loo", "SCALE": A.SCALES[variant[0]],
+                          "BLOCK": AT.PROCESS_ADVANTAGES_BLOCK_STEPS})
+        return build(P._token_advantages_kernel, {"normalized_ptr": F32, "ends_ptr": "*i64", "offsets_ptr": "*i64",
+                                                  "outcome_ptr": F32, "out_ptr": F32, "T": "i32",
+                                                  "outcome_weight": "fp32"},
+                     {"HAS_OUTCOME": variant[0] == "outcome", "BLOCK_T": AT.PROCESS_ADVANTAGES_MAX_BLOCK_T})
+
     report = {}
     for name in VARIANTS:
-        builder = {"logits": logprob, "grpo": grpo, "scale": scale}.get(name.split("_")[0].split("-")[0], advantages)
+        builder = {"logits": logprob, "grpo": grpo, "scale": scale, "process": process}.get(
+            name.split("_")[0].split("-")[0], advantages)
         try:
             compiled = builder(name)
             ptx = compiled.asm["ptx"]
@@ -184,7 +200,7 @@ def test_logprob_kernels_use_vector_loads_int32_compares_and_exp2(compiled, vari
         assert result["ex2"] == 0 and result["ex2_ftz"] > 0, result
 
 
-@pytest.mark.parametrize("variant", GRPO_VARIANTS + ADVANTAGE_VARIANTS + SCALE_VARIANTS)
+@pytest.mark.parametrize("variant", GRPO_VARIANTS + ADVANTAGE_VARIANTS + SCALE_VARIANTS + PROCESS_VARIANTS)
 def test_kernels_compile(compiled, variant):
     result = compiled[variant]
     assert result["error"] is None, result["error"]

@@ -54,9 +54,10 @@ def without_timings(records):
 # The task
 # ----------------------------------------------------------------------------------------------
 def test_reference_completions_score_one_and_splits_are_disjoint():
-    data = T.build_task(seed=3, train_scenes=300, heldout_scenes=50)
-    train_scenes = {e.scene for e in data.train["generation"]}
-    assert not train_scenes & {e.scene for e in data.heldout["generation"]}
+    data = T.build_task(seed=3, train_scenes=300, heldout_scenes=50, tasks=T.TASKS)
+    for t in ("generation", "interleaved"):
+        train_scenes = {e.scene for e in data.train[t]}
+        assert not train_scenes & {e.scene for e in data.heldout[t]}
     for split in (data.train, data.heldout):
         for t in T.TASKS:
             for e in split[t]:
@@ -89,6 +90,68 @@ def test_generation_reward_by_hand():
     assert r["reward"] == 0.0
 
 
+def test_interleaved_task_leaves_the_default_tasks_as_they_were():
+    """Selecting the interleaved task draws its stories from a generator of its own and adds its two words
+    to the vocabulary only then: the default tasks' examples, vocabulary (and so the model's
+    initialization) do not change."""
+    default = T.build_task(seed=5, train_scenes=60, heldout_scenes=8)
+    every = T.build_task(seed=5, train_scenes=60, heldout_scenes=8, tasks=T.TASKS)
+    assert set(default.train) == set(T.DEFAULT_TASKS) and list(every.train) == list(T.TASKS)
+    for t in T.DEFAULT_TASKS:
+        assert default.train[t] == every.train[t] and default.heldout[t] == every.heldout[t]
+    assert T.STORY not in T.vocabulary() and {T.STORY, T.THEN} <= set(T.vocabulary(T.TASKS))
+    stories = every.train["interleaved"] + every.heldout["interleaved"]
+    assert {len(e.caption_objects) for e in stories} == set(T.STORY_SCENES)
+    e = stories[0]
+    assert e.prompt == T.STORY + " " + f" {T.THEN} ".join(T.caption_of(o) for o in e.caption_objects)
+
+
+def _story():
+    """A three-scene story: red circle at top-left, blue square at center, green triangle at bottom."""
+    objects = ((0, 0, 0), (4, 2, 1), (7, 1, 2))
+    scene = T.partial_scene(objects)
+    prompt = "story " + " then ".join(T.caption_of(o) for o in objects)
+    target = " ".join(f"{T.caption_of(o)} {T.render_image(T.partial_scene(objects[:k + 1]))}"
+                      for k, o in enumerate(objects))
+    return T.Example("interleaved", prompt, target, scene, caption_objects=objects), objects
+
+
+def test_interleaved_reward_by_hand():
+    example, objects = _story()
+    w = T.STORY_WEIGHTS
+    perfect = T.reward(example, example.target, True)
+    assert perfect["reward"] == 1.0 and [r for _, r in perfect["steps"]] == [1.0, 1.0, 1.0]
+    assert [end for end, _ in perfect["steps"]] == [14, 29, 44]  # the word index of each </img>
+    scenes = example.target.split()
+    # Scene 2's caption names a yellow square (3 of its 4 words right): relevance 3/4; its image still shows
+    # the blue square the prompt asked for, which is not what its caption says: alignment 4/5 (the
+    # red circle 2 + the count 1 + the square's shape 1, not its color); structure intact.
+    wrong = list(scenes)
+    wrong[15] = "yellow"
+    r = T.reward(example, " ".join(wrong), True)
+    step2 = w["relevance"] * 0.75 + w["alignment"] * 4 / 5 + w["structure"] * 1.0
+    assert r["steps"][1][1] == pytest.approx(step2)
+    # Scene 3's image reads the captions as written: the yellow square is not drawn, the rest is (6 of 7).
+    step3 = w["relevance"] + w["alignment"] * 6 / 7 + w["structure"]
+    assert r["steps"][2][1] == pytest.approx(step3)
+    assert r["relevance"] == pytest.approx((1 + 0.75 + 1) / 3)
+    assert r["alignment"] == pytest.approx((1 + 4 / 5 + 6 / 7) / 3)
+    assert r["structure"] == 1.0
+    # Two scenes of three, then stopped: scene 3 counts 0, the story's ending 0.
+    two = " ".join(scenes[:30])
+    r = T.reward(example, two, True)
+    assert len(r["steps"]) == 2 and r["relevance"] == pytest.approx(2 / 3)
+    assert r["structure"] == pytest.approx(2 / 4)
+    # A fourth scene is an extra step worth 0 and spoils the ending.
+    r = T.reward(example, example.target + " " + " ".join(scenes[:15]), True)
+    assert [s for _, s in r["steps"]] == [1.0, 1.0, 1.0, 0.0] and r["structure"] == pytest.approx(3 / 4)
+    # Not stopped: everything but the ending.
+    assert T.reward(example, example.target, False)["structure"] == pytest.approx(3 / 4)
+    # No scene closed at all: no step, reward from nothing.
+    r = T.reward(example, "red circle at top-left <img> <empty>", True)
+    assert r["steps"] == [] and r["reward"] == 0.0
+
+
 def test_understanding_reward_exact_answer_only():
     data = T.build_task(seed=1, train_scenes=40, heldout_scenes=4)
     for e in data.train["understanding"]:
@@ -108,6 +171,23 @@ def test_data_stream_order_and_state():
     b.load_state_dict(state)
     assert b.take(12) == rest
     assert T.DataStream(7, seed=6, stream=1).take(7) != first[:7] or T.DataStream(7, 5, 2).take(7) != first[:7]
+
+
+@pytest.mark.parametrize("tasks, n, expected", [
+    (("understanding", "generation"), 32, {"understanding": 8, "generation": 24}),
+    (("interleaved",), 5, {"interleaved": 5}),
+    (("generation", "interleaved"), 8, {"generation": 6, "interleaved": 2}),
+    (("understanding", "generation", "interleaved"), 3, {"understanding": 1, "generation": 1, "interleaved": 1}),
+    (("understanding", "generation", "interleaved"), 32, {"understanding": 6, "generation": 18, "interleaved": 8}),
+])
+def test_batches_split_between_the_selected_tasks(tasks, n, expected):
+    """--understanding-share and --interleaved-share at their defaults (0.25 each)."""
+    trainer = loop.Trainer.__new__(loop.Trainer)
+    trainer.tasks = tasks
+    trainer.cfg = C.TrainConfig()
+    assert trainer._split(n, 0.25) == expected
+    assert trainer._split(n, 0.25, reading=True) == {"understanding": n}
+    assert list(trainer._split(n, 0.25)) == [t for t in T.TASKS if t in tasks]  # the batch order
 
 
 def test_ranks_take_disjoint_slices_of_one_global_batch():
@@ -171,6 +251,11 @@ def test_help_imports_nothing_heavy():
     (["--model", "/nonexistent/model"], "--model"),
     (["--resume", "--overwrite"], "--resume"),
     (["--warmup-steps", "20", "--warmup-reading-steps", "50"], "lower it too, or leave it out"),
+    (["--tasks", "understanding,drawing"], "--tasks"),
+    (["--tasks", "generation,generation"], "--tasks"),
+    (["--tasks", "understanding,generation,interleaved", "--prompts-per-step", "2"], "--prompts-per-step"),
+    (["--outcome-weight", "1.5"], "--outcome-weight"),
+    (["--interleaved-share", "-0.5"], "--interleaved-share"),
 ])
 def test_bad_values_fail_before_any_work(args, named, tmp_path, capsys):
     out = tmp_path / "run"
@@ -280,7 +365,7 @@ def test_short_default_run_writes_metrics_plot_checkpoints_and_summary(tmp_path,
     with open(run / "curves.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((run / "summary.json").read_text())
-    for t in T.TASKS:
+    for t in T.DEFAULT_TASKS:
         assert summary["warmup"][t] == evals[0][f"heldout_{t}"]
         assert summary["final"][t] == evals[-1][f"heldout_{t}"]
     assert summary["command"] == "python -m lvrpo_fast.train " + shlex.join(TINY + args)
@@ -295,6 +380,70 @@ def test_short_default_run_writes_metrics_plot_checkpoints_and_summary(tmp_path,
     assert checkpoint_files(run) == ["step_000004.safetensors", "step_000006.safetensors"]
     assert (run / "model" / "config.json").exists()
     assert not [n for n in os.listdir(run) if ".tmp" in n]
+
+
+def test_process_steps_end_at_each_scene_and_once_at_the_end_otherwise():
+    """Trainer._steps packs a story's scenes (each ending at its </img> token, with its step reward), one
+    step at the last token of any other completion (its reward), and one step rewarded 0 for a story
+    that closes no scene."""
+    from lvrpo_fast.train import model as M
+
+    example, _ = _story()
+    tokenizer = M.build_tokenizer(T.TASKS)
+    trainer = loop.Trainer.__new__(loop.Trainer)
+    trainer.tokenizer, trainer.device = tokenizer, torch.device("cpu")
+    trainer.scene_close_id = trainer._scene_close_id()
+    two_scenes = " ".join(example.target.split()[:30])
+    texts = [two_scenes, example.target, "red circle", "<img> <empty> </img>"]
+    examples = [example, example, example, T.Example("generation", "p", "t", example.scene, caption_objects=())]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    completion_ids, completion_mask = M.right_pad(ids, tokenizer.pad_token_id, "cpu")
+    batch = M.Batch(None, None, completion_ids, completion_mask, torch.ones(4, dtype=torch.bool))
+    scores = [T.reward(e, t, True) for e, t in zip(examples, texts)]
+    rewards, ends, offsets = trainer._steps(scores, batch)
+    assert offsets.tolist() == [0, 2, 5, 6, 7]
+    assert ends.tolist() == [14, 29, 14, 29, 44, 2, 3]  # the last tokens of "red circle <eos>" and of row 3
+    for b in range(2):
+        for s_ in range(int(offsets[b]), int(offsets[b + 1])):
+            assert int(completion_ids[b, ends[s_]]) == trainer.scene_close_id
+    expected = [r for _, r in scores[0]["steps"]] + [r for _, r in scores[1]["steps"]] + [0.0, scores[3]["reward"]]
+    assert rewards.tolist() == pytest.approx(expected)
+
+
+def test_interleaved_run_with_process_rewards_gives_the_loss_per_token_advantages(tmp_path, monkeypatch):
+    """All three tasks, --process-rewards and --check-every: the loss receives advantages [B, T] from
+    process_advantages, constant along each completion of the other tasks (one step at its end, the
+    same advantage as the outcome one); without the flag, [B]."""
+    seen = []
+    exact = lvrpo_fast.fused_linear_grpo_loss
+
+    def recording(hidden, weight, targets, mask, advantages, **kwargs):
+        seen.append((advantages.detach().clone(), mask.clone()))
+        return exact(hidden, weight, targets, mask, advantages, **kwargs)
+
+    monkeypatch.setattr(lvrpo_fast, "fused_linear_grpo_loss", recording)
+    common = ["--tasks", "understanding,generation,interleaved", "--prompts-per-step", "3", "--warmup-steps", "3",
+              "--steps", "2", "--eval-every", "1", "--num-iterations", "1"]
+    run = tmp_path / "process"
+    assert run_main(common + ["--output-dir", str(run), "--process-rewards", "--check-every", "1"]) == 0
+    G = 3
+    assert len(seen) == 4  # each GRPO step's update and its --check-every comparison
+    for advantages, mask in seen:
+        assert advantages.shape == mask.shape and advantages.shape[0] == 3 * G
+        for b in range(2 * G):  # understanding, then generation: one step at the end
+            live = advantages[b][mask[b]]
+            assert torch.equal(live, live[:1].expand_as(live))
+    records = metrics(run)
+    grpo = [r for r in records if r["phase"] == "grpo"]
+    assert all(np.isfinite(r[k]) for r in grpo for k in ("reward_interleaved", "interleaved_relevance",
+                                                           "interleaved_alignment", "interleaved_structure"))
+    final = [r for r in records if r.get("tag") == "final"][0]
+    assert {"heldout_interleaved", "heldout_interleaved_alignment"} <= set(final)
+    summary = json.loads((run / "summary.json").read_text())
+    assert list(summary["final"]) == ["understanding", "generation", "interleaved"]
+    seen.clear()
+    assert run_main(common + ["--output-dir", str(tmp_path / "outcome")]) == 0
+    assert [tuple(a.shape) for a, _ in seen] == [(3 * G,), (3 * G,)]
 
 
 def test_check_every_stops_with_a_report_when_the_fused_loss_is_off(tmp_path, monkeypatch):
@@ -655,7 +804,7 @@ def _tiny_hf_model(folder):
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     data = T.build_task(seed=0, train_scenes=64, heldout_scenes=1)
-    corpus = [e.prompt + " " + e.target for t in T.TASKS for e in data.train[t]]
+    corpus = [e.prompt + " " + e.target for t in T.DEFAULT_TASKS for e in data.train[t]]
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
@@ -716,3 +865,26 @@ def test_two_data_parallel_processes(tmp_path):
     assert steps == [1, 2, 3, 4]  # one writer: no step twice
     assert proc.stdout.count("held-out mean reward") == 1
     assert "past_key_values" not in proc.stderr
+
+
+def test_compare_tabulates_and_plots_runs(tmp_path, capsys):
+    """python -m lvrpo_fast.train.compare: the first GRPO step at the level, the gain and the mean of the
+    GRPO-phase evaluations, read from each run directory."""
+    from lvrpo_fast.train import compare
+
+    for name, process, curve in (("a", False, [0.5, 0.6, 0.7, 0.75]), ("b", True, [0.5, 0.72, 0.7, 0.8])):
+        run = tmp_path / name
+        run.mkdir()
+        rows = [{"step": 10 + 5 * i, "phase": "eval", "tag": "grpo", "heldout_interleaved": v}
+                for i, v in enumerate(curve)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        config = {"seed": 3, "warmup_steps": 10, "process_rewards": process, "outcome_weight": 0.5}
+        summary = {"config": config, "warmup": {"interleaved": curve[0]}, "final": {"interleaved": curve[-1]},
+                   "improvement": {"interleaved": curve[-1] - curve[0]}}
+        (run / "summary.json").write_text(json.dumps(summary))
+    plot = tmp_path / "compare.png"
+    assert compare.main([str(tmp_path / "a"), str(tmp_path / "b"), "--level", "0.7", "--output", str(plot)]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert rows[0] == "| 3 | outcome only | 0.500 | 0.750 | +0.250 | 10 | 0.683 |"
+    assert rows[1] == "| 3 | process + outcome (w = 0.5) | 0.500 | 0.800 | +0.300 | 5 | 0.740 |"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -39,7 +39,7 @@ except ImportError:  # run from a source tree without the install mapping: found
 
 name = "cpp"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-SOURCES = ("logprobs.cpp", "grpo_loss.cpp", "advantages.cpp", "bindings.cpp")
+SOURCES = ("logprobs.cpp", "grpo_loss.cpp", "advantages.cpp", "process_advantages.cpp", "bindings.cpp")
 HEADERS = ("common.h",)
 COMPILING_MESSAGE = "lvrpo_fast: compiling the C++ CPU backend (once, ~1-2 min)..."
 
@@ -248,3 +248,12 @@ def scale_(tensors, factor):
 def group_advantages(rewards, group_size, scale, eps, leave_one_out):
     """rewards [B] float32 -> [B] float32 (docs/math.md section 2)."""
     return _extension().group_advantages(rewards, int(group_size), str(scale), float(eps), bool(leave_one_out))
+
+
+def process_advantages(step_rewards, step_ends, step_offsets, group_size, seq_len, scale, eps, leave_one_out,
+                       outcome_advantages, outcome_weight):
+    """step_rewards [S] float32, step_ends [S] / step_offsets [B + 1] int64, outcome_advantages [B] float32
+    or None -> [B, seq_len] float32 (docs/math.md section 11)."""
+    return _extension().process_advantages(step_rewards, step_ends, step_offsets, int(group_size), int(seq_len),
+                                           str(scale), float(eps), bool(leave_one_out), outcome_advantages,
+                                           float(outcome_weight))

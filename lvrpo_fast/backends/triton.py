@@ -14,6 +14,7 @@ from ..kernels.autotune import interpreted
 from ..kernels.grpo_loss import grpo_token_loss  # noqa: F401  (primitive)
 from ..kernels.linear_grpo_loss import scale_  # noqa: F401  (primitive)
 from ..kernels.logprobs import logits_grad_, logits_stats  # noqa: F401  (primitives)
+from ..kernels.process_advantages import process_advantages  # noqa: F401  (primitive)
 
 name = "triton"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -5,6 +5,7 @@ primitives of lvrpo_fast.contract and registered as a torch.library custom op (f
     grpo_loss.py         per-token log-probabilities -> GRPO loss, metrics, gradient formed in the forward
     linear_grpo_loss.py  hidden states + LM head -> GRPO loss, gradients formed in the forward, 6 N V D
     advantages.py        rewards -> group advantages
+    process_advantages.py  packed step rewards -> per-token advantages (process supervision)
 
 :class:`KernelBackend` gives lvrpo_fast.dispatch the same *_impl interface the reference module has.
 This package depends on the contract, the options, the chunking and the backend registry only: never
@@ -16,6 +17,7 @@ from .advantages import group_advantages_with
 from .grpo_loss import grpo_loss_with
 from .linear_grpo_loss import linear_grpo_loss_with
 from .logprobs import linear_logprobs
+from .process_advantages import process_advantages_with
 
 
 class KernelBackend:
@@ -32,6 +34,11 @@ class KernelBackend:
 
     def advantages_impl(self, rewards, group_size, scale, eps, leave_one_out):
         return group_advantages_with(self.name, rewards, group_size, scale, eps, leave_one_out)
+
+    def process_advantages_impl(self, step_rewards, step_ends, step_offsets, group_size, seq_len, scale, eps,
+                                leave_one_out, outcome_advantages, outcome_weight):
+        return process_advantages_with(self.name, step_rewards, step_ends, step_offsets, group_size, seq_len, scale,
+                                       eps, leave_one_out, outcome_advantages, outcome_weight)
 
     def grpo_loss_impl(self, logp, advantages, mask, logp_old, logp_ref, entropy, rollout_weights, options):
         return grpo_loss_with(self.name, logp, advantages, mask, logp_old, logp_ref, entropy, rollout_weights,

@@ -9,6 +9,7 @@
     checkpoints.py  checkpoint files (safetensors + JSON, checksummed, atomic) and RNG states
     rundir.py       the run directory: its checks, its lock, metrics.jsonl
     report.py       progress bars, the summary, curves.png
+    compare.py      several runs side by side: a table and a plot of one task's held-out reward
     cli.py          main(): exit statuses, signals, messages
 """
 from .cli import main

@@ -18,6 +18,7 @@ from typing import List, Optional
 from .. import dispatch
 from ..options import ADVANTAGE_SCALES, IS_LEVELS, KL_ESTIMATORS, LOSS_TYPES, GRPOOptions
 from .rundir import output_dir_problem
+from .task import DEFAULT_TASKS, TASKS
 
 DTYPES = ("float32", "bfloat16")
 # Without --warmup-reading-steps, the warm-up reads for 1/READING_SHARE of its steps (50 of the default 400).
@@ -60,6 +61,8 @@ class TrainConfig:
     cpu_threads: int = _opt(1, "torch threads per process on the CPU: the embedded model's matmuls are too small "
                                "to gain from more, and on a shared machine oversubscribed threads cost up to 5x")
     # the embedded model and task
+    tasks: str = _opt(",".join(DEFAULT_TASKS), "the tasks trained and evaluated, comma-separated, of "
+                      + ", ".join(TASKS) + " (interleaved: a story of 2-3 scenes, each a caption and its image)")
     hidden_size: int = _opt(128, "embedded model: hidden size")
     num_layers: int = _opt(2, "embedded model: transformer blocks")
     num_heads: int = _opt(4, "embedded model: attention heads")
@@ -79,6 +82,8 @@ class TrainConfig:
     prompts_per_step: int = _opt(32, "prompts per step and process")
     understanding_share: float = _opt(0.25, "share of each step's prompts from the understanding task (the rest: "
                                             "generation, the slower learner)")
+    interleaved_share: float = _opt(0.25, "with the interleaved task and another, the share of each warm-up batch "
+                                          "and GRPO step from it (the rest: as --understanding-share says)")
     group_size: int = _opt(8, "completions sampled per prompt (G)")
     max_new_tokens: Optional[int] = _opt(None, "completion budget in tokens; None: the longest reference "
                                                "completion under the tokenizer, plus its end token")
@@ -93,6 +98,12 @@ class TrainConfig:
                                           choices=IS_LEVELS)
     num_iterations: int = _opt(2, "policy updates per generated batch (mu); > 1 makes the old-policy ratio bite")
     advantage_scale: str = _opt("group", "advantage normalization", choices=ADVANTAGE_SCALES)
+    process_rewards: bool = _opt(False, "step-wise guidance: each scene of a story is scored as it is written, "
+                                        "lvrpo_fast.process_advantages turns the step rewards into per-token "
+                                        "advantages (mixed with the outcome advantage, --outcome-weight); other "
+                                        "completions count as one step at their end")
+    outcome_weight: float = _opt(0.5, "with --process-rewards, the weight w of the outcome advantage in "
+                                      "(1 - w) * process + w * outcome, in [0, 1]")
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: off)")
     # evaluation, checkpoints, checks
     eval_every: int = _opt(25, "evaluate on the held-out split every N GRPO steps (0: only at the ends)")
@@ -110,6 +121,12 @@ class TrainConfig:
     @property
     def heldout_temperature(self) -> float:
         return self.temperature if self.eval_temperature is None else self.eval_temperature
+
+    @property
+    def task_list(self):
+        """The selected tasks, in the world's batch order (lvrpo_fast.train.task.TASKS)."""
+        named = [t.strip() for t in self.tasks.split(",")] if isinstance(self.tasks, str) else []
+        return tuple(t for t in TASKS if t in named)
 
     @property
     def total_steps(self) -> int:
@@ -144,8 +161,13 @@ class TrainConfig:
             _integer("max_new_tokens", self.max_new_tokens, 1)
         if self.stop_after is not None:
             _integer("stop_after", self.stop_after, 1)
-        if self.prompts_per_step < 2:
-            raise ValueError(f"--prompts-per-step must be >= 2 (prompts of both tasks), "
+        named = [t.strip() for t in self.tasks.split(",")] if isinstance(self.tasks, str) else [self.tasks]
+        unknown = [t for t in named if t not in TASKS]
+        if unknown or len(set(named)) != len(named):
+            raise ValueError(f"--tasks must name each of {list(TASKS)} at most once, comma-separated, got "
+                             f"{self.tasks!r}")
+        if len(self.task_list) > 1 and self.prompts_per_step < len(self.task_list):
+            raise ValueError(f"--prompts-per-step must be >= {len(self.task_list)} (prompts of every task), "
                              f"got {self.prompts_per_step}")
         if self.warmup_reading_steps > self.warmup_steps:
             raise ValueError(f"--warmup-reading-steps {self.warmup_reading_steps} must be <= --warmup-steps "
@@ -160,7 +182,10 @@ class TrainConfig:
         _number("warmup_lr", self.warmup_lr, strict=True)
         _number("max_grad_norm", self.max_grad_norm)
         _number("warmup_fraction", self.warmup_fraction, strict=True)
-        for name in ("warmup_understanding_share", "understanding_share"):
+        _number("outcome_weight", self.outcome_weight)
+        if self.outcome_weight > 1:
+            raise ValueError(f"--outcome-weight must be in [0, 1], got {self.outcome_weight}")
+        for name in ("warmup_understanding_share", "understanding_share", "interleaved_share"):
             _number(name, getattr(self, name))
             if getattr(self, name) > 1:
                 raise ValueError(f"--{_flag(name)} must be in [0, 1], got {getattr(self, name)}")

@@ -1,9 +1,11 @@
 """The training loop: supervised warm-up, GRPO through lvrpo_fast, evaluation, checkpoints, metrics.
 
 One GRPO step (:meth:`Trainer.grpo_step`), per process (torch.distributed ranks take different prompts):
-    1. rollout: P prompts (half understanding, half generation) from the checkpointed data order,
-       each repeated G times; G completions each sampled at the temperature from the current policy;
-       rule-based rewards -> lvrpo_fast.group_advantages.
+    1. rollout: P prompts (of the tasks of --tasks, in the shares of --understanding-share and
+       --interleaved-share) from the checkpointed data order, each repeated G times; G completions each
+       sampled at the temperature from the current policy; rule-based rewards ->
+       lvrpo_fast.group_advantages, and with --process-rewards the step rewards (each scene of a story;
+       one step at the end of any other completion) -> lvrpo_fast.process_advantages, per token [B, T].
     2. log-probs: the reference's, from the frozen reference model's hidden states of prompt +
        completion through lvrpo_fast.fused_linear_logprobs under torch.no_grad (the forward-only
        fused path); the old policy's, likewise, from the first update's own forward pass. With
@@ -54,6 +56,8 @@ TIMING_KEYS = ("step_time_s", "tokens_per_s", "loss_time_s", "logprob_time_s", "
 RESUMABLE_CHANGES = ("cpu_threads", "resume", "overwrite", "stop_after", "progress", "check_every", "device",
                      "backend", "steps", "eval_every", "save_every", "keep_checkpoints", "output_dir")
 EVAL_BATCH = 256
+# The parts of a task's reward recorded beside it (train rows and held-out evaluations).
+PARTS = {"generation": ("alignment", "structure"), "interleaved": ("relevance", "alignment", "structure")}
 
 
 def _note(text: str) -> None:
@@ -68,7 +72,7 @@ class Rollout:
     batch: M.Batch                  # prompts and completions, [B, Lp] and [B, T]
     scores: List[Dict[str, float]]  # [B] reward parts of each completion
     rewards: torch.Tensor           # [B] float32
-    advantages: torch.Tensor        # [B] float32
+    advantages: torch.Tensor        # [B] float32, or [B, T] with --process-rewards
 
 
 class NoStop:
@@ -112,13 +116,15 @@ class Trainer:
         random.seed(config.seed)
         np.random.seed(config.seed)
         torch.manual_seed(config.seed)
-        self.data = T.build_task(config.seed, config.train_scenes, config.eval_scenes)
+        self.tasks = config.task_list
+        self.data = T.build_task(config.seed, config.train_scenes, config.eval_scenes, self.tasks)
         if config.model is not None:
             self.model, self.tokenizer = M.load_pretrained(config.model, self.device, self.dtype)
         else:
-            self.tokenizer = M.build_tokenizer()
+            self.tokenizer = M.build_tokenizer(self.tasks)
         self.eos_id, self.pad_id = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         self._encode()
+        self.scene_close_id = self._scene_close_id() if config.process_rewards else None
         if config.model is None:
             self.model = M.build_default_model(self.tokenizer, config.hidden_size, config.num_layers,
                                                config.num_heads, self.max_prompt + self.max_new_tokens + 8)
@@ -130,9 +136,11 @@ class Trainer:
         # Sampling draws differ per rank; the model initialization above did not.
         torch.manual_seed(config.seed * 1_000_003 + 17 + self.procs.rank)
 
-        n_warm = {t: max(1, math.ceil(config.warmup_fraction * len(self.data.train[t]))) for t in T.TASKS}
+        n_warm = {t: max(1, math.ceil(config.warmup_fraction * len(self.data.train[t]))) for t in self.tasks}
         self.streams = {}
-        for i, t in enumerate(T.TASKS):
+        for i, t in enumerate(T.TASKS):  # a task's streams do not depend on which others are selected
+            if t not in self.tasks:
+                continue
             self.streams[f"warmup_{t}"] = T.DataStream(n_warm[t], config.seed, 2 * i)
             self.streams[f"grpo_{t}"] = T.DataStream(len(self.data.train[t]), config.seed, 2 * i + 1)
         self.step = 0
@@ -202,13 +210,23 @@ class Trainer:
         self.prompt_ids = {}
         self.target_ids = {}
         for split, examples in (("train", self.data.train), ("heldout", self.data.heldout)):
-            for t in T.TASKS:
+            for t in self.tasks:
                 self.prompt_ids[split, t] = [bos + encode(e.prompt) for e in examples[t]]
                 # The leading space keeps byte-level BPE tokenizers on their usual word boundary.
                 self.target_ids[split, t] = [encode(" " + e.target) + [self.eos_id] for e in examples[t]]
         self.max_prompt = max(len(p) for p in (x for v in self.prompt_ids.values() for x in v))
         longest_target = max(len(p) for p in (x for v in self.target_ids.values() for x in v))
         self.max_new_tokens = self.cfg.max_new_tokens or longest_target
+
+    def _scene_close_id(self) -> int:
+        """The token id of </img>, where a story's scene (a step of --process-rewards) ends; the steps are
+        found by it, so it must be one token of its own."""
+        ids = self.tokenizer(T.IMG_CLOSE, add_special_tokens=False)["input_ids"]
+        spaced = self.tokenizer(" " + T.IMG_CLOSE, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1 or spaced[-1:] != ids:
+            raise ValueError(f"--process-rewards: the tokenizer must encode {T.IMG_CLOSE} as one token (it ends "
+                             f"each scene, a step), got {ids} and {spaced} with a space before")
+        return ids[0]
 
     def _optimizer(self, lr: float):
         return torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -236,13 +254,30 @@ class Trainer:
         indices = self.streams[stream].take(per_rank * self.procs.world)
         return indices[self.procs.rank * per_rank:(self.procs.rank + 1) * per_rank]
 
-    @staticmethod
-    def _split(n: int, understanding_share: float) -> Dict[str, int]:
-        """n items -> per-task counts; a share strictly between 0 and 1 gives each task at least one."""
-        n_read = round(n * understanding_share)
-        if 0 < understanding_share < 1:
-            n_read = min(n - 1, max(1, n_read))
-        return {"understanding": n_read, "generation": n - n_read}
+    def _split(self, n: int, understanding_share: float, reading: bool = False) -> Dict[str, int]:
+        """n items -> per-task counts of the selected tasks: the interleaved task's share first (all of
+        them when it is the only task), then the rest between understanding and generation; a share
+        strictly between 0 and 1 gives each task at least one. reading: understanding only."""
+        if reading:
+            return {"understanding": n}
+        counts = {}
+        n_story = 0
+        if "interleaved" in self.tasks:
+            share = 1.0 if len(self.tasks) == 1 else self.cfg.interleaved_share
+            n_story = round(n * share)
+            if 0 < share < 1:
+                n_story = min(n - 1, max(1, n_story))
+        rest = n - n_story
+        if "understanding" in self.tasks and "generation" in self.tasks:
+            n_read = round(rest * understanding_share)
+            if 0 < understanding_share < 1:
+                n_read = min(rest - 1, max(1, n_read))
+            counts = {"understanding": n_read, "generation": rest - n_read}
+        elif "understanding" in self.tasks or "generation" in self.tasks:
+            counts = {"understanding" if "understanding" in self.tasks else "generation": rest}
+        if "interleaved" in self.tasks:
+            counts["interleaved"] = n_story
+        return counts
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -259,8 +294,8 @@ class Trainer:
         prompts, targets = [], []
         # Read first: a small model that learns to draw first is slow to learn to read (the two tasks
         # compete for its few attention heads); afterwards both, mostly drawing, the slower skill.
-        reading = self.step < cfg.warmup_reading_steps
-        counts = self._split(cfg.warmup_batch_size, 1.0 if reading else cfg.warmup_understanding_share)
+        reading = self.step < cfg.warmup_reading_steps and "understanding" in self.tasks
+        counts = self._split(cfg.warmup_batch_size, cfg.warmup_understanding_share, reading)
         for t, n in counts.items():
             for i in self._local(f"warmup_{t}", n):
                 prompts.append(self.prompt_ids["train", t][i])
@@ -333,7 +368,37 @@ class Trainer:
         scores = self._score(examples, batch)
         rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float32, device=self.device)
         advantages = lvrpo_fast.group_advantages(rewards, G, scale=cfg.advantage_scale, backend=cfg.backend)
+        if cfg.process_rewards:
+            step_rewards, step_ends, step_offsets = self._steps(scores, batch)
+            advantages = lvrpo_fast.process_advantages(
+                step_rewards, step_ends, step_offsets, G, batch.completion_ids.shape[1], scale=cfg.advantage_scale,
+                outcome_advantages=advantages, outcome_weight=cfg.outcome_weight, backend=cfg.backend)
         return Rollout(examples, batch, scores, rewards, advantages)
+
+    def _steps(self, scores: List[Dict], batch: M.Batch):
+        """The packed steps of process_advantages: each scene of a story, ending at its </img> token, with
+        its step reward; any other completion (and a story that closes no scene) one step at its last
+        token with its reward (0 for such a story). Returns (step_rewards [S], step_ends [S], step_offsets
+        [B + 1]) on the device."""
+        ids, mask = batch.completion_ids.tolist(), batch.completion_mask.tolist()
+        rewards, ends, offsets = [], [], [0]
+        for score, row, live in zip(scores, ids, mask):
+            last = max(0, sum(live) - 1)
+            if "steps" in score and score["steps"]:
+                closes = [t for t, (token, m) in enumerate(zip(row, live)) if m and token == self.scene_close_id]
+                # The k-th </img> word of the text is the k-th </img> token (one token: _scene_close_id).
+                if len(closes) != len(score["steps"]):
+                    raise RuntimeError(f"--process-rewards: {len(score['steps'])} scenes in the decoded text, "
+                                       f"{len(closes)} {T.IMG_CLOSE} tokens in the completion")
+                ends += closes
+                rewards += [r for _, r in score["steps"]]
+            else:
+                ends.append(last)
+                rewards.append(score["reward"] if "steps" not in score else 0.0)
+            offsets.append(len(rewards))
+        return (torch.tensor(rewards, dtype=torch.float32, device=self.device),
+                torch.tensor(ends, dtype=torch.int64, device=self.device),
+                torch.tensor(offsets, dtype=torch.int64, device=self.device))
 
     def reference_logprobs(self, batch: M.Batch, timings: Dict[str, float]) -> Optional[torch.Tensor]:
         """Step 2, the reference's half: log-probs [B, T] float32 of the completions under the frozen
@@ -407,12 +472,14 @@ class Trainer:
         """Step 4: the metrics row (rewards, completion statistics, the update's sums), averaged over ranks."""
         scores, mask = rollout.scores, rollout.batch.completion_mask
         record = {"phase": "grpo", "reward": float(rollout.rewards.mean())}
-        for t in T.TASKS:
+        for t in self.tasks:
             part = [s for s, e in zip(scores, rollout.examples) if e.task == t]
             record[f"reward_{t}"] = sum(s["reward"] for s in part) / max(1, len(part))
-        gen = [s for s in scores if "alignment" in s]
-        record["generation_alignment"] = sum(s["alignment"] for s in gen) / max(1, len(gen))
-        record["generation_structure"] = sum(s["structure"] for s in gen) / max(1, len(gen))
+        for t, keys in PARTS.items():
+            if t in self.tasks:
+                part = [s for s, e in zip(scores, rollout.examples) if e.task == t]
+                for k in keys:
+                    record[f"{t}_{k}"] = sum(s[k] for s in part) / max(1, len(part))
         record["completion_tokens"] = float(mask.sum(1).float().mean())
         record["stopped"] = float(rollout.batch.stopped.float().mean())
         record.update(sums)
@@ -433,23 +500,20 @@ class Trainer:
         start = time.perf_counter()
         devices = [self.device] if self.device.type == "cuda" else []
         # Sums and counts under fixed keys, so that ranks all-reduce one vector.
-        keys = ["understanding", "generation", "generation_alignment", "generation_structure"]
-        keys += [f"understanding_{kind}" for kind in T.QUESTION_KINDS]
+        keys = list(self.tasks) + [f"{t}_{k}" for t, parts in PARTS.items() if t in self.tasks for k in parts]
+        keys += [f"understanding_{kind}" for kind in T.QUESTION_KINDS if "understanding" in self.tasks]
         sums, counts = dict.fromkeys(keys, 0.0), dict.fromkeys(keys, 0.0)
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(cfg.seed + 7 * self.step + 3)
-            for t in T.TASKS:
+            for t in self.tasks:
                 examples = self.data.heldout[t][self.procs.rank::self.procs.world]
                 prompts = self.prompt_ids["heldout", t][self.procs.rank::self.procs.world]
                 for s in range(0, len(examples), EVAL_BATCH):
                     batch = M.sample(self.model, prompts[s:s + EVAL_BATCH], self.max_new_tokens, cfg.heldout_temperature,
                                      self.eos_id, self.pad_id, self.device, self.autocast_dtype)
                     for e, score in zip(examples[s:s + EVAL_BATCH], self._score(examples[s:s + EVAL_BATCH], batch)):
-                        parts = {t: score["reward"]}
-                        if t == "generation":
-                            parts.update(generation_alignment=score["alignment"],
-                                         generation_structure=score["structure"])
-                        else:
+                        parts = {t: score["reward"], **{f"{t}_{k}": score[k] for k in PARTS.get(t, ())}}
+                        if t == "understanding":
                             parts[f"understanding_{e.question[0]}"] = score["reward"]
                         for k, v in parts.items():
                             sums[k] += v
@@ -592,7 +656,7 @@ class Trainer:
             backend=self.backend_name, world_size=self.procs.world,
             parameters=sum(p.numel() for p in self.model.parameters()), max_new_tokens=self.max_new_tokens,
             wall_time_s=self.elapsed_before + time.perf_counter() - t_start,
-            heldout_prompts_per_task=len(self.data.heldout["understanding"]), history=self.history,
+            heldout_prompts_per_task=len(self.data.heldout[self.tasks[0]]), history=self.history,
             warmup_eval=self.warmup_eval, final=final)
         if self.procs.main:
             C.atomic_write_text(json.dumps(summary, indent=2) + "\n", self.run_dir.file("summary.json"))

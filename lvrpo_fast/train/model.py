@@ -26,12 +26,12 @@ from . import task
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 
 
-def build_tokenizer():
-    """The embedded word-level tokenizer: the task's words plus <pad>, <bos>, <eos>."""
+def build_tokenizer(tasks=task.DEFAULT_TASKS):
+    """The embedded word-level tokenizer: the words of the selected tasks plus <pad>, <bos>, <eos>."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = [PAD, BOS, EOS] + task.vocabulary()
+    words = [PAD, BOS, EOS] + task.vocabulary(tasks)
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=None))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD)

@@ -60,8 +60,8 @@ def describe_step(record: Dict) -> str:
     if record["phase"] == "warmup":
         return f"loss {record['sft_loss']:.3f} nats/token, {record['tokens_per_s']:.0f} tokens/s"
     kl = f"KL {record['kl']:.2e}; " if "kl" in record else ""  # no KL term at --beta 0
-    return (f"reward: understanding {record['reward_understanding']:.2f}, generation "
-            f"{record['reward_generation']:.2f}; {kl}{record['tokens_per_s']:.0f} tokens/s")
+    rewards = ", ".join(f"{t} {record[f'reward_{t}']:.2f}" for t in T.TASKS if f"reward_{t}" in record)
+    return f"reward: {rewards}; {kl}{record['tokens_per_s']:.0f} tokens/s"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,6 +94,7 @@ def build_summary(*, command: str, config: Dict, device: str, backend: str, worl
                   max_new_tokens: int, wall_time_s: float, heldout_prompts_per_task: int, history: List[Dict],
                   warmup_eval: Dict, final: Dict) -> Dict:
     grpo = [r for r in history if r.get("phase") == "grpo"]
+    tasks = [t for t in T.TASKS if f"heldout_{t}" in final]
     temperature = config["temperature"] if config["eval_temperature"] is None else config["eval_temperature"]
     summary = {
         "command": command,
@@ -107,12 +108,12 @@ def build_summary(*, command: str, config: Dict, device: str, backend: str, worl
         "wall_time_s": wall_time_s,
         "heldout_decoding": "greedy" if temperature == 0 else f"sampled at temperature {temperature:g}",
         "heldout_prompts_per_task": heldout_prompts_per_task,
-        "warmup": {t: warmup_eval[f"heldout_{t}"] for t in T.TASKS},
-        "final": {t: final[f"heldout_{t}"] for t in T.TASKS},
+        "warmup": {t: warmup_eval[f"heldout_{t}"] for t in tasks},
+        "final": {t: final[f"heldout_{t}"] for t in tasks},
         "tokens_per_s_mean": _mean([r["tokens_per_s"] for r in grpo]),
         "loss_time_s_mean": _mean([r["loss_time_s"] for r in grpo]),
     }
-    summary["improvement"] = {t: summary["final"][t] - summary["warmup"][t] for t in T.TASKS}
+    summary["improvement"] = {t: summary["final"][t] - summary["warmup"][t] for t in tasks}
     check = check_summary(history, config["check_every"])
     if check is not None:
         summary["check"] = check
@@ -126,7 +127,7 @@ def format_summary(summary: Dict) -> str:
              f"backend {summary['backend']}, {summary['parameters']} parameters",
              f"held-out mean reward ({summary['heldout_decoding']}, {summary['heldout_prompts_per_task']} prompts "
              f"per task), after warm-up -> after GRPO:"]
-    for t in T.TASKS:
+    for t in summary["final"]:
         lines.append(f"  {t:14s} {summary['warmup'][t]:.3f} -> {summary['final'][t]:.3f} "
                      f"({summary['improvement'][t]:+.3f})")
     if "check" in summary:
@@ -139,6 +140,7 @@ def format_summary(summary: Dict) -> str:
 # ----------------------------------------------------------------------------------------------
 # curves.png
 # ----------------------------------------------------------------------------------------------
+INTERLEAVED_PANEL = "interleaved reward, its parts"
 # Every panel holds one quantity in one unit (its y label). A series: (rows, key, legend label), rows
 # being "warmup", "grpo" or "eval" (the held-out evaluations).
 PANELS = (
@@ -149,6 +151,9 @@ PANELS = (
      [("grpo", "generation_alignment", "train alignment"), ("grpo", "generation_structure", "train structure"),
       ("eval", "heldout_generation_alignment", "held-out alignment"),
       ("eval", "heldout_generation_structure", "held-out structure")]),
+    (INTERLEAVED_PANEL, "score (0 to 1)",
+     [(phase, f"{prefix}interleaved_{part}", f"{word} {part}") for phase, prefix, word in
+      (("grpo", "", "train"), ("eval", "heldout_", "held-out")) for part in ("relevance", "alignment", "structure")]),
     ("warm-up loss", "nats / token", [("warmup", "sft_loss", "negative log-likelihood")]),
     ("KL to the reference", "nats / token", [("grpo", "kl", "KL (estimate)")]),
     ("entropy of the policy", "nats / token", [("grpo", "entropy", "entropy")]),
@@ -173,8 +178,14 @@ def curves_figure(history: List[Dict], warmup_steps: int):
 
     rows = {phase: [r for r in history if r.get("phase") == phase] for phase in ("warmup", "grpo", "eval")}
     last = max([r["step"] for r in history] + [warmup_steps, 1])
-    fig, axes = plt.subplots(2, 4, figsize=(20, 8.5), sharex=True)
-    for ax, (title, unit, series) in zip(axes.flat, PANELS):
+    # The interleaved task's panel only when it was trained (a fourth column otherwise empty).
+    panels = [p for p in PANELS if p[0] != INTERLEAVED_PANEL
+              or any(r.get(key) is not None for phase, key, _ in p[2] for r in rows[phase])]
+    columns = 4 if len(panels) <= 8 else 5
+    fig, axes = plt.subplots(2, columns, figsize=(5 * columns, 8.5), sharex=True)
+    for ax in axes.flat[len(panels):]:
+        fig.delaxes(ax)
+    for ax, (title, unit, series) in zip(axes.flat, panels):
         for phase, key, label in series:
             pts = [(r["step"], r[key]) for r in rows[phase] if r.get(key) is not None]
             if pts:
