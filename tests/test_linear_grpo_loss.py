@@ -38,12 +38,20 @@ CASES = {
                                  "kl_estimator": "k3", "use_bias_correction_kl": True, "entropy_coef": 0.03,
                                  "epsilon_high": 0.28},
                                 {"temperature": 0.8, "bias": True, "weights": "token"}),
+    "vespo_weights": ({"loss_type": "vespo", "beta": 0.05}, {"weights": "token"}),
+    "cispo_sequence": ({"loss_type": "cispo", "importance_sampling_level": "sequence", "epsilon_high": 1.1}, {}),
+    "sapo_sequence_off_policy": ({"loss_type": "sapo", "importance_sampling_level": "sequence",
+                                 "off_policy_mask_threshold": 0.02}, {"sampling": True}),
+    # TRL's high-entropy mask with its token-mean bonus: the two-pass path of the op
+    "entropy_mask_token_mean": ({"loss_type": "dapo", "top_entropy_quantile": 0.5, "entropy_coef": 0.05,
+                                 "entropy_agg": "token_mean", "delta": 1.0, "beta": 0.05,
+                                 "use_bias_correction_kl": True}, {"temperature": 0.9, "bias": True}),
 }
 # The dtypes run on every case in float32 and on these in float16 / bfloat16.
-HALF_CASES = ("grpo", "gspo_k3_bias_kl_entropy", "cispo")
+HALF_CASES = ("grpo", "gspo_k3_bias_kl_entropy", "cispo", "entropy_mask_token_mean")
 
 
-def make_inputs(b=B, t=T, d=D, v=V, *, group_size=G, bias=False, weights=None, temperature=1.0,
+def make_inputs(b=B, t=T, d=D, v=V, *, group_size=G, bias=False, weights=None, sampling=False, temperature=1.0,
                 masked_row=1, density=0.8, generator=None):
     """Fresh random float32 CPU inputs of fused_linear_grpo_loss as a dict.
 
@@ -69,6 +77,7 @@ def make_inputs(b=B, t=T, d=D, v=V, *, group_size=G, bias=False, weights=None, t
                                                temperature=temperature, mask=mask).float()
     data["logp_old"] = logp + 0.3 * randn(b, t)
     data["logp_ref"] = logp + 0.3 * randn(b, t)
+    data["logp_sampling"] = logp + 0.3 * randn(b, t) if sampling else None
     if weights == "token":
         data["rollout_weights"] = torch.rand(b, t, generator=generator) * 1.5 + 0.25
     elif weights == "sequence":
@@ -77,10 +86,11 @@ def make_inputs(b=B, t=T, d=D, v=V, *, group_size=G, bias=False, weights=None, t
 
 
 def run_linear(backend, data, dtype, device, options, *, temperature=1.0, return_entropy=False,
-               requires_grad=True, grad_scale=None):
+               requires_grad=True, grad_scale=None, head_dtype=None, stats=False):
     """fused_linear_grpo_loss on `data` with hidden / weight / bias in dtype.
 
-    Returns (loss, metrics, {"hidden", "weight", "bias": gradient or None})."""
+    Returns (loss, metrics, {"hidden", "weight", "bias": gradient or None}), and the per-sequence
+    statistics [B, NSTATS] as a fourth element when `stats`."""
     def leaf(t):
         if t is None:
             return None
@@ -91,45 +101,53 @@ def run_linear(backend, data, dtype, device, options, *, temperature=1.0, return
         return None if t is None else t.to(device)
 
     hidden, weight, bias = leaf(data["hidden"]), leaf(data["weight"]), leaf(data["bias"])
-    loss, metrics = lvrpo_fast.fused_linear_grpo_loss(
+    loss, metrics, sequence_stats = lvrpo_fast.fused_linear_grpo_loss(
         hidden, weight, const(data["targets"]), const(data["mask"]), const(data["advantages"]), bias=bias,
         logp_old=const(data["logp_old"]), logp_ref=const(data["logp_ref"]),
-        rollout_weights=const(data["rollout_weights"]), temperature=temperature,
-        return_entropy=return_entropy, backend=backend, **options)
+        logp_sampling=const(data.get("logp_sampling")), rollout_weights=const(data["rollout_weights"]),
+        temperature=temperature, return_entropy=return_entropy, head_dtype=head_dtype, backend=backend,
+        return_sequence_stats=True, **options)
     if loss.requires_grad:
         (loss if grad_scale is None else loss * grad_scale).backward()
     grads = {"hidden": hidden.grad, "weight": weight.grad, "bias": None if bias is None else bias.grad}
+    if stats:
+        return loss, metrics, grads, sequence_stats.columns()
     return loss, metrics, grads
 
 
-def check_linear(name, device, data, options, dtype, *, temperature=1.0, return_entropy=False):
-    """The three-number check of the loss, every metric and every gradient; returns the backend's run."""
-    kwargs = {"temperature": temperature, "return_entropy": return_entropy}
-    kernel = run_linear(name, data, dtype, device, options, **kwargs)
-    ref = run_linear("reference", data, dtype, torch.device("cpu"), options, **kwargs)
-    truth = run_linear("reference", data, torch.float64, torch.device("cpu"), options, **kwargs)
+def check_linear(name, device, data, options, dtype, *, temperature=1.0, return_entropy=False, head_dtype=None,
+                 truth_dtype=torch.float64):
+    """The three-number check of the loss, every metric, every gradient and the per-sequence statistics;
+    returns the backend's run. With head_dtype, the truth rounds the head as the kernel does (inputs of
+    truth_dtype) and the tolerance is head_dtype's."""
+    kwargs = {"temperature": temperature, "return_entropy": return_entropy, "head_dtype": head_dtype}
+    kernel = run_linear(name, data, dtype, device, options, stats=True, **kwargs)
+    ref = run_linear("reference", data, dtype, torch.device("cpu"), options, stats=True, **kwargs)
+    truth = run_linear("reference", data, truth_dtype, torch.device("cpu"), options, stats=True, **kwargs)
     label = f"{name} {dtype} {options}"
-    loss, metrics, grads = kernel
+    loss, metrics, grads, stats = kernel
+    tolerance_dtype = dtype if head_dtype is None else head_dtype
     assert loss.dim() == 0 and loss.dtype == torch.float32
-    assert_close_to_truth(loss.cpu(), ref[0], truth[0], dtype, name=f"{label}: loss")
+    assert_close_to_truth(loss.cpu(), ref[0], truth[0], tolerance_dtype, name=f"{label}: loss")
     assert set(metrics) == set(truth[1]), f"{label}: metric names {sorted(metrics)} != {sorted(truth[1])}"
     for key, value in metrics.items():
         assert value.dtype == torch.float32 and value.dim() == 0 and not value.requires_grad
-        assert_close_to_truth(value.cpu(), ref[1][key], truth[1][key], dtype, name=f"{label}: {key}")
+        assert_close_to_truth(value.cpu(), ref[1][key], truth[1][key], tolerance_dtype, name=f"{label}: {key}")
     for key, grad in grads.items():
         if truth[2][key] is None:
             assert grad is None
             continue
         assert grad is not None and grad.dtype == dtype, f"{label}: gradient w.r.t. {key}"
-        assert_close_to_truth(grad.cpu(), ref[2][key], truth[2][key], dtype, name=f"{label}: d/d{key}")
+        assert_close_to_truth(grad.cpu(), ref[2][key], truth[2][key], tolerance_dtype, name=f"{label}: d/d{key}")
+    assert_close_to_truth(stats.cpu(), ref[3], truth[3], tolerance_dtype, name=f"{label}: per-sequence stats")
     assert not grads["hidden"][~data["mask"].to(device)].any(), f"{label}: gradient at masked positions"
-    return kernel
+    return kernel[:3]
 
 
 def _case(name, dtype=torch.float32, v=V):
     options, extras = CASES[name]
     data = make_inputs(v=v, bias=extras.get("bias", False), weights=extras.get("weights"),
-                       temperature=extras.get("temperature", 1.0))
+                       sampling=extras.get("sampling", False), temperature=extras.get("temperature", 1.0))
     for key in ("hidden", "weight", "bias"):  # the truth sees exactly the inputs the kernel sees
         if data[key] is not None:
             data[key] = data[key].to(dtype).float()
@@ -153,11 +171,13 @@ def test_matches_reference(kernel_backend, case, dtype):
     check_linear(name, device, data, options, dtype, **kwargs)
 
 
-@pytest.mark.parametrize("case", ["gspo_k3_bias_kl_entropy", "dapo_items_k2"])
+@pytest.mark.parametrize("case", ["gspo_k3_bias_kl_entropy", "dapo_items_k2", "entropy_mask_token_mean"])
 @pytest.mark.parametrize("seqs_per_chunk", [1, 2])
 def test_multi_chunk(kernel_backend, monkeypatch, case, seqs_per_chunk):
     """Chunks of one or two whole sequences (a ragged last chunk with B = 5) give the one-chunk result:
-    the sequence ratio stays exact and batch normalizers (bnpo, dapo) come from the whole mask."""
+    the sequence ratio stays exact and batch normalizers (bnpo, dapo) come from the whole mask; with
+    the high-entropy mask, the second pass starts from the chunk left in the tile and recomputes the
+    others' logits."""
     name, device = kernel_backend
     options, extras = CASES[case]
     data = make_inputs(b=5, v=V_SMALL, bias=extras.get("bias", False), weights=extras.get("weights"),
@@ -296,3 +316,45 @@ def test_per_token_advantages(kernel_backend, case):
             assert torch.equal(grad, same[2][key]), key
     per_token = {**data, "advantages": torch.randn(data["advantages"].shape[0], T)}
     check_linear(name, device, per_token, options, torch.float32, **kwargs)
+
+
+@pytest.mark.parametrize("case", ["grpo", "entropy_mask_token_mean"])
+def test_mixed_precision_head(kernel_backend, case):
+    """head_dtype=bfloat16 with float32 inputs (TRL's chunked head under autocast): the logits tile and its
+    gradient in bfloat16, the statistics and the gradients in float32. The truth is the reference with
+    float64 inputs and the same rounding of the operands and the product; the tolerance is bfloat16's."""
+    name, device = kernel_backend
+    data, options, kwargs = _case(case)
+    check_linear(name, device, data, options, torch.float32, head_dtype=torch.bfloat16, **kwargs)
+    plain = run_linear(name, data, torch.float32, device, options, **kwargs)
+    mixed = run_linear(name, data, torch.float32, device, options, head_dtype=torch.bfloat16, **kwargs)
+    assert not torch.equal(plain[0], mixed[0]), "head_dtype changed nothing"
+    with pytest.raises(ValueError, match="head_dtype=torch.float32 is wider"):
+        run_linear(name, data, torch.bfloat16, device, options, head_dtype=torch.float32, **kwargs)
+
+
+@pytest.mark.parametrize("need_grad", [True, False])
+def test_entropy_mask_costs_one_extra_head_per_chunk_but_the_last(kernel_backend, monkeypatch, need_grad):
+    """The high-entropy mask's two passes (lvrpo_fast/fused/linear_grpo_loss.py): every chunk's logits once
+    for the statistics, then again for the gradient, except the chunk still in the tile; 2 (N - C_last) V D
+    extra FLOPs, none when one chunk holds the batch or no gradient is needed."""
+    from lvrpo_fast.fused import linear_grpo_loss as fused
+
+    name, device = kernel_backend
+    options, extras = CASES["entropy_mask_token_mean"]
+    data = make_inputs(b=5, v=V_SMALL, masked_row=None, bias=True)
+    calls = []
+    real = fused._Head.logits
+
+    def counting(self, tile, rows):
+        calls.append(rows.shape[0])
+        return real(self, tile, rows)
+
+    monkeypatch.setattr(fused._Head, "logits", counting)
+    for seqs_per_chunk, chunks in ((5, 1), (2, 3)):
+        calls.clear()
+        monkeypatch.setenv("LVRPO_CHUNK_BYTES", str(seqs_per_chunk * T * V_SMALL * 4))
+        run_linear(name, data, torch.float32, device, options, requires_grad=need_grad,
+                   temperature=extras["temperature"])
+        assert len(calls) == (2 * chunks - 1 if need_grad else chunks), (seqs_per_chunk, calls)
+        assert sum(calls[:chunks]) == int(data["mask"].sum()), calls

@@ -30,14 +30,17 @@ class KernelBackend:
     def advantages_impl(self, rewards, group_size, scale, eps, leave_one_out):
         return group_advantages_with(self.name, rewards, group_size, scale, eps, leave_one_out)
 
-    def grpo_loss_impl(self, logp, advantages, mask, logp_old, logp_ref, entropy, rollout_weights, options):
+    def grpo_loss_impl(self, logp, advantages, mask, logp_old, logp_ref, entropy, rollout_weights, options, *,
+                       logp_sampling=None, return_stats=False):
         return grpo_loss_with(self.name, logp, advantages, mask, logp_old, logp_ref, entropy, rollout_weights,
-                              options)
+                              options, logp_sampling=logp_sampling, return_stats=return_stats)
 
     def linear_grpo_loss_impl(self, hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref,
-                              rollout_weights, temperature, return_entropy, options):
+                              rollout_weights, temperature, return_entropy, options, *, logp_sampling=None,
+                              head_dtype=None, return_stats=False):
         return linear_grpo_loss_with(self.name, hidden, weight, targets, mask, advantages, bias, logp_old,
-                                     logp_ref, rollout_weights, temperature, return_entropy, options)
+                                     logp_ref, rollout_weights, temperature, return_entropy, options,
+                                     logp_sampling=logp_sampling, head_dtype=head_dtype, return_stats=return_stats)
 
     def __repr__(self):
         return f"KernelBackend({self.name})"
