@@ -206,6 +206,9 @@ def check_grpo_inputs(logp, advantages, mask, *, logp_old=None, logp_ref=None, l
                 f"rollout_weights must have shape {(B, T)} (per token) or {(B,)} (per sequence), "
                 f"got {tuple(rollout_weights.shape)}"
             )
+        if options.loss_type == "vespo" and rollout_weights.dim() == 1:
+            raise ValueError(f"loss_type='vespo' takes per-token rollout_weights {(B, T)} (their logs are summed "
+                             f"into its sequence weight), got per-sequence ones of shape {(B,)}")
     if options.beta > 0 and logp_ref is None:
         raise ValueError(f"beta={options.beta} > 0 needs logp_ref (the reference model's log-probabilities)")
     if need_logp and options.entropy_coef != 0 and entropy is None:
