@@ -311,13 +311,13 @@ def main(argv=None):
     md_path = args.md or args.json.with_suffix(".md")
     png_path = args.png or args.json.with_suffix(".png")
     lines = header(data)
-    lines += ([f"![time and memory by N]({png_path.name})", ""] + targets(data, rows) + tables(cases) + e2e(data)
-              + skipped(data))
+    figure = [f"![time and memory by N]({png_path.name})", ""] if cases else []  # an end-to-end run has none
+    lines += figure + targets(data, rows) + tables(cases) + e2e(data) + skipped(data)
     if args.notes:
         lines += ["## Notes", "", args.notes.read_text().strip(), ""]
     md_path.write_text("\n".join(lines))
     chart(cases, png_path)
-    print(f"wrote {md_path} and {png_path}")
+    print(f"wrote {md_path}" + (f" and {png_path}" if cases else ""))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ The eager PyTorch reference of the same math is lvrpo_fast.reference; the math i
 the layers of the package are described in docs/architecture.md.
 """
 from . import reference
-from .contract import SequenceStats
 from .advantages import group_advantages
+from .contract import SequenceStats
 from .grpo_loss import grpo_loss
 from .linear_grpo_loss import fused_linear_grpo_loss
 from .logprobs import fused_linear_logprobs
