@@ -166,7 +166,7 @@ def test_help_imports_nothing_heavy():
     (["--dtype", "float64"], "--dtype"),
     (["--prompts-per-step", "1"], "--prompts-per-step"),
     (["--warmup-fraction", "1.5"], "--warmup-fraction"),
-    (["--loss-type", "cispo", "--importance-sampling-level", "sequence"], "--importance-sampling-level"),
+    (["--importance-sampling-level", "batch"], "--importance-sampling-level"),
     (["--hidden-size", "30", "--num-heads", "4"], "--hidden-size"),
     (["--model", "/nonexistent/model"], "--model"),
     (["--resume", "--overwrite"], "--resume"),
