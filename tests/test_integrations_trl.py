@@ -292,6 +292,24 @@ def test_unsupported_values_are_refused_at_construction(option, value, match, mo
                          processing_class=transformers.PreTrainedTokenizerFast.from_pretrained(model_dir))
 
 
+def test_sharded_parameters_are_named():
+    """FSDP and DeepSpeed ZeRO-3 shard the LM head's weight, which the fused head reads whole: the
+    trainer refuses them at construction (the check, on the attributes Trainer sets)."""
+    from types import SimpleNamespace
+
+    from lvrpo_fast.integrations.trl import sharded_parameters
+
+    plain = SimpleNamespace(is_fsdp_enabled=False, accelerator=SimpleNamespace(state=SimpleNamespace()))
+    assert sharded_parameters(plain) == ""
+    fsdp = SimpleNamespace(is_fsdp_enabled=True, args=SimpleNamespace(fsdp="full_shard"), accelerator=plain.accelerator)
+    assert "fsdp='full_shard'" in sharded_parameters(fsdp)
+    zero = SimpleNamespace(is_fsdp_enabled=False, accelerator=SimpleNamespace(
+        state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3))))
+    assert "ZeRO-3" in sharded_parameters(zero)
+    zero.accelerator.state.deepspeed_plugin.zero_stage = 2  # ZeRO-2 keeps whole parameters
+    assert sharded_parameters(zero) == ""
+
+
 def test_vespo_with_a_vllm_clip_range_excluding_one_is_refused(tmp_path):
     """TRL adds padding positions' clipped vLLM ratio to VESPO's weight: 1 unless the range excludes it."""
     config = _config(tmp_path, loss_type="vespo", use_vllm=True, vllm_importance_sampling_mode="token_truncate",

@@ -33,8 +33,9 @@ Every GRPOConfig option TRL 1.16's _compute_loss reads is honoured with TRL's nu
         reward_weights, num_iterations, steps_per_generation, PEFT adapters
                                          -> TRL's own code, unchanged
 Refused when the trainer is constructed, each naming the GRPOConfig option (they would change the
-numbers): a MoE router auxiliary loss (router_aux_loss_coef != 0 on a model with
-output_router_logits), final-logit soft-capping, vespo with a vLLM clip range excluding 1 (TRL then
+numbers or fail later): a MoE router auxiliary loss (router_aux_loss_coef != 0 on a model with
+output_router_logits), final-logit soft-capping, parameters sharded by FSDP or DeepSpeed ZeRO-3 (not
+supported: the fused head reads the LM head's weight whole), vespo with a vLLM clip range excluding 1 (TRL then
 adds padding positions' clipped ratios to VESPO's weight), and any option value lvrpo_fast's
 GRPOOptions refuses (negative epsilons, a top_entropy_quantile outside [0, 1], ...).
 Logged metrics: TRL's own, with TRL's values on any number of processes (the per-sequence statistics
@@ -131,6 +132,16 @@ def check_supported(args) -> None:
     grpo_options(args, args, num_items_in_batch=None)
 
 
+def sharded_parameters(trainer) -> str:
+    """The option that shards the model's parameters across processes (FSDP, DeepSpeed ZeRO-3), or ""."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return f"FSDP (fsdp={trainer.args.fsdp!r})"
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and getattr(plugin, "zero_stage", None) == 3:
+        return "DeepSpeed ZeRO-3 (deepspeed)"
+    return ""
+
+
 def _clip_range_holds_one(args) -> bool:
     low, high = args.vllm_importance_sampling_clip_min, args.vllm_importance_sampling_clip_max
     return (low is None or low <= 1.0) and (high is None or high >= 1.0)
@@ -194,6 +205,10 @@ class LVRPOGRPOTrainer(_GRPOTrainer):
         if self.aux_loss_enabled:
             raise ValueError("LVRPOGRPOTrainer does not support the MoE router auxiliary loss "
                              f"(router_aux_loss_coef={self.router_aux_loss_coef}); set it to 0 or use trl.GRPOTrainer")
+        sharded = sharded_parameters(self)
+        if sharded:
+            raise ValueError(f"LVRPOGRPOTrainer does not support {sharded}: the fused head reads the LM head's "
+                             "weight whole, which a sharded model does not hold; use DDP, or trl.GRPOTrainer")
         _logit_scale(self.model.config)  # soft-capping refused now, not at the first step
         from accelerate.utils import is_peft_model
 
