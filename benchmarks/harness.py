@@ -122,7 +122,22 @@ def compiled(fn: Callable) -> Callable:
     return _COMPILED[fn]
 
 
-PEERS = ("liger", "cce", "flash_attn")
+PEERS = ("liger", "cce", "flash_attn", "trl")
+
+
+def trl_chunked_logprobs():
+    """TRL 1.16's chunked LM head (the one its GRPOTrainer's log-probabilities go through): a function
+    (hidden [n, D], weight [V, D], targets [n], entropy) -> (logp [n], entropy [n] or None), with TRL's own
+    vocabulary chunk; skips when TRL is not installed."""
+    chunked = require_module("trl.kernels.chunked_logprob")
+    chunk = require_module("trl.trainer.utils")._CHUNKED_LOGPROB_CHUNK_SIZE
+
+    def fn(hidden, weight, targets, entropy):
+        outputs = ("log_probs", "entropy") if entropy else ("log_probs",)
+        logp, ent, *_ = chunked.ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, chunk, None, 1.0,
+                                                             outputs)
+        return logp, ent
+    return fn
 
 
 def require_module(module: str):

@@ -19,7 +19,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 MiB = float(1 << 20)
-IMPL_ORDER = ("reference", "compiled", "triton", "cpp", "liger", "cce", "flash_attn")
+IMPL_ORDER = ("reference", "compiled", "triton", "cpp", "trl", "liger", "cce", "flash_attn")
 
 
 def load(path):
@@ -28,7 +28,7 @@ def load(path):
     rows = []
     for bench in data["benchmarks"]:
         info = dict(bench["extra_info"])
-        if info.get("paired"):  # the alternating two-implementation measurement: see targets()
+        if info.get("paired") or info.get("e2e"):  # see targets() and e2e()
             continue
         if info.get("median_s") is None and bench.get("stats"):
             info["median_s"] = bench["stats"]["median"]
@@ -226,6 +226,21 @@ def targets(data, rows):
     return (["## Acceptance targets", ""] + lines + [""]) if lines else []
 
 
+def e2e_line(row):
+    """One end-to-end TRL run (benchmarks/test_bench_trl_e2e.py) or the C++ backend's first build."""
+    if "build_s" in row:
+        return f"C++ backend, first build in an empty cache: {row['build_s']:.0f} s"
+    return (f"{row['impl']:5s} {row['batch']:2d} sequences/micro-batch, V={row['vocab']}, hidden {row['hidden']}: "
+            f"step {row['step_s']:.2f} s (training part {row['train_s']:.2f} s; first step {row['first_step_s']:.2f} s), "
+            f"peak RSS {row['peak_rss_bytes'] / MiB:.0f} MiB ({row['peak_over_start_bytes'] / MiB:.0f} MiB above "
+            f"the start)")
+
+
+def e2e(data):
+    rows = [b["extra_info"] for b in data["benchmarks"] if b["extra_info"].get("e2e")]
+    return (["## TRL's GRPOTrainer end to end", ""] + [f"- {e2e_line(r)}" for r in rows] + [""]) if rows else []
+
+
 def skipped(data):
     reasons = OrderedDict()
     for entry in data.get("lvrpo_skipped", []):
@@ -296,12 +311,13 @@ def main(argv=None):
     md_path = args.md or args.json.with_suffix(".md")
     png_path = args.png or args.json.with_suffix(".png")
     lines = header(data)
-    lines += [f"![time and memory by N]({png_path.name})", ""] + targets(data, rows) + tables(cases) + skipped(data)
+    figure = [f"![time and memory by N]({png_path.name})", ""] if cases else []  # an end-to-end run has none
+    lines += figure + targets(data, rows) + tables(cases) + e2e(data) + skipped(data)
     if args.notes:
         lines += ["## Notes", "", args.notes.read_text().strip(), ""]
     md_path.write_text("\n".join(lines))
     chart(cases, png_path)
-    print(f"wrote {md_path} and {png_path}")
+    print(f"wrote {md_path}" + (f" and {png_path}" if cases else ""))
 
 
 if __name__ == "__main__":

@@ -18,8 +18,20 @@ fewer rows reach the LM head than in the reference and the peers. test_linear_gr
 test_issue5_paired[no_padding] time the same inputs with every token unmasked, where all do the same work.
 
 Implementations: the eager reference, torch.compile of lvrpo_fast.reference.linear_grpo_loss_impl, the
-Triton and C++ backends, and Liger-Kernel's LigerFusedLinearGRPOLoss (chunked PyTorch; its loss math
-under torch.compile on a GPU, eager with compiled=False on the CPU; its default chunk of one sequence).
+Triton and C++ backends, Liger-Kernel's LigerFusedLinearGRPOLoss (chunked PyTorch; its loss math
+under torch.compile on a GPU, eager with compiled=False on the CPU; its default chunk of one sequence),
+and TRL 1.16's current path ("trl"): the log-probabilities and entropies of its chunked LM head
+(trl.kernels.chunked_logprob, as its GRPOTrainer requests them) then the same loss math in eager
+PyTorch on the [B, T] log-probabilities (lvrpo_fast.reference.grpo_loss; TRL's _compute_loss does
+these element-wise operations itself). Like TRL's trainer it scores only the unmasked rows on CUDA
+(its Triton path) and every row on the CPU (its torch path); its backward recomputes the logits:
+8 N V D.
+
+The high-entropy mask (test_linear_grpo_loss_entropy_mask, TRL's top_entropy_quantile=0.2 with its
+token-mean entropy bonus): the kernel backends' fused op needs every token's entropy before it can
+form a gradient, so it walks the chunks twice, executing 8 N V D - 2 C_last V D (C_last: the rows of
+the chunk left in the tile; `executed_flops` counts them from the op's own chunk plan); TRL's path
+costs the same as without the mask (its gradient is formed in a backward pass anyway).
 
 Batch-invariant mode (issue 19): the Triton and C++ backends with batch_invariant=True, as rows of
 their own (test_linear_grpo_loss_batch_invariant, padded batch) and as the mode's cost, each call timed
@@ -30,16 +42,18 @@ import pytest
 import torch
 
 import lvrpo_fast
-from lvrpo_fast import reference, validate
+from lvrpo_fast import chunking, reference, validate
 from lvrpo_fast.options import GRPOOptions
 
 import harness
 
-IMPLS = ("reference", "compiled", "triton", "cpp", "liger")
+IMPLS = ("reference", "compiled", "triton", "cpp", "liger", "trl")
 KERNEL_IMPLS = ("triton", "cpp")
 # Pairs of the mode's cost rows: a cost of ~5% is within one pair's noise on a shared machine.
 COST_PAIRS = 9
 OPTIONS = {"loss_type": "dapo", "beta": 0.04, "epsilon_low": 0.2, "epsilon_high": 0.2}
+# TRL's high-entropy mask (its paper's 0.2) and its entropy bonus, a token mean over the kept tokens.
+ENTROPY_MASK = {"top_entropy_quantile": 0.2, "entropy_coef": 0.01, "entropy_agg": "token_mean"}
 LOGIT_STD = 3.0
 
 
@@ -74,17 +88,17 @@ def make_set(shape, dtype, device):
     }
 
 
-def loss_fn(impl, device, invariant=False):
+def loss_fn(impl, device, invariant=False, options=OPTIONS):
     """(hidden, weight, inputs) -> scalar loss of one implementation on `device` (invariant: the kernel
     backends' batch-invariant mode)."""
     if impl in ("reference", "triton", "cpp"):
         mode = {"batch_invariant": invariant} if impl != "reference" else {}
         return lambda h, w, s: lvrpo_fast.fused_linear_grpo_loss(
             h, w, s["targets"], s["mask"], s["advantages"], logp_old=s["logp_old"], logp_ref=s["logp_ref"],
-            backend=impl, **mode, **OPTIONS)[0]
+            backend=impl, **mode, **options)[0]
     if impl == "compiled":
         impl_fn = harness.compiled(reference.linear_grpo_loss_impl)
-        opts = GRPOOptions(**OPTIONS)
+        opts = GRPOOptions(**options)
 
         def fn(h, w, s):
             mask, temperature = validate.check_linear_inputs(h, w, s["targets"], mask=s["mask"])
@@ -94,13 +108,31 @@ def loss_fn(impl, device, invariant=False):
                            temperature, False, opts)[0]
         return fn
     if impl == "liger":
+        if options is not OPTIONS:
+            pytest.skip("Liger's GRPO loss has no high-entropy mask")
         grpo = harness.require_module("liger_kernel.chunked_loss")
         on_gpu = device.type == "cuda"
         loss = grpo.LigerFusedLinearGRPOLoss(
-            beta=OPTIONS["beta"], compiled=on_gpu, use_ref_model=True, epsilon_low=OPTIONS["epsilon_low"],
-            epsilon_high=OPTIONS["epsilon_high"], loss_type=OPTIONS["loss_type"], temperature=1.0)
+            beta=options["beta"], compiled=on_gpu, use_ref_model=True, epsilon_low=options["epsilon_low"],
+            epsilon_high=options["epsilon_high"], loss_type=options["loss_type"], temperature=1.0)
         return lambda h, w, s: loss(h, w, s["targets"], s["mask_float"], s["advantages"],
                                     ref_per_token_logps=s["logp_ref"], old_per_token_logps=s["logp_old"])[0]
+    if impl == "trl":
+        trl_head = harness.trl_chunked_logprobs()
+
+        def fn(h, w, s):
+            B, T, D = h.shape
+            rows, flat_t = h.reshape(B * T, D), s["targets"].reshape(B * T)
+            if device.type == "cuda":  # TRL's Triton path: the unmasked rows only
+                live = s["mask"].reshape(-1)
+                logp_live, ent_live = trl_head(rows[live], w, flat_t[live], True)
+                logp = logp_live.new_zeros(B * T).masked_scatter(live, logp_live)
+                entropy = ent_live.new_zeros(B * T).masked_scatter(live, ent_live)
+            else:  # its torch path: every row
+                logp, entropy = trl_head(rows, w, flat_t, True)
+            return reference.grpo_loss(logp.view(B, T), s["advantages"], s["mask"], logp_old=s["logp_old"],
+                                       logp_ref=s["logp_ref"], entropy=entropy.view(B, T), **options)[0]
+        return fn
     raise ValueError(f"unknown implementation {impl!r}")
 
 
@@ -117,14 +149,24 @@ def make_call(fn, padded=True):
     return call
 
 
-def case_fields(shape, impl, dtype, device, padded=True, invariant=False, per_token=None):
+def _resident_rows(mask, shape, dtype, device):
+    """The rows of the chunk the fused op leaves in its tile after the high-entropy mask's first pass
+    (its last chunk with a computed row), from the op's own chunk plan."""
+    budget = chunking.rows_per_chunk(shape.V, torch.empty(0, dtype=dtype).element_size(), device, shape.D)
+    sizes = [c.size for c in chunking.sequence_chunks(mask, budget) if c.size]
+    return sizes[-1] if sizes else 0
+
+
+def case_fields(shape, impl, dtype, device, padded=True, invariant=False, per_token=None, options=OPTIONS):
     """The harness.Case fields of one implementation at one shape. padded=False: the same inputs with
     every token unmasked (the kernel backends skip the padding's rows, the reference and the peers
     compute them; without padding there is nothing to skip). invariant: the batch-invariant mode.
     per_token (the op linear_grpo_loss_per_token, whose input sets also hold advantages [B, T] ~ N(0, 1)):
-    True passes those, False the same sets' advantages [B]; None: the plain op."""
+    True passes those, False the same sets' advantages [B]; None: the plain op. options:
+    ENTROPY_MASK's case adds TRL's high-entropy mask."""
     if impl in ("triton", "cpp"):
         harness.lvrpo_backend(impl, dtype)
+    entropy_mask = options is not OPTIONS
 
     def inputs():
         s = make_set(shape, dtype, device)
@@ -134,29 +176,40 @@ def case_fields(shape, impl, dtype, device, padded=True, invariant=False, per_to
             s["advantages_per_token"] = torch.randn(shape.B, shape.T, device=device)
         return s
 
-    flops_per = 8 if impl == "liger" else 6  # per token and head weight
+    flops_per = 8 if impl in ("liger", "trl") else 6  # per token and head weight
+    nvd = shape.V * shape.D
 
-    def unmasked_flops(s):
-        return flops_per * int(s["mask"].sum()) * shape.V * shape.D
-
-    # the kernel backends compute the unmasked tokens only
-    executed = unmasked_flops if impl in ("triton", "cpp") and padded else None
+    def executed(s):
+        mask = s["mask"] if padded else s["mask_full"]
+        live = int(mask.sum())
+        if impl == "trl":
+            return 8 * (live if device.type == "cuda" else shape.N) * nvd
+        if impl in ("triton", "cpp"):
+            # the kernel backends compute the unmasked tokens only; the entropy mask's second pass
+            # recomputes every chunk's logits but the one left in the tile (all of them in the
+            # batch-invariant mode)
+            extra = 0
+            if entropy_mask:
+                extra = 2 * (live - (0 if invariant else _resident_rows(mask, shape, dtype, device))) * nvd
+            return 6 * live * nvd + extra
+        return flops_per * shape.N * nvd
 
     def with_advantages(fn):
         if not per_token:
             return fn
         return lambda h, w, s: fn(h, w, {**s, "advantages": s["advantages_per_token"]})
 
-    case = "linear_grpo_loss fwd+bwd" + ("" if padded else ", no padding") + (" batch-invariant" if invariant else "")
+    case = ("linear_grpo_loss fwd+bwd" + ("" if padded else ", no padding") + (", entropy mask" if entropy_mask else "")
+            + (" batch-invariant" if invariant else ""))
     if per_token is not None:
         case += ", advantages [B, T]" if per_token else ", advantages [B]"
     return dict(
         case=case, op="linear_grpo_loss" if per_token is None else "linear_grpo_loss_per_token", impl=impl,
         shape=shape, dtype=dtype, make_set=inputs,
-        call=make_call(with_advantages(loss_fn(impl, device, invariant)), padded),
-        reference_call=make_call(with_advantages(loss_fn("reference", device)), padded),
-        checked=("loss", "grad_hidden", "grad_weight"), flops=flops_per * shape.N * shape.V * shape.D,
-        executed_flops=executed, mm=(shape.N, shape.D, shape.V))
+        call=make_call(with_advantages(loss_fn(impl, device, invariant, options)), padded),
+        reference_call=make_call(with_advantages(loss_fn("reference", device, options=options)), padded),
+        checked=("loss", "grad_hidden", "grad_weight"), flops=flops_per * shape.N * nvd,
+        executed_flops=executed if impl in ("triton", "cpp", "trl") else None, mm=(shape.N, shape.D, shape.V))
 
 
 @pytest.mark.bench_op("linear_grpo_loss", impls=IMPLS)
@@ -185,6 +238,13 @@ def test_linear_grpo_loss_no_padding(bench, shape, impl):
     """The headline shape with every token unmasked: every implementation does the same work, so the
     speed-ups and roofline fractions measure the kernels alone."""
     bench.run(**case_fields(shape, impl, bench.dtype, bench.device, padded=False))
+
+
+@pytest.mark.bench_op("linear_grpo_loss_entropy_mask", impls=("reference", "triton", "cpp", "trl"))
+def test_linear_grpo_loss_entropy_mask(bench, shape, impl):
+    """TRL's high-entropy mask: the fused op's second walk over the chunks, measured (see the module
+    docstring), against the reference and TRL's own path with the same mask."""
+    bench.run(**case_fields(shape, impl, bench.dtype, bench.device, options={**OPTIONS, **ENTROPY_MASK}))
 
 
 @pytest.mark.parametrize("padded", [True, False], ids=["padded", "no_padding"])

@@ -12,9 +12,12 @@ So the fraction of the matmul ceiling says how well each design uses the hardwar
 compares the implementations.
 
 Implementations: the eager reference, torch.compile of lvrpo_fast.reference.logprobs_impl, the Triton
-and C++ backends, and the peers that compute the same log-probabilities: Liger-Kernel's fused linear
-cross entropy and Cut Cross-Entropy's linear_cross_entropy (both reduction="none", negated), and
-flash-attn's Triton cross entropy on logits from F.linear. None of the peers returns the entropy.
+and C++ backends, and the peers that compute the same log-probabilities: TRL 1.16's chunked LM head
+(trl.kernels.chunked_logprob.ChunkedLogProbFunction, TRL's vocabulary chunk of 32768, what its
+GRPOTrainer computes log-probabilities and entropies with; a Triton fold on CUDA, torch tiles on the
+CPU; its backward recomputes the logits), Liger-Kernel's fused linear cross entropy and Cut
+Cross-Entropy's linear_cross_entropy (both reduction="none", negated), and flash-attn's Triton cross
+entropy on logits from F.linear. Of the peers only TRL returns the entropy.
 
 Batch-invariant mode (issue 19): the Triton and C++ backends with batch_invariant=True, as rows of
 their own (test_logprobs_batch_invariant: time, memory, TFLOP/s, checked against the reference) and as
@@ -30,7 +33,7 @@ from lvrpo_fast import reference, validate
 
 import harness
 
-IMPLS = ("reference", "compiled", "triton", "cpp", "liger", "cce", "flash_attn")
+IMPLS = ("reference", "compiled", "triton", "cpp", "trl", "liger", "cce", "flash_attn")
 KERNEL_IMPLS = ("triton", "cpp")
 # Pairs of the mode's cost rows: a cost of ~5% is within one pair's noise on a shared machine.
 COST_PAIRS = 9
@@ -42,7 +45,7 @@ def executed_flops(impl, mode, shape, device):
     nvd = shape.N * shape.V * shape.D
     if mode == "fwd":
         return 2 * nvd
-    recomputes = impl in ("triton", "cpp", "liger") or (impl == "cce" and device.type == "cuda")
+    recomputes = impl in ("triton", "cpp", "trl", "liger") or (impl == "cce" and device.type == "cuda")
     return (8 if recomputes else 6) * nvd
 
 
@@ -73,6 +76,9 @@ def logprobs_fn(impl, entropy, device, invariant=False):
             validate.check_linear_inputs(h, w, t)
             return impl_fn(h, w, t, None, 1.0, entropy, None)
         return fn
+    if impl == "trl":
+        trl_head = harness.trl_chunked_logprobs()
+        return lambda h, w, t: trl_head(h, w, t, entropy)
     if entropy:
         pytest.skip(f"{impl} computes no entropy")
     if impl == "liger":

@@ -29,14 +29,22 @@ enum Stat : int64_t {
   kStatClipRegion = 5,
   kStatRatio = 6,
   kStatEntropy = 7,
-  kNumStats = 8,
+  kStatKept = 8,
+  kStatEntropyKept = 9,
+  kStatSeqClipLow = 10,
+  kStatSeqClipHigh = 11,
+  kStatSeqWeight = 12,
+  kStatWeight = 13,
+  kNumStats = 14,
 };
 
 // docs/math.md section 3: the log-ratio is clamped to [-20, 20] before exp (verl's guard against exp
 // overflow times a zero mask); lvrpo_fast.contract.LOG_RATIO_CLAMP, checked equal when the extension loads.
 constexpr double kLogRatioClamp = 20.0;
+// vespo's log-weight floor, log(1e-8) (lvrpo_fast.contract.VESPO_LOG_W_MIN, checked when the extension loads).
+constexpr double kVespoLogWMin = -18.420680743952367;
 
-enum PolicyKind : int64_t { kPolicyClip = 0, kPolicyCispo = 1, kPolicySapo = 2 };
+enum PolicyKind : int64_t { kPolicyClip = 0, kPolicyCispo = 1, kPolicySapo = 2, kPolicyVespo = 3 };
 enum KlEstimator : int64_t { kKlNone = 0, kKlK1 = 1, kKlK2 = 2, kKlK3 = 3 };
 
 // The scalar parameters of the per-token math: exactly the keys of lvrpo_fast.contract.token_loss_params
@@ -55,9 +63,14 @@ enum KlEstimator : int64_t { kKlNone = 0, kKlK1 = 1, kKlK2 = 2, kKlK3 = 3 };
   X(int64_t, kl_estimator)            \
   X(bool, use_bias_correction_kl)     \
   X(bool, sequence_level)             \
-  X(double, entropy_coef)             \
   X(double, sapo_temperature_pos)     \
-  X(double, sapo_temperature_neg)
+  X(double, sapo_temperature_neg)     \
+  X(double, vespo_k_pos)              \
+  X(double, vespo_lambda_pos)         \
+  X(double, vespo_k_neg)              \
+  X(double, vespo_lambda_neg)         \
+  X(bool, has_off_policy_mask)        \
+  X(double, off_policy_mask_threshold)
 
 struct LossParams {
 #define LVRPO_FIELD(type, name) type name{};
@@ -75,8 +88,9 @@ void logits_grad_(const at::Tensor& logits, const at::Tensor& targets, const at:
 
 std::tuple<at::Tensor, std::optional<at::Tensor>> grpo_token_loss(
     const at::Tensor& logp, const std::optional<at::Tensor>& logp_old, const std::optional<at::Tensor>& logp_ref,
-    const at::Tensor& advantages, const at::Tensor& mask, const std::optional<at::Tensor>& rollout_weights,
-    const std::optional<at::Tensor>& entropy, const at::Tensor& row_scale, const LossParams& params,
+    const std::optional<at::Tensor>& logp_sampling, const at::Tensor& advantages, const at::Tensor& mask,
+    const std::optional<at::Tensor>& rollout_weights, const std::optional<at::Tensor>& entropy,
+    const std::optional<at::Tensor>& entropy_threshold, const at::Tensor& row_scale, const LossParams& params,
     bool need_grad);
 
 at::Tensor group_advantages(const at::Tensor& rewards, int64_t group_size, const std::string& scale, double eps,

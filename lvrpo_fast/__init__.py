@@ -8,11 +8,13 @@ Public API (each takes `backend=` "auto" | "triton" | "cpp" | "reference"; see l
     fused_linear_grpo_loss  hidden states + LM head -> (loss, metrics), gradients w.r.t. both
     FusedLinearGRPOLoss     the same as an nn.Module, with Liger-Kernel's interface
     GRPOOptions             the loss options, validated
+    SequenceStats           the per-sequence statistics behind the metrics (return_sequence_stats=True)
 The eager PyTorch reference of the same math is lvrpo_fast.reference; the math is docs/math.md and
 the layers of the package are described in docs/architecture.md.
 """
 from . import reference
 from .advantages import group_advantages
+from .contract import SequenceStats
 from .grpo_loss import grpo_loss
 from .linear_grpo_loss import fused_linear_grpo_loss
 from .logprobs import fused_linear_logprobs
@@ -30,5 +32,6 @@ __all__ = [
     "FusedLinearGRPOLoss",
     "GRPOOptions",
     "process_advantages",
+    "SequenceStats",
     "reference",
 ]

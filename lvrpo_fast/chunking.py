@@ -185,7 +185,7 @@ class Logits:
         self.invariant = batch_invariant
         max_rows = max((c.size for c in chunks), default=0)
         if not batch_invariant:
-            self.buffer = logits_tile(max_rows, weight.shape[0], hidden)
+            self.buffer = logits_tile(max_rows, weight.shape[0], weight)
             return
         self.rows = invariant_tile_rows(hidden.device)
         live = [c for c in chunks if c.size]
@@ -211,7 +211,7 @@ class Logits:
                 else:
                     self.runs.append((position, c.start, c.size))
             position += c.size
-        self.buffer = logits_tile(capacity, weight.shape[0], hidden)
+        self.buffer = logits_tile(capacity, weight.shape[0], weight)
         self.staging = None  # allocated when a tile must be gathered
         self.next = 0      # index in self.plan of the next chunk
         self.first = 0     # stream index of the buffer's row 0, a multiple of R

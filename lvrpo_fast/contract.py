@@ -12,15 +12,20 @@ only the row-wise work differs. All tensors passed to a primitive are contiguous
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Dict, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 
 # --- the options' vocabularies (docs/math.md sections 2 to 6) ---------------------------------------
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "seq_mean_token_sum", "cispo", "sapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "seq_mean_token_sum", "cispo", "sapo", "vespo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 IS_LEVELS = ("token", "sequence")
 ADVANTAGE_SCALES = ("group", "batch", "none")
+# How the entropy bonus is normalized: like the loss type's policy term (verl's entropy_coeff), or as
+# the mean over the batch's tokens whatever the loss type (TRL's entropy_coef).
+ENTROPY_AGGS = ("loss_type", "token_mean")
 # Loss types whose policy term is the PPO-style clipped surrogate.
 CLIP_FAMILY = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "seq_mean_token_sum")
 BACKENDS = ("auto", "triton", "cpp", "reference")
@@ -29,9 +34,16 @@ BACKENDS = ("auto", "triton", "cpp", "reference")
 # The log-ratio logp - logp_old is clamped to [-20, 20] before exp (verl's guard: exp overflow times a
 # zero mask would otherwise give inf * 0 = NaN).
 LOG_RATIO_CLAMP = 20.0
+# vespo (docs/math.md section 4): the log of its sequence weight is clamped to [log(1e-8), 20] and its
+# lambdas to at least 1e-4, as TRL 1.16 does.
+VESPO_LOG_W_MIN = -18.420680743952367  # math.log(1e-8)
+VESPO_LAMBDA_MIN = 1e-4
 
 # --- columns of the per-sequence statistics of the GRPO loss primitive -------------------------------
-# Sums over the sequence's unmasked tokens; the loss column is already multiplied by the row scale.
+# Columns 0-9 and 13 are sums over the sequence's unmasked tokens; the loss column (the policy and KL
+# terms, not the entropy bonus, which the caller adds) is already multiplied by the row scale. Columns
+# 10-12 are values of the sequence itself (docs/math.md section 7): the clip indicators of its
+# sequence-level ratio and vespo's weight, for per-sequence advantages (0 otherwise).
 STAT_LOSS = 0
 STAT_COUNT = 1
 STAT_KL = 2
@@ -40,13 +52,68 @@ STAT_CLIP_HIGH = 4
 STAT_CLIP_REGION = 5
 STAT_RATIO = 6
 STAT_ENTROPY = 7
-NSTATS = 8
+STAT_KEPT = 8  # tokens the high-entropy mask keeps (all unmasked tokens without it)
+STAT_ENTROPY_KEPT = 9  # the entropy summed over those tokens
+STAT_SEQ_CLIP_LOW = 10
+STAT_SEQ_CLIP_HIGH = 11
+STAT_SEQ_WEIGHT = 12  # vespo's phi of the sequence
+STAT_WEIGHT = 13  # vespo's phi summed over the unmasked tokens
+NSTATS = 14
 STAT_COLUMNS = (STAT_LOSS, STAT_COUNT, STAT_KL, STAT_CLIP_LOW, STAT_CLIP_HIGH, STAT_CLIP_REGION, STAT_RATIO,
-                STAT_ENTROPY, NSTATS)
+                STAT_ENTROPY, STAT_KEPT, STAT_ENTROPY_KEPT, STAT_SEQ_CLIP_LOW, STAT_SEQ_CLIP_HIGH, STAT_SEQ_WEIGHT,
+                STAT_WEIGHT, NSTATS)
+
+
+@dataclass(frozen=True)
+class SequenceStats:
+    """Per-sequence statistics of a GRPO loss call: each field a detached [B] float32 tensor.
+
+    What the scalar metrics are made of, exposed so that a caller can reduce them itself, e.g. across
+    processes (a token mean over every process is sum(entropy) / sum(count) over all of them, not a
+    mean of per-process means) or per sequence (TRL's clip_ratio/low_min). docs/math.md section 7.
+
+    loss:          the sequence's policy and KL terms, summed over its unmasked tokens and multiplied by
+                   its aggregation weight (their sum over b is the loss without the entropy bonus)
+    count:         its unmasked tokens
+    kl, ratio, entropy: sums over the unmasked tokens (kl is 0 when beta == 0; entropy when computed)
+    clip_low, clip_high, clip_region: the clipped unmasked tokens (each a count)
+    kept, entropy_kept: the unmasked tokens the high-entropy mask keeps, and their entropy's sum
+    seq_clip_low, seq_clip_high: 1.0 where the sequence-level ratio is clipped low / high (every
+                   sequence, an empty one with ratio 1 included); with per-sequence advantages and the
+                   sequence level only, 0 otherwise
+    seq_weight:    vespo's weight phi of the sequence (per-sequence advantages), 0 for other loss types
+    weight:        vespo's phi summed over the unmasked tokens, 0 for other loss types
+    """
+
+    loss: torch.Tensor
+    count: torch.Tensor
+    kl: torch.Tensor
+    clip_low: torch.Tensor
+    clip_high: torch.Tensor
+    clip_region: torch.Tensor
+    ratio: torch.Tensor
+    entropy: torch.Tensor
+    kept: torch.Tensor
+    entropy_kept: torch.Tensor
+    seq_clip_low: torch.Tensor
+    seq_clip_high: torch.Tensor
+    seq_weight: torch.Tensor
+    weight: torch.Tensor
+
+    @classmethod
+    def from_columns(cls, stats: torch.Tensor) -> "SequenceStats":
+        """From the [B, NSTATS] statistics of the primitive (fields in column order)."""
+        stats = stats.detach()
+        return cls(*(stats[:, column] for column in range(NSTATS)))
+
+    def columns(self) -> torch.Tensor:
+        """The [B, NSTATS] tensor again."""
+        return torch.stack([getattr(self, f.name) for f in dataclasses.fields(self)], dim=1)
+
 
 # --- the per-token loss parameters a kernel receives ---------------------------------------------------
 # Aggregation is not among them: it arrives folded into a per-sequence row scale (fused/grpo_loss.py).
-POLICY_KINDS = {"clip": 0, "cispo": 1, "sapo": 2}
+POLICY_KINDS = {"clip": 0, "cispo": 1, "sapo": 2, "vespo": 3}
 KL_KINDS = {"k1": 1, "k2": 2, "k3": 3}  # 0: no KL term (beta == 0)
 
 
@@ -57,9 +124,13 @@ def token_loss_params(options) -> Dict[str, object]:
 
     Keys and types: policy (int, POLICY_KINDS), epsilon_low, epsilon_high (float), has_delta (bool),
     delta (float), has_clip_ratio_c (bool), clip_ratio_c, beta (float), kl_estimator (int, KL_KINDS; 0
-    when beta == 0), use_bias_correction_kl, sequence_level (bool), entropy_coef, sapo_temperature_pos,
-    sapo_temperature_neg (float)."""
+    when beta == 0), use_bias_correction_kl, sequence_level (bool), sapo_temperature_pos,
+    sapo_temperature_neg, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg (float; the
+    lambdas already raised to VESPO_LAMBDA_MIN), has_off_policy_mask (bool), off_policy_mask_threshold
+    (float). The entropy bonus is not a kernel parameter: it is linear in the entropy, and the caller
+    forms its value and gradient (fused/grpo_loss.py)."""
     beta = float(options.beta)
+    threshold = options.off_policy_mask_threshold
     return {
         "policy": POLICY_KINDS.get(options.loss_type, POLICY_KINDS["clip"]),
         "epsilon_low": float(options.epsilon_low),
@@ -72,9 +143,14 @@ def token_loss_params(options) -> Dict[str, object]:
         "kl_estimator": KL_KINDS[options.kl_estimator] if beta > 0 else 0,
         "use_bias_correction_kl": bool(options.use_bias_correction_kl) and beta > 0,
         "sequence_level": options.importance_sampling_level == "sequence",
-        "entropy_coef": float(options.entropy_coef),
         "sapo_temperature_pos": float(options.sapo_temperature_pos),
         "sapo_temperature_neg": float(options.sapo_temperature_neg),
+        "vespo_k_pos": float(options.vespo_k_pos),
+        "vespo_lambda_pos": max(float(options.vespo_lambda_pos), VESPO_LAMBDA_MIN),
+        "vespo_k_neg": float(options.vespo_k_neg),
+        "vespo_lambda_neg": max(float(options.vespo_lambda_neg), VESPO_LAMBDA_MIN),
+        "has_off_policy_mask": threshold is not None,
+        "off_policy_mask_threshold": float(threshold) if threshold is not None else 0.0,
     }
 
 
@@ -106,18 +182,22 @@ class Primitives(Protocol):
         entropy and grad_entropy are None together when the entropy gets no gradient."""
 
     def grpo_token_loss(self, logp: torch.Tensor, logp_old: Optional[torch.Tensor], logp_ref: Optional[torch.Tensor],
-                        advantages: torch.Tensor, mask: torch.Tensor, rollout_weights: Optional[torch.Tensor],
-                        entropy: Optional[torch.Tensor], row_scale: torch.Tensor, params: Dict[str, object],
+                        logp_sampling: Optional[torch.Tensor], advantages: torch.Tensor, mask: torch.Tensor,
+                        rollout_weights: Optional[torch.Tensor], entropy: Optional[torch.Tensor],
+                        entropy_threshold: Optional[torch.Tensor], row_scale: torch.Tensor, params: Dict[str, object],
                         need_grad: bool, batch_invariant: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """logp, logp_old, logp_ref, entropy, rollout_weights [B, T] float32 (the last four may be None),
-        advantages [B] or [B, T] float32 (per sequence or per token), mask [B, T] bool, row_scale [B] float32 (the aggregation weight of each
-        sequence), params from :func:`token_loss_params`. Rows are whole sequences. Returns stats
-        [B, NSTATS] float32 (the STAT_* columns) and, if need_grad, grad_logp [B, T] float32 =
+        """logp, logp_old, logp_ref, logp_sampling, entropy, rollout_weights [B, T] float32 (all but logp
+        may be None), advantages [B] or [B, T] float32 (per sequence or per token), mask [B, T] bool,
+        entropy_threshold a 0-dim float32 tensor or None (the high-entropy mask: the policy term is kept
+        where entropy >= threshold; needs entropy), row_scale [B] float32 (the aggregation weight of each
+        sequence), params from :func:`token_loss_params`. logp_sampling is read by the off-policy mask
+        only, and defaults to logp_old (itself defaulting to logp). Rows are whole sequences. Returns
+        stats [B, NSTATS] float32 (the STAT_* columns) and, if need_grad, grad_logp [B, T] float32 =
         d(loss)/d(logp) including the row scale and the mask (0 at masked tokens). Values at masked
         tokens are never read into a result; a NaN or inf at an unmasked token reaches the loss column.
-        The entropy bonus's gradient w.r.t. the entropy is the constant -entropy_coef * mask * row_scale,
-        formed by the caller. batch_invariant=True: a sequence's stats row depends on that sequence's
-        unmasked tokens and row_scale alone, not on B, its place or the padded length T."""
+        The entropy bonus (value and gradient) is formed by the caller from the entropy-kept columns.
+        batch_invariant=True: a sequence's stats row depends on that sequence's unmasked tokens,
+        row_scale and the threshold alone, not on B, its place or the padded length T."""
 
     def group_advantages(self, rewards: torch.Tensor, group_size: int, scale: str, eps: float,
                          leave_one_out: bool) -> torch.Tensor:
@@ -138,7 +218,9 @@ class Primitives(Protocol):
 
 
 __all__ = [
-    "LOSS_TYPES", "KL_ESTIMATORS", "IS_LEVELS", "ADVANTAGE_SCALES", "CLIP_FAMILY", "BACKENDS", "LOG_RATIO_CLAMP",
-    "STAT_LOSS", "STAT_COUNT", "STAT_KL", "STAT_CLIP_LOW", "STAT_CLIP_HIGH", "STAT_CLIP_REGION", "STAT_RATIO",
-    "STAT_ENTROPY", "NSTATS", "STAT_COLUMNS", "POLICY_KINDS", "KL_KINDS", "token_loss_params", "Primitives",
+    "LOSS_TYPES", "KL_ESTIMATORS", "IS_LEVELS", "ADVANTAGE_SCALES", "ENTROPY_AGGS", "CLIP_FAMILY", "BACKENDS",
+    "LOG_RATIO_CLAMP", "VESPO_LOG_W_MIN", "VESPO_LAMBDA_MIN", "STAT_LOSS", "STAT_COUNT", "STAT_KL", "STAT_CLIP_LOW",
+    "STAT_CLIP_HIGH", "STAT_CLIP_REGION", "STAT_RATIO", "STAT_ENTROPY", "STAT_KEPT", "STAT_ENTROPY_KEPT",
+    "STAT_SEQ_CLIP_LOW", "STAT_SEQ_CLIP_HIGH", "STAT_SEQ_WEIGHT", "STAT_WEIGHT", "NSTATS", "STAT_COLUMNS",
+    "SequenceStats", "POLICY_KINDS", "KL_KINDS", "token_loss_params", "Primitives",
 ]

@@ -8,13 +8,15 @@ from typing import Optional
 import torch
 
 from . import dispatch, validate
+from .contract import SequenceStats
 from .options import GRPOOptions
 
 
 def grpo_loss(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
               logp_old: Optional[torch.Tensor] = None, logp_ref: Optional[torch.Tensor] = None,
-              entropy: Optional[torch.Tensor] = None, rollout_weights: Optional[torch.Tensor] = None,
-              backend: Optional[str] = None, **options):
+              logp_sampling: Optional[torch.Tensor] = None, entropy: Optional[torch.Tensor] = None,
+              rollout_weights: Optional[torch.Tensor] = None, backend: Optional[str] = None,
+              return_sequence_stats: bool = False, **options):
     """The GRPO loss on given per-token log-probabilities.
 
     Args:
@@ -25,22 +27,32 @@ def grpo_loss(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, 
             never matter (NaN included); a NaN or inf at an unmasked token reaches the loss.
         logp_old: [B, T] log-probabilities under the sampling policy; default logp.detach() (ratio 1).
         logp_ref: [B, T] log-probabilities under the reference model; needed when beta > 0.
-        entropy: [B, T] per-token entropy (differentiable); needed when entropy_coef != 0.
-        rollout_weights: [B, T] or [B] rollout correction weights multiplying the policy term.
+        logp_sampling: [B, T] log-probabilities of the sampler (e.g. vLLM's), read by the off-policy
+            mask only; default logp_old.
+        entropy: [B, T] per-token entropy (differentiable); needed when entropy_coef != 0 or
+            top_entropy_quantile < 1.
+        rollout_weights: [B, T] or [B] rollout correction weights multiplying the policy term (for
+            vespo: entering its sequence weight instead).
         backend: "auto", "triton", "cpp" or "reference".
+        return_sequence_stats: also return the per-sequence statistics (lvrpo_fast.SequenceStats).
         **options: loss_type, epsilon_low, epsilon_high, delta, clip_ratio_c, beta, kl_estimator,
-            use_bias_correction_kl, importance_sampling_level, entropy_coef, max_completion_length,
-            num_items_in_batch (a number or a one-element tensor), sapo_temperature_pos,
-            sapo_temperature_neg (lvrpo_fast.GRPOOptions).
+            use_bias_correction_kl, importance_sampling_level, entropy_coef, entropy_agg,
+            max_completion_length, num_items_in_batch (a number or a one-element tensor),
+            sapo_temperature_pos, sapo_temperature_neg, vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
+            vespo_lambda_neg, off_policy_mask_threshold, top_entropy_quantile (lvrpo_fast.GRPOOptions).
 
     Returns:
         (loss, metrics): loss a 0-dim float32 tensor (float64 for float64 logp); metrics a dict of
         detached 0-dim float32 tensors: clip_ratio_low, clip_ratio_high, clip_ratio_region, ratio,
-        kl (beta > 0), entropy (when given). An empty or all-masked batch gives loss 0, zero
-        gradients. First-order gradients only on the kernel backends (create_graph=True raises).
+        kl (beta > 0), entropy (when given); with return_sequence_stats, (loss, metrics, stats). An
+        empty or all-masked batch gives loss 0, zero gradients. First-order gradients only on the
+        kernel backends (create_graph=True raises).
     """
     opts = GRPOOptions.from_kwargs(**options)
     mask = validate.check_grpo_inputs(logp, advantages, mask, logp_old=logp_old, logp_ref=logp_ref,
-                                      entropy=entropy, rollout_weights=rollout_weights, options=opts)
+                                      logp_sampling=logp_sampling, entropy=entropy, rollout_weights=rollout_weights,
+                                      options=opts)
     impl = dispatch.select(backend, logp.device, logp.dtype)
-    return impl.grpo_loss_impl(logp, advantages, mask, logp_old, logp_ref, entropy, rollout_weights, opts)
+    out = impl.grpo_loss_impl(logp, advantages, mask, logp_old, logp_ref, entropy, rollout_weights, opts,
+                              logp_sampling=logp_sampling, return_stats=return_sequence_stats)
+    return out if not return_sequence_stats else (out[0], out[1], SequenceStats.from_columns(out[2]))

@@ -8,14 +8,17 @@ from typing import Optional
 import torch
 
 from . import dispatch, validate
+from .contract import SequenceStats
 from .options import GRPOOptions
 
 
 def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                            mask: Optional[torch.Tensor], advantages: torch.Tensor, *,
                            bias: Optional[torch.Tensor] = None, logp_old: Optional[torch.Tensor] = None,
-                           logp_ref: Optional[torch.Tensor] = None, rollout_weights: Optional[torch.Tensor] = None,
-                           temperature: float = 1.0, return_entropy: bool = False, backend: Optional[str] = None,
+                           logp_ref: Optional[torch.Tensor] = None, logp_sampling: Optional[torch.Tensor] = None,
+                           rollout_weights: Optional[torch.Tensor] = None, temperature: float = 1.0,
+                           return_entropy: bool = False, head_dtype: Optional[torch.dtype] = None,
+                           backend: Optional[str] = None, return_sequence_stats: bool = False,
                            batch_invariant: Optional[bool] = None, **options):
     """The GRPO loss straight from hidden states and the LM head, never building the [B*T, V] logits.
 
@@ -28,28 +31,45 @@ def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: 
         advantages: [B] float, one per sequence, or [B, T], one per token (docs/math.md section 4).
         logp_old: [B, T] sampling-policy log-probabilities (default: the current ones, detached).
         logp_ref: [B, T] reference-model log-probabilities (needed when beta > 0).
+        logp_sampling: [B, T] sampler log-probabilities for the off-policy mask (default logp_old).
         rollout_weights: [B, T] or [B] rollout correction weights.
         temperature: the sampling temperature, dividing the logits.
-        return_entropy: compute the entropy metric even when entropy_coef == 0.
+        return_entropy: compute the entropy metric even when the loss does not need it.
+        head_dtype: the dtype the LM head's product is formed in, when narrower than hidden's and
+            weight's (TRL's chunked head under autocast: float32 inputs, bfloat16 head). The operands
+            and the [C, V] logits tile (and its in-place gradient) are rounded to head_dtype, the
+            statistics run in float32 and the gradients' GEMMs in the inputs' dtype, on the rounded
+            operands. Costs a head_dtype copy and an inputs'-dtype copy of the rounded weight (V D
+            bytes times their two element sizes). None: the inputs' dtype, or autocast's under
+            torch.autocast (validate.head_autocast); given, autocast is ignored.
         backend: "auto", "triton", "cpp" or "reference".
+        return_sequence_stats: also return the per-sequence statistics (lvrpo_fast.SequenceStats).
         batch_invariant: True: every token's logp and entropy are those fused_linear_logprobs gives in
             the same mode, bit for bit, whatever else is in the batch (so the ratio of an on-policy
             step is exactly 1); each sequence's share of the loss depends on that sequence and the
-            loss's normalizer alone, and the loss does not depend on the sequences' order. None
-            (default): LVRPO_BATCH_INVARIANT, else off. See README, "Batch-invariant mode".
-        **options: the GRPO options (lvrpo_fast.GRPOOptions).
+            batch's normalizers alone (the loss's, and the high-entropy mask's threshold), and the loss
+            does not depend on the sequences' order. None (default): LVRPO_BATCH_INVARIANT, else off.
+            See README, "Batch-invariant mode".
+        **options: the GRPO options (lvrpo_fast.GRPOOptions). With top_entropy_quantile < 1 the
+            high-entropy mask needs every token's entropy before any gradient can be formed: see
+            lvrpo_fast/fused/linear_grpo_loss.py for the extra forward pass it costs.
 
     Returns:
         (loss, metrics): 0-dim float32 loss, differentiable w.r.t. hidden, weight and bias; metrics
-        as in lvrpo_fast.grpo_loss. An empty (B = 0 or T = 0) or all-masked batch gives loss 0 and zero
-        gradients. Under torch.autocast the head computes in autocast's dtype (validate.head_autocast).
+        as in lvrpo_fast.grpo_loss; with return_sequence_stats, (loss, metrics, stats). An empty
+        (B = 0 or T = 0) or all-masked batch gives loss 0 and zero gradients. Under torch.autocast the
+        head computes in autocast's dtype (validate.head_autocast) unless head_dtype is given.
         First-order gradients only on the kernel backends (create_graph=True raises); an input changed
         in place between forward and backward raises autograd's error.
     """
     opts = GRPOOptions.from_kwargs(**options)
-    hidden, weight, bias, mask, temperature = validate.linear_grpo_loss_inputs(
-        hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref, rollout_weights, temperature, opts)
+    hidden, weight, bias, mask, temperature, head_dtype = validate.linear_grpo_loss_inputs(
+        hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref, rollout_weights, temperature, opts,
+        logp_sampling=logp_sampling, head_dtype=head_dtype)
     impl = dispatch.select(backend, hidden.device, hidden.dtype, dispatch.batch_invariant(batch_invariant))
     with validate.autocast_off(hidden.device):
-        return impl.linear_grpo_loss_impl(hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref,
-                                          rollout_weights, temperature, bool(return_entropy), opts)
+        out = impl.linear_grpo_loss_impl(hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref,
+                                         rollout_weights, temperature, bool(return_entropy), opts,
+                                         logp_sampling=logp_sampling, head_dtype=head_dtype,
+                                         return_stats=return_sequence_stats)
+    return out if not return_sequence_stats else (out[0], out[1], SequenceStats.from_columns(out[2]))

@@ -11,14 +11,19 @@ result is Liger's structure: ``(loss, (kl, clip_ratio))`` with ``kl`` present on
 Checked against liger-kernel 0.8.5 (tests/test_modules.py).
 
 What is not supported, and why (each raises a ValueError rather than silently changing the numbers):
-    loss_type="vespo"      not in docs/math.md: no kernel implements VESPO's gamma weighting.
+    loss_type="vespo" with vllm_is_ratio:
+                           Liger adds the log of every position's ratio to VESPO's sequence weight,
+                           padding included; lvrpo_fast sums unmasked tokens only (docs/math.md section 10).
+                           vespo without vllm_is_ratio is supported and equal.
+    loss_type cispo, sapo or vespo with importance_sampling_level="sequence": Liger refuses them (TRL
+                           and lvrpo_fast.fused_linear_grpo_loss take them).
     loss_type="luspo" with token-level ratios, beta != 0 (with a reference) or per-token vllm_is_ratio:
                            Liger then averages the loss over all B x T positions, padding included,
                            so the result depends on log-probabilities at padded positions; lvrpo_fast
                            sums unmasked tokens only (docs/math.md section 10). Sequence-level luspo with
                            beta = 0 (the LUSPO recipe) is supported and equal.
-    delta <= 1             Liger accepts any delta > 0; docs/math.md needs delta > 1 (the bound of an
-                           un-clipped ratio that is at least the clip bound 1 + epsilon_high).
+    delta <= 1 + epsilon_high: Liger counts a token as clipped by its ratio before delta, lvrpo_fast
+                           (as TRL) after it; the two clip ratios agree only for delta > 1 + epsilon_high.
 Accepted and ignored because they do not change the numbers: ``compiled`` (Liger's torch.compile of
 the loss math; the kernels are compiled already) and ``chunk_size`` (Liger's rows per chunk; lvrpo_fast
 picks its chunk from LVRPO_CHUNK_BYTES). The vespo_* options only matter for loss_type="vespo".
@@ -53,14 +58,14 @@ class FusedLinearGRPOLoss(nn.Module):
         chunk_size: accepted for compatibility, no effect.
         epsilon_low, epsilon_high: clip range [1 - epsilon_low, 1 + epsilon_high]; for cispo,
             epsilon_high is the absolute cap of the ratio.
-        loss_type: "grpo", "bnpo", "dr_grpo", "dapo" (default), "cispo", "sapo" or "luspo".
+        loss_type: "grpo", "bnpo", "dr_grpo", "dapo" (default), "cispo", "sapo", "luspo" or "vespo".
         max_completion_length: normalizer of dr_grpo (required there).
         importance_sampling_level: "token" or "sequence" (GSPO).
         sapo_temperature_pos, sapo_temperature_neg: SAPO gate temperatures.
         temperature: divides the logits of the policy and of the reference alike.
-        delta: optional upper bound of the un-clipped ratio (two-sided clip), > 1.
+        delta: optional upper bound of the un-clipped ratio (two-sided clip), > 1 + epsilon_high.
         use_bias_correction_kl: multiply the KL by the importance ratio (DeepSeek-V3.2).
-        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: accepted; vespo is unsupported.
+        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's gamma weight.
         backend (keyword only, not in Liger): "auto", "triton", "cpp" or "reference".
         batch_invariant (keyword only, not in Liger): the batch-invariant mode of the fused ops (also
             for the reference's log-probabilities from ref_input); None: LVRPO_BATCH_INVARIANT.
@@ -74,9 +79,12 @@ class FusedLinearGRPOLoss(nn.Module):
                  vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0, *,
                  backend: Optional[str] = None, batch_invariant: Optional[bool] = None):
         super().__init__()
-        if loss_type == "vespo":
-            raise ValueError("loss_type='vespo' is not supported by lvrpo_fast (no kernel implements VESPO's "
-                             "gamma weighting); use Liger's LigerFusedLinearGRPOLoss for it")
+        if importance_sampling_level == "sequence" and loss_type in ("cispo", "sapo", "vespo"):
+            raise ValueError(f"loss_type={loss_type!r} with importance_sampling_level='sequence': Liger refuses it "
+                             "(use lvrpo_fast.fused_linear_grpo_loss, which takes it as TRL does)")
+        if delta is not None and delta <= 1.0 + (epsilon_low if epsilon_high is None else epsilon_high):
+            raise ValueError(f"delta={delta} <= 1 + epsilon_high: Liger's clip ratio then counts tokens by their ratio "
+                             "before delta, lvrpo_fast's (as TRL's) after it; use delta > 1 + epsilon_high")
         if loss_type == "luspo" and importance_sampling_level != "sequence":
             raise ValueError("loss_type='luspo' is supported with importance_sampling_level='sequence' only: with "
                              "token-level ratios Liger averages the loss over padded positions too, which "
@@ -116,7 +124,9 @@ class FusedLinearGRPOLoss(nn.Module):
                            importance_sampling_level=self.importance_sampling_level,
                            max_completion_length=self.max_completion_length, num_items_in_batch=num_items_in_batch,
                            sapo_temperature_pos=self.sapo_temperature_pos,
-                           sapo_temperature_neg=self.sapo_temperature_neg)
+                           sapo_temperature_neg=self.sapo_temperature_neg, vespo_k_pos=self.vespo_k_pos,
+                           vespo_lambda_pos=self.vespo_lambda_pos, vespo_k_neg=self.vespo_k_neg,
+                           vespo_lambda_neg=self.vespo_lambda_neg)
 
     def _reference_logps(self, ref_per_token_logps, ref_input, ref_weight, ref_bias, selected_token_ids, mask):
         """The reference log-probabilities Liger would use, or None when the KL term vanishes."""
@@ -144,7 +154,7 @@ class FusedLinearGRPOLoss(nn.Module):
     def _dapo_normalizer(self, attention_mask, num_items_in_batch):
         """num_items_in_batch for lvrpo_fast (which divides it by the world size) reproducing Liger's
         normalizer max(n / world_size, 1), with n the all-reduced token count when not given."""
-        if self.loss_type not in ("dapo", "cispo"):
+        if self.loss_type not in ("dapo", "cispo", "vespo"):
             return None
         ws = world_size()
         if num_items_in_batch is None:
@@ -198,6 +208,10 @@ class FusedLinearGRPOLoss(nn.Module):
         rollout_weights = vllm_is_ratio
         if rollout_weights is not None and rollout_weights.dim() == 2 and rollout_weights.shape[1] == 1:
             rollout_weights = rollout_weights[:, 0]
+        if self.loss_type == "vespo" and rollout_weights is not None:
+            raise ValueError("loss_type='vespo' with vllm_is_ratio is not supported: Liger adds every position's "
+                             "log-ratio to VESPO's weight, padding included, lvrpo_fast unmasked tokens only "
+                             "(docs/math.md section 10)")
         if self.loss_type == "luspo":
             if beta != 0:
                 raise ValueError("loss_type='luspo' with beta != 0 and a reference model is not supported: Liger "
@@ -212,7 +226,7 @@ class FusedLinearGRPOLoss(nn.Module):
             batch_invariant=self.batch_invariant, **{f: getattr(options, f) for f in _OPTION_FIELDS})
         if self.loss_type == "cispo":
             clip_ratio = metrics["clip_ratio_high"]
-        elif self.loss_type == "sapo":
+        elif self.loss_type in ("sapo", "vespo"):  # Liger logs no clipping for either
             clip_ratio = torch.zeros_like(metrics["clip_ratio_region"])
         else:
             clip_ratio = metrics["clip_ratio_region"]
@@ -229,4 +243,5 @@ class FusedLinearGRPOLoss(nn.Module):
 
 _OPTION_FIELDS = ("loss_type", "epsilon_low", "epsilon_high", "delta", "beta", "kl_estimator",
                   "use_bias_correction_kl", "importance_sampling_level", "max_completion_length",
-                  "num_items_in_batch", "sapo_temperature_pos", "sapo_temperature_neg")
+                  "num_items_in_batch", "sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos",
+                  "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")

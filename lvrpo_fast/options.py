@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
+import torch.distributed as dist
 
-from .contract import ADVANTAGE_SCALES, CLIP_FAMILY, IS_LEVELS, KL_ESTIMATORS, LOSS_TYPES  # noqa: F401 (re-exported)
+from .contract import (ADVANTAGE_SCALES, CLIP_FAMILY, ENTROPY_AGGS, IS_LEVELS, KL_ESTIMATORS,  # noqa: F401 (re-exported)
+                       LOSS_TYPES)
 
 
 @dataclass(frozen=True)
@@ -22,19 +24,28 @@ class GRPOOptions:
     """Scalar options of the GRPO loss, with the defaults of TRL's GRPOConfig where it has one.
 
     loss_type: aggregation and policy term, one of LOSS_TYPES (docs/math.md section 6).
-    epsilon_low / epsilon_high: clip range [1 - epsilon_low, 1 + epsilon_high]; epsilon_high
-        defaults to epsilon_low. For cispo, epsilon_high is the absolute cap of the ratio.
-    delta: optional upper bound of the un-clipped ratio (two-sided clip), must be > 1.
+    epsilon_low / epsilon_high: clip range [1 - epsilon_low, 1 + epsilon_high], both >= 0 (an
+        epsilon_low >= 1 leaves no lower bound); epsilon_high defaults to epsilon_low. For cispo,
+        epsilon_high is the absolute cap of the ratio.
+    delta: optional upper bound of the un-clipped ratio (two-sided clip), any finite number.
     clip_ratio_c: optional dual-clip constant c > 1 (verl clip_ratio_c).
     beta: KL coefficient; beta > 0 needs logp_ref.
     kl_estimator: "k1", "k2" or "k3" (default, TRL and verl low_var_kl).
     use_bias_correction_kl: multiply the KL by the un-clipped importance ratio (TRL).
     importance_sampling_level: "token" or "sequence" (GSPO).
     entropy_coef: coefficient of the entropy bonus (needs the entropy).
+    entropy_agg: how the bonus is normalized, "loss_type" (as the policy term, verl) or "token_mean"
+        (the mean over the tokens the policy term keeps, whatever the loss type: TRL).
     max_completion_length: normalizer of dr_grpo (required there).
     num_items_in_batch: normalizer of dapo / cispo (default: the local count of unmasked tokens);
         divided by the world size under torch.distributed, as TRL and Liger do.
     sapo_temperature_pos / sapo_temperature_neg: SAPO gate temperatures for A > 0 / A <= 0.
+    vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's gamma weight for A >= 0 / A < 0.
+    off_policy_mask_threshold: when set, the policy term of a sequence with A < 0 whose mean
+        logp_sampling - logp exceeds it is dropped (DeepSeek-V3.2's off-policy sequence mask).
+    top_entropy_quantile: in [0, 1]; below 1 the policy term keeps only the tokens whose entropy is
+        at least the 1 - top_entropy_quantile quantile of the batch's (every process's) unmasked
+        entropies (needs the entropy).
     """
 
     loss_type: str = "grpo"
@@ -51,6 +62,13 @@ class GRPOOptions:
     num_items_in_batch: Optional[Union[int, float, torch.Tensor]] = None
     sapo_temperature_pos: float = 1.0
     sapo_temperature_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+    off_policy_mask_threshold: Optional[float] = None
+    top_entropy_quantile: float = 1.0
+    entropy_agg: str = "loss_type"
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
@@ -61,18 +79,16 @@ class GRPOOptions:
             raise ValueError(
                 f"importance_sampling_level must be one of {IS_LEVELS}, got {self.importance_sampling_level!r}"
             )
+        if self.entropy_agg not in ENTROPY_AGGS:
+            raise ValueError(f"entropy_agg must be one of {ENTROPY_AGGS}, got {self.entropy_agg!r}")
         # Numbers are stored as Python floats (numpy scalars and ints accepted), so every backend and the
         # custom ops' schemas see one type.
         self._set("epsilon_low", _check_number("epsilon_low", self.epsilon_low, minimum=0.0))
         if self.epsilon_high is None:
             self._set("epsilon_high", self.epsilon_low)
         self._set("epsilon_high", _check_number("epsilon_high", self.epsilon_high, minimum=0.0))
-        if self.loss_type in CLIP_FAMILY and self.epsilon_low >= 1.0:
-            raise ValueError(f"epsilon_low must be < 1 (the lower clip bound is 1 - epsilon_low), got {self.epsilon_low}")
         if self.delta is not None:
             self._set("delta", _check_number("delta", self.delta))
-            if self.delta <= 1.0:
-                raise ValueError(f"delta must be > 1 when set, got {self.delta}")
         if self.clip_ratio_c is not None:
             self._set("clip_ratio_c", _check_number("clip_ratio_c", self.clip_ratio_c))
             if self.clip_ratio_c <= 1.0:
@@ -83,13 +99,16 @@ class GRPOOptions:
                   _check_number("sapo_temperature_pos", self.sapo_temperature_pos, minimum=0.0, strict=True))
         self._set("sapo_temperature_neg",
                   _check_number("sapo_temperature_neg", self.sapo_temperature_neg, minimum=0.0, strict=True))
+        for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
+            self._set(name, _check_number(name, getattr(self, name)))
+        if self.off_policy_mask_threshold is not None:
+            self._set("off_policy_mask_threshold",
+                      _check_number("off_policy_mask_threshold", self.off_policy_mask_threshold))
+        self._set("top_entropy_quantile", _check_number("top_entropy_quantile", self.top_entropy_quantile, minimum=0.0))
+        if self.top_entropy_quantile > 1.0:
+            raise ValueError(f"top_entropy_quantile must be in [0, 1], got {self.top_entropy_quantile}")
         if not isinstance(self.use_bias_correction_kl, bool):
             raise TypeError(f"use_bias_correction_kl must be a bool, got {type(self.use_bias_correction_kl).__name__}")
-        if self.loss_type in ("cispo", "sapo") and self.importance_sampling_level != "token":
-            raise ValueError(
-                f"loss_type={self.loss_type!r} supports importance_sampling_level='token' only, "
-                f"got {self.importance_sampling_level!r}"
-            )
         if self.loss_type == "dr_grpo":
             if self.max_completion_length is None:
                 raise ValueError("loss_type='dr_grpo' needs max_completion_length (its normalizer)")
@@ -125,6 +144,16 @@ class GRPOOptions:
     def sequence_level(self) -> bool:
         return self.importance_sampling_level == "sequence"
 
+    @property
+    def entropy_masked(self) -> bool:
+        """Whether the policy term keeps only the high-entropy tokens (top_entropy_quantile < 1)."""
+        return self.top_entropy_quantile < 1.0
+
+    @property
+    def needs_entropy(self) -> bool:
+        """Whether the loss itself reads the entropy (the bonus or the high-entropy mask)."""
+        return self.entropy_coef != 0 or self.entropy_masked
+
     @classmethod
     def from_kwargs(cls, **options) -> "GRPOOptions":
         """Builds options from keyword arguments, refusing unknown names with a TypeError."""
@@ -158,8 +187,31 @@ def _check_number(name, value, minimum=None, strict=False) -> float:
 
 def world_size() -> int:
     """The torch.distributed world size, 1 when it is not initialized (dapo / cispo normalizer)."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return 1
+
+
+def entropy_threshold(entropy: torch.Tensor, mask: torch.Tensor, top_entropy_quantile: float) -> torch.Tensor:
+    """The high-entropy mask's threshold (docs/math.md section 4): the 1 - top_entropy_quantile quantile
+    (torch.quantile's linear interpolation) of the unmasked entropies of the batch, gathered from every
+    process when torch.distributed is initialized, as TRL 1.16 does. Every process must call it.
+
+    entropy [B, T] float, mask [B, T] bool -> a 0-dim tensor of entropy's dtype on its device, +inf when
+    no process has an unmasked token (the mask then keeps nothing)."""
+    values = entropy.detach()[mask]
+    if world_size() > 1:
+        # Processes hold different token counts: all_gather needs equal shapes, so each pads its
+        # values to the longest and the counts say which entries are real.
+        count = torch.tensor([values.numel()], device=values.device)
+        counts = [torch.zeros_like(count) for _ in range(world_size())]
+        dist.all_gather(counts, count)
+        longest = int(max(c.item() for c in counts))
+        padded = torch.zeros(longest, dtype=values.dtype, device=values.device)
+        padded[: values.numel()] = values
+        gathered = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(gathered, padded)
+        values = torch.cat([g[: int(c.item())] for g, c in zip(gathered, counts)])
+    if values.numel() == 0:
+        return torch.full((), float("inf"), dtype=entropy.dtype, device=entropy.device)
+    return torch.quantile(values, 1.0 - top_entropy_quantile)

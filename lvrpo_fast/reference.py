@@ -25,8 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from . import validate
-from .contract import LOG_RATIO_CLAMP
-from .options import GRPOOptions, world_size
+from .contract import (LOG_RATIO_CLAMP, NSTATS, STAT_CLIP_HIGH, STAT_CLIP_LOW, STAT_CLIP_REGION, STAT_COUNT,
+                       STAT_ENTROPY, STAT_ENTROPY_KEPT, STAT_KEPT, STAT_KL, STAT_LOSS, STAT_RATIO, STAT_SEQ_CLIP_HIGH,
+                       STAT_SEQ_CLIP_LOW, STAT_SEQ_WEIGHT, STAT_WEIGHT, VESPO_LAMBDA_MIN, VESPO_LOG_W_MIN,
+                       SequenceStats)
+from .options import GRPOOptions, entropy_threshold, world_size
 
 name = "reference"
 
@@ -177,12 +180,13 @@ def process_advantages(step_rewards, step_ends, step_offsets, group_size, seq_le
 # 3-7. The per-token GRPO loss, its aggregation and metrics
 # ----------------------------------------------------------------------------------------------
 def grpo_loss_impl(logp, advantages, mask, logp_old, logp_ref, entropy, rollout_weights,
-                   options: GRPOOptions):
-    """logp, logp_old, logp_ref, entropy [B, T]; advantages [B] or [B, T]; mask [B, T] bool;
-    rollout_weights [B, T] or [B]. Returns (loss 0-dim, metrics dict of detached 0-dim)."""
+                   options: GRPOOptions, *, logp_sampling=None, return_stats=False):
+    """logp, logp_old, logp_ref, logp_sampling, entropy [B, T]; advantages [B] or [B, T]; mask [B, T] bool;
+    rollout_weights [B, T] or [B]. Returns (loss 0-dim, metrics dict of detached 0-dim), and the
+    per-sequence statistics [B, NSTATS] (contract.STAT_*) as a third element when return_stats."""
     o = options
     compute = _compute_dtype(logp.dtype)
-    B = logp.shape[0]
+    B, T = logp.shape
     m = mask.to(compute)
 
     def live(t, fill=0.0):
@@ -193,7 +197,7 @@ def grpo_loss_impl(logp, advantages, mask, logp_old, logp_ref, entropy, rollout_
     logp = live(logp.to(compute))
     advantages = advantages.to(compute)
     A = live(advantages if advantages.dim() == 2 else advantages.unsqueeze(1).expand_as(logp))
-    # logp_old, logp_ref and the weights are constants (docs/math.md sections 3 and 5).
+    # logp_old, logp_ref, logp_sampling and the weights are constants (docs/math.md sections 3 to 5).
     old = logp.detach() if logp_old is None else live(logp_old.detach().to(compute))
     if rollout_weights is not None:
         w = rollout_weights.detach().to(compute)
@@ -201,16 +205,20 @@ def grpo_loss_impl(logp, advantages, mask, logp_old, logp_ref, entropy, rollout_
     ref = None if logp_ref is None else live(logp_ref.detach().to(compute))
     if entropy is not None:
         entropy = live(entropy.to(compute))
+    counts = m.sum(1)
+    n = counts.clamp(min=1.0)
 
     # 3. importance ratio
     log_ratio = torch.clamp(logp - old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    seq_ratio = torch.exp((log_ratio * m).sum(1) / n)
     if o.sequence_level:
-        seq_log_ratio = (log_ratio * m).sum(1) / m.sum(1).clamp(min=1.0)
-        rho = torch.exp(seq_log_ratio).unsqueeze(1).expand_as(logp)
+        rho = seq_ratio.unsqueeze(1).expand_as(logp)
     else:
         rho = torch.exp(log_ratio)
 
     # 4. policy term
+    phi = None
+    coef = rho  # the ratio the clip metrics test (TRL's: after delta for the clip family)
     if o.loss_type == "cispo":
         capped = torch.clamp(rho, max=o.epsilon_high).detach()
         policy = -capped * A * logp
@@ -218,17 +226,32 @@ def grpo_loss_impl(logp, advantages, mask, logp_old, logp_ref, entropy, rollout_
         k = torch.where(A > 0, torch.full_like(A, o.sapo_temperature_pos),
                         torch.full_like(A, o.sapo_temperature_neg))
         policy = -torch.sigmoid(k * (rho - 1.0)) * (4.0 / k) * A
+    elif o.loss_type == "vespo":
+        phi_of = _vespo_weight(log_ratio.detach(), m, rollout_weights, o)
+        phi = phi_of(A)
+        policy = -phi * A * logp
     else:
         rho_clipped = torch.clamp(rho, 1.0 - o.epsilon_low, 1.0 + o.epsilon_high)
         rho_1 = torch.clamp(rho, max=o.delta) if o.delta is not None else rho
+        coef = rho_1
         policy = -torch.minimum(rho_1 * A, rho_clipped * A)
         if o.clip_ratio_c is not None:
             policy = torch.where(A < 0, torch.minimum(policy, -o.clip_ratio_c * A), policy)
-    if rollout_weights is not None:
+    if o.off_policy_mask_threshold is not None:
+        sampling = old if logp_sampling is None else live(logp_sampling.detach().to(compute))
+        drift = (torch.nan_to_num(sampling - logp.detach(), nan=0.0) * m).sum(1) / n
+        keep = (A >= 0) | (drift <= o.off_policy_mask_threshold).unsqueeze(1)
+        policy = policy * keep.to(compute)
+    kept = mask
+    if o.entropy_masked:
+        threshold = entropy_threshold(entropy, mask, o.top_entropy_quantile)
+        kept = mask & (entropy.detach() >= threshold)
+        policy = policy * kept.to(compute)
+    if rollout_weights is not None and o.loss_type != "vespo":  # vespo reads them inside its weight
         policy = policy * rollout_weights
     per_token = policy
 
-    # 5. KL regularizer and entropy bonus
+    # 5. KL regularizer (the entropy bonus is aggregated in 6)
     kl = None
     if o.beta > 0:
         x = ref - logp
@@ -241,37 +264,38 @@ def grpo_loss_impl(logp, advantages, mask, logp_old, logp_ref, entropy, rollout_
         if o.use_bias_correction_kl:
             kl = kl * rho
         per_token = per_token + o.beta * kl
+    bonus = None
     if o.entropy_coef != 0:
-        per_token = per_token - o.entropy_coef * entropy
+        bonus = live(entropy * kept.to(compute))
+        if o.entropy_agg == "loss_type":
+            per_token = per_token - o.entropy_coef * bonus
 
     # 6. aggregation (an empty batch, B = 0 or T = 0, gives 0: every divisor is at least 1)
     masked = live(per_token)
     count = m.sum()
     batch = max(B, 1)
     if o.loss_type in ("grpo", "sapo"):
-        loss = (masked.sum(1) / m.sum(1).clamp(min=1.0)).sum() / batch
+        loss = (masked.sum(1) / n).sum() / batch
     elif o.loss_type == "bnpo":
         loss = masked.sum() / count.clamp(min=1.0)
     elif o.loss_type == "dr_grpo":
         loss = masked.sum() / (batch * o.max_completion_length)
-    elif o.loss_type in ("dapo", "cispo"):
-        if o.num_items_in_batch is None:
-            normalizer = count.clamp(min=1.0)
-        else:
-            normalizer = validate.num_items_value(o.num_items_in_batch, logp.device).to(compute) / world_size()
-        loss = masked.sum() / normalizer
+    elif o.loss_type in ("dapo", "cispo", "vespo"):
+        loss = masked.sum() / _dapo_normalizer(o, count, logp.device, compute)
     else:  # luspo, seq_mean_token_sum
         loss = masked.sum(1).sum() / batch
+    if bonus is not None and o.entropy_agg == "token_mean":
+        loss = loss - o.entropy_coef * bonus.sum() / kept.to(compute).sum().clamp(min=1.0)
 
-    # 7. metrics: masked means over the batch
+    # 7. metrics: masked means over the batch, and the per-sequence statistics
     denom = count.clamp(min=1.0)
     with torch.no_grad():
         def mean(x):
             return (live(x.to(compute)).sum() / denom).float()
 
         high_bound = o.epsilon_high if o.loss_type == "cispo" else 1.0 + o.epsilon_high
-        low = (rho < 1.0 - o.epsilon_low) & (A < 0)
-        high = (rho > high_bound) & (A > 0)
+        low = (coef < 1.0 - o.epsilon_low) & (A < 0)
+        high = (coef > high_bound) & (A > 0)
         metrics: Dict[str, torch.Tensor] = {
             "clip_ratio_low": mean(low),
             "clip_ratio_high": mean(high),
@@ -282,41 +306,172 @@ def grpo_loss_impl(logp, advantages, mask, logp_old, logp_ref, entropy, rollout_
             metrics["kl"] = mean(kl.detach())
         if entropy is not None:
             metrics["entropy"] = mean(entropy.detach())
-    return loss.to(torch.float64 if compute == torch.float64 else torch.float32), metrics
+    result_dtype = torch.float64 if compute == torch.float64 else torch.float32
+    if not return_stats:
+        return loss.to(result_dtype), metrics
+    with torch.no_grad():
+        stats = torch.zeros(B, NSTATS, dtype=compute, device=logp.device)
+
+        def token_sum(x):
+            return live(x.detach().to(compute)).sum(1)
+
+        policy_kl = live(policy.detach() + (0.0 if kl is None else o.beta * kl.detach()))
+        stats[:, STAT_LOSS] = policy_kl.sum(1) * _row_weights(o, counts, count, logp.device, compute)
+        stats[:, STAT_COUNT] = counts
+        if kl is not None:
+            stats[:, STAT_KL] = token_sum(kl)
+        stats[:, STAT_CLIP_LOW] = token_sum(low)
+        stats[:, STAT_CLIP_HIGH] = token_sum(high)
+        stats[:, STAT_CLIP_REGION] = token_sum(low | high)
+        stats[:, STAT_RATIO] = token_sum(rho)
+        if entropy is not None:
+            stats[:, STAT_ENTROPY] = token_sum(entropy)
+            stats[:, STAT_ENTROPY_KEPT] = token_sum(entropy * kept.to(compute))
+        stats[:, STAT_KEPT] = kept.to(compute).sum(1)
+        if advantages.dim() == 1:
+            # The sequence's own values, an empty sequence (ratio exp(0) = 1) included.
+            if o.sequence_level:
+                seq_coef = seq_ratio
+                if o.is_clip_family and o.delta is not None:
+                    seq_coef = torch.clamp(seq_ratio, max=o.delta)
+                stats[:, STAT_SEQ_CLIP_LOW] = ((seq_coef < 1.0 - o.epsilon_low) & (advantages < 0)).to(compute)
+                stats[:, STAT_SEQ_CLIP_HIGH] = ((seq_coef > high_bound) & (advantages > 0)).to(compute)
+            if phi is not None:
+                stats[:, STAT_SEQ_WEIGHT] = phi_of(advantages.unsqueeze(1))[:, 0]
+        if phi is not None:
+            stats[:, STAT_WEIGHT] = token_sum(phi)
+    return loss.to(result_dtype), metrics, stats.to(result_dtype)
 
 
-def grpo_loss(logp, advantages, mask, *, logp_old=None, logp_ref=None, entropy=None, rollout_weights=None,
-              **options):
+def _dapo_normalizer(o: GRPOOptions, count, device, compute):
+    """dapo / cispo / vespo: num_items_in_batch over the world size, or the batch's token count."""
+    if o.num_items_in_batch is None:
+        return count.clamp(min=1.0)
+    return validate.num_items_value(o.num_items_in_batch, device).to(compute) / world_size()
+
+
+def _row_weights(o: GRPOOptions, counts, count, device, compute):
+    """[B]: the weight of each sequence's token sum in the loss (docs/math.md section 6)."""
+    B = counts.shape[0]
+    batch = max(B, 1)
+    if o.loss_type in ("grpo", "sapo"):
+        return 1.0 / (batch * counts.clamp(min=1.0))
+    if o.loss_type == "bnpo":
+        return (1.0 / count.clamp(min=1.0)).expand(B)
+    if o.loss_type == "dr_grpo":
+        return torch.full((B,), 1.0 / (batch * o.max_completion_length), dtype=compute, device=device)
+    if o.loss_type in ("dapo", "cispo", "vespo"):
+        return (1.0 / _dapo_normalizer(o, count, device, compute)).expand(B)
+    return torch.full((B,), 1.0 / batch, dtype=compute, device=device)
+
+
+def _vespo_weight(log_ratio, m, rollout_weights, o: GRPOOptions):
+    """vespo's gamma weight (docs/math.md section 4) as a function of the advantages: phi(w) = exp(lambda +
+    k log w - lambda w), with w the sequence's importance weight (the sum, not the mean, of its clamped
+    log-ratios, plus its rollout weights' clamped logs), (k, lambda) by the sign of A; 0 where exp
+    overflows. A constant of the loss: no gradient."""
+    log_w = (log_ratio * m).sum(1)
+    if rollout_weights is not None:
+        log_is = torch.clamp(torch.log(rollout_weights), VESPO_LOG_W_MIN, LOG_RATIO_CLAMP)
+        log_w = log_w + torch.where(m > 0, log_is, torch.zeros_like(log_is)).sum(1)
+    log_w = torch.clamp(log_w, VESPO_LOG_W_MIN, LOG_RATIO_CLAMP).unsqueeze(1)
+    w = torch.exp(log_w)
+
+    def phi(A):
+        positive = A >= 0
+
+        def by_sign(pos, neg):  # in the compute dtype: a float32 1e-4 would move float64's phi by 1e-11
+            return torch.where(positive, torch.full_like(A, pos), torch.full_like(A, neg))
+
+        k = by_sign(o.vespo_k_pos, o.vespo_k_neg)
+        lam = by_sign(max(o.vespo_lambda_pos, VESPO_LAMBDA_MIN), max(o.vespo_lambda_neg, VESPO_LAMBDA_MIN))
+        value = torch.exp(lam + k * log_w - lam * w)
+        return torch.where(value == float("inf"), torch.zeros_like(value), value)
+    return phi
+
+
+def grpo_loss(logp, advantages, mask, *, logp_old=None, logp_ref=None, logp_sampling=None, entropy=None,
+              rollout_weights=None, return_sequence_stats=False, **options):
     """Reference GRPO loss on given per-token log-probabilities.
 
-    logp [B, T] float (differentiable), advantages [B], mask [B, T], logp_old / logp_ref / entropy
-    [B, T], rollout_weights [B, T] or [B]; options as in :class:`GRPOOptions`.
-    Returns (loss 0-dim float32, metrics: dict of detached float32 0-dim tensors).
+    logp [B, T] float (differentiable), advantages [B] or [B, T], mask [B, T], logp_old / logp_ref /
+    logp_sampling / entropy [B, T], rollout_weights [B, T] or [B]; options as in :class:`GRPOOptions`.
+    Returns (loss 0-dim float32, metrics: dict of detached float32 0-dim tensors), and a
+    contract.SequenceStats when return_sequence_stats.
     """
     opts = GRPOOptions.from_kwargs(**options)
     mask = validate.check_grpo_inputs(logp, advantages, mask, logp_old=logp_old, logp_ref=logp_ref,
-                                      entropy=entropy, rollout_weights=rollout_weights, options=opts)
-    return grpo_loss_impl(logp, advantages, mask, logp_old, logp_ref, entropy, rollout_weights, opts)
+                                      logp_sampling=logp_sampling, entropy=entropy,
+                                      rollout_weights=rollout_weights, options=opts)
+    out = grpo_loss_impl(logp, advantages, mask, logp_old, logp_ref, entropy, rollout_weights, opts,
+                         logp_sampling=logp_sampling, return_stats=return_sequence_stats)
+    return out if not return_sequence_stats else (out[0], out[1], SequenceStats.from_columns(out[2]))
 
 
 def linear_grpo_loss_impl(hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref,
-                          rollout_weights, temperature, return_entropy, options: GRPOOptions):
-    """hidden [B, T, D], weight [V, D], targets [B, T], mask [B, T] bool, advantages [B]."""
-    need_entropy = return_entropy or options.entropy_coef != 0
-    logp, entropy = logprobs_impl(hidden, weight, targets, bias, temperature, need_entropy, mask)
-    return grpo_loss_impl(logp, advantages, mask, logp_old, logp_ref, entropy, rollout_weights, options)
+                          rollout_weights, temperature, return_entropy, options: GRPOOptions, *,
+                          logp_sampling=None, head_dtype=None, return_stats=False):
+    """hidden [B, T, D], weight [V, D], targets [B, T], mask [B, T] bool, advantages [B] or [B, T].
+    head_dtype: the dtype the logits are formed in (None: the inputs'); see fused_linear_grpo_loss."""
+    need_entropy = return_entropy or options.needs_entropy
+    if head_dtype is not None and head_dtype != hidden.dtype:
+        # Operands rounded to head_dtype, the product rounded to it, the statistics in float32 or
+        # wider; autograd then forms the gradients through the rounding casts in the inputs' dtype.
+        logp, entropy = _rounded_head_logprobs(hidden, weight, targets, bias, temperature, need_entropy, mask,
+                                               head_dtype)
+    else:
+        logp, entropy = logprobs_impl(hidden, weight, targets, bias, temperature, need_entropy, mask)
+    return grpo_loss_impl(logp, advantages, mask, logp_old, logp_ref, entropy, rollout_weights, options,
+                          logp_sampling=logp_sampling, return_stats=return_stats)
+
+
+class _RoundTo(torch.autograd.Function):
+    """x rounded to a narrower dtype and back, with the identity as its gradient: the value a
+    mixed-precision head multiplies, while the gradient stays in x's dtype."""
+
+    @staticmethod
+    def forward(ctx, x, dtype):
+        return x.to(dtype).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _rounded_head_logprobs(hidden, weight, targets, bias, temperature, need_entropy, mask, head_dtype):
+    """logprobs_impl with the logits formed in head_dtype from operands rounded to it (TRL's chunked head
+    under autocast), the gradients flowing back in the inputs' dtype."""
+    h = _RoundTo.apply(hidden, head_dtype)
+    w = _RoundTo.apply(weight, head_dtype)
+    b = None if bias is None else _RoundTo.apply(bias, head_dtype)
+    live = mask.reshape(-1).nonzero().squeeze(1)
+    flat = h.reshape(-1, h.shape[-1]).index_select(0, live)
+    logits = _RoundTo.apply(F.linear(flat, w, b), head_dtype)  # the product rounded as a head_dtype tile
+    z = logits.to(_compute_dtype(hidden.dtype)) / temperature
+    lse = torch.logsumexp(z, dim=-1)
+    lp = z.gather(-1, targets.reshape(-1).index_select(0, live).long().unsqueeze(-1)).squeeze(-1) - lse
+    ent = lse - (torch.softmax(z, dim=-1) * z).sum(-1) if need_entropy else None
+    zeros = torch.zeros(targets.numel(), dtype=z.dtype, device=hidden.device)
+    logp = zeros.index_put((live,), lp).reshape(targets.shape)
+    entropy = zeros.index_put((live,), ent).reshape(targets.shape) if need_entropy else None
+    return logp, entropy
 
 
 def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, bias=None, logp_old=None,
-                           logp_ref=None, rollout_weights=None, temperature=1.0, return_entropy=False,
-                           **options):
+                           logp_ref=None, logp_sampling=None, rollout_weights=None, temperature=1.0,
+                           return_entropy=False, head_dtype=None, return_sequence_stats=False, **options):
     """Reference GRPO loss from hidden states: logits, log-softmax, then :func:`grpo_loss`.
 
-    hidden [B, T, D], weight [V, D], targets [B, T] int, mask [B, T] (None: every token), advantages [B];
-    logp_old / logp_ref [B, T]; bias [V]. Returns (loss, metrics)."""
+    hidden [B, T, D], weight [V, D], targets [B, T] int, mask [B, T] (None: every token), advantages [B]
+    or [B, T]; logp_old / logp_ref / logp_sampling [B, T]; bias [V]. Returns (loss, metrics), and a
+    contract.SequenceStats when return_sequence_stats."""
     opts = GRPOOptions.from_kwargs(**options)
-    hidden, weight, bias, mask, temperature = validate.linear_grpo_loss_inputs(
-        hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref, rollout_weights, temperature, opts)
+    hidden, weight, bias, mask, temperature, head_dtype = validate.linear_grpo_loss_inputs(
+        hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref, rollout_weights, temperature, opts,
+        logp_sampling=logp_sampling, head_dtype=head_dtype)
     with validate.autocast_off(hidden.device):
-        return linear_grpo_loss_impl(hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref,
-                                     rollout_weights, temperature, bool(return_entropy), opts)
+        out = linear_grpo_loss_impl(hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref,
+                                    rollout_weights, temperature, bool(return_entropy), opts,
+                                    logp_sampling=logp_sampling, head_dtype=head_dtype,
+                                    return_stats=return_sequence_stats)
+    return out if not return_sequence_stats else (out[0], out[1], SequenceStats.from_columns(out[2]))

@@ -141,10 +141,24 @@ def linear_logprobs_inputs(hidden, weight, targets, bias, mask, temperature, ret
     return hidden, weight, targets, bias, mask, temperature, bool(return_entropy)
 
 
+def check_head_dtype(head_dtype, input_dtype: torch.dtype) -> Optional[torch.dtype]:
+    """head_dtype (None, or a floating dtype no wider than the inputs') as given; None when it is the
+    inputs' own dtype (nothing to round)."""
+    if head_dtype is None:
+        return None
+    if not isinstance(head_dtype, torch.dtype) or not head_dtype.is_floating_point:
+        raise TypeError(f"head_dtype must be a floating torch.dtype or None, got {head_dtype!r}")
+    if head_dtype.itemsize > input_dtype.itemsize:
+        raise ValueError(f"head_dtype={head_dtype} is wider than the inputs' {input_dtype}: cast hidden and weight "
+                         "to it instead (head_dtype only rounds the head's operands and product down)")
+    return None if head_dtype == input_dtype else head_dtype
+
+
 def linear_grpo_loss_inputs(hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref, rollout_weights,
-                            temperature, options: GRPOOptions):
+                            temperature, options: GRPOOptions, *, logp_sampling=None, head_dtype=None):
     """The entry rule of fused_linear_grpo_loss on every backend; returns (hidden, weight, bias, mask as
-    bool, temperature), hidden / weight / bias cast for autocast (head_autocast)."""
+    bool, temperature, head_dtype). Without head_dtype, hidden / weight / bias are cast for autocast
+    (head_autocast); an explicit head_dtype replaces that rule (autocast is then ignored)."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
         got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
         raise ValueError(f"hidden must be a 3-D tensor [B, T, D], got {got}")
@@ -152,16 +166,20 @@ def linear_grpo_loss_inputs(hidden, weight, targets, mask, advantages, bias, log
         mask = torch.ones(targets.shape, dtype=torch.bool, device=targets.device)
     mask, temperature = check_linear_inputs(hidden, weight, targets, bias=bias, mask=mask, temperature=temperature)
     mask = check_grpo_inputs(targets, advantages, mask, logp_old=logp_old, logp_ref=logp_ref,
-                             rollout_weights=rollout_weights, options=options, need_logp=False)
-    hidden, weight, bias = head_autocast(hidden, weight, bias)
-    return hidden, weight, bias, mask, temperature
+                             logp_sampling=logp_sampling, rollout_weights=rollout_weights, options=options,
+                             need_logp=False)
+    if head_dtype is None:
+        hidden, weight, bias = head_autocast(hidden, weight, bias)
+    else:
+        head_dtype = check_head_dtype(head_dtype, hidden.dtype)
+    return hidden, weight, bias, mask, temperature, head_dtype
 
 
-def check_grpo_inputs(logp, advantages, mask, *, logp_old=None, logp_ref=None, entropy=None,
+def check_grpo_inputs(logp, advantages, mask, *, logp_old=None, logp_ref=None, logp_sampling=None, entropy=None,
                       rollout_weights=None, options: GRPOOptions, need_logp: bool = True):
     """Checks the per-token GRPO loss inputs; returns the mask as a bool tensor.
 
-    logp, logp_old, logp_ref, entropy: [B, T] floating; advantages: [B] (one per sequence) or [B, T]
+    logp, logp_old, logp_ref, logp_sampling, entropy: [B, T] floating; advantages: [B] (one per sequence) or [B, T]
     (one per token, e.g. process rewards) floating; mask: [B, T];
     rollout_weights: [B, T] or [B] floating. With need_logp=False (the fused linear op, where logp
     is computed inside and the entropy too), `logp` is only used for its shape."""
@@ -176,7 +194,8 @@ def check_grpo_inputs(logp, advantages, mask, *, logp_old=None, logp_ref=None, e
                          f"targets), got {tuple(advantages.shape)}")
     _tensor("mask", mask)
     _shape("mask", mask, (B, T), "logp / targets")
-    for name, t in (("logp_old", logp_old), ("logp_ref", logp_ref), ("entropy", entropy)):
+    for name, t in (("logp_old", logp_old), ("logp_ref", logp_ref), ("logp_sampling", logp_sampling),
+                    ("entropy", entropy)):
         if t is not None:
             _tensor(name, t, floating=True)
             _shape(name, t, (B, T), "logp / targets")
@@ -187,13 +206,18 @@ def check_grpo_inputs(logp, advantages, mask, *, logp_old=None, logp_ref=None, e
                 f"rollout_weights must have shape {(B, T)} (per token) or {(B,)} (per sequence), "
                 f"got {tuple(rollout_weights.shape)}"
             )
+        if options.loss_type == "vespo" and rollout_weights.dim() == 1:
+            raise ValueError(f"loss_type='vespo' takes per-token rollout_weights {(B, T)} (their logs are summed "
+                             f"into its sequence weight), got per-sequence ones of shape {(B,)}")
     if options.beta > 0 and logp_ref is None:
         raise ValueError(f"beta={options.beta} > 0 needs logp_ref (the reference model's log-probabilities)")
     if need_logp and options.entropy_coef != 0 and entropy is None:
         raise ValueError(f"entropy_coef={options.entropy_coef} needs entropy [B, T]")
+    if need_logp and options.entropy_masked and entropy is None:
+        raise ValueError(f"top_entropy_quantile={options.top_entropy_quantile} < 1 needs entropy [B, T]")
     n = options.num_items_in_batch
     _same_device(logp=logp if need_logp else None, advantages=advantages, mask=mask, logp_old=logp_old,
-                 logp_ref=logp_ref, entropy=entropy, rollout_weights=rollout_weights,
+                 logp_ref=logp_ref, logp_sampling=logp_sampling, entropy=entropy, rollout_weights=rollout_weights,
                  num_items_in_batch=n if isinstance(n, torch.Tensor) and n.device.type != "cpu" else None)
     return mask if mask.dtype == torch.bool else mask != 0
 

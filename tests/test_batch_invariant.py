@@ -263,9 +263,9 @@ def capture_token_loss(monkeypatch, name):
     real = module.grpo_token_loss
     seen = []
 
-    def spy(logp, logp_old, logp_ref, advantages, mask, rollout_weights, entropy, *rest):
+    def spy(logp, logp_old, logp_ref, logp_sampling, advantages, mask, rollout_weights, entropy, *rest):
         seen.append((logp.clone(), None if entropy is None else entropy.clone()))
-        return real(logp, logp_old, logp_ref, advantages, mask, rollout_weights, entropy, *rest)
+        return real(logp, logp_old, logp_ref, logp_sampling, advantages, mask, rollout_weights, entropy, *rest)
 
     monkeypatch.setattr(module, "grpo_token_loss", spy)
     return seen

@@ -36,20 +36,23 @@ def _inputs(dev, seed=0):
 
 
 def step(hidden, weight, bias, targets, mask, rewards, logp_ref, backend):
-    """A GRPO step's use of every op: old log-probs (no grad), advantages, the fused loss, and the loss
-    on given log-probs with an entropy bonus."""
+    """A GRPO step's use of every op: old log-probs (no grad), advantages, the fused loss (with the
+    off-policy mask and its per-sequence statistics), and the loss on given log-probs with TRL's
+    high-entropy mask and entropy bonus."""
     with torch.no_grad():
         logp_old = lvrpo_fast.fused_linear_logprobs(hidden, weight, targets, bias=bias, mask=mask, temperature=0.9,
                                                     backend=backend) - 0.01
     advantages = lvrpo_fast.group_advantages(rewards, G, backend=backend)
-    loss, metrics = lvrpo_fast.fused_linear_grpo_loss(
+    loss, metrics, stats = lvrpo_fast.fused_linear_grpo_loss(
         hidden, weight, targets, mask, advantages, bias=bias, logp_old=logp_old, logp_ref=logp_ref, temperature=0.9,
-        beta=0.04, loss_type="dapo", num_items_in_batch=mask.sum(), return_entropy=True, backend=backend)
+        beta=0.04, loss_type="dapo", num_items_in_batch=mask.sum(), return_entropy=True, backend=backend,
+        off_policy_mask_threshold=0.0, return_sequence_stats=True)
     logp, entropy = lvrpo_fast.fused_linear_logprobs(hidden, weight, targets, bias=bias, mask=mask, temperature=0.9,
                                                      return_entropy=True, backend=backend)
     loss2, _ = lvrpo_fast.grpo_loss(logp, advantages, mask, logp_old=logp_old, entropy=entropy, entropy_coef=0.01,
-                                    importance_sampling_level="sequence", backend=backend)
-    return loss + loss2, metrics["kl"]
+                                    importance_sampling_level="sequence", top_entropy_quantile=0.5,
+                                    entropy_agg="token_mean", backend=backend)
+    return loss + loss2, metrics["kl"] + stats.clip_low.sum()
 
 
 def _run(fn, data, backend):
@@ -117,9 +120,18 @@ def test_custom_ops_pass_opcheck():
         torch.library.opcheck(library.op("linear_logprobs"),
                               (hidden, weight, None, data["targets"], data["mask"]), scalars,
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-        scalars, _ = LOSS.encode(LinearLossParams(backend="cpp", temperature=1.0, need_entropy=False,
+        scalars, _ = LOSS.encode(LinearLossParams(backend="cpp", temperature=1.0, need_entropy=False, head_dtype="",
                                                   options=GRPOOptions(loss_type="bnpo"), batch_invariant=invariant))
         torch.library.opcheck(library.op("linear_grpo_loss"),
-                              (hidden, weight, None, data["targets"], data["mask"], data["rewards"], None, None,
+                              (hidden, weight, None, data["targets"], data["mask"], data["rewards"], None, None, None,
                                None, None, True, True, False), scalars,
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    # TRL's options: the high-entropy mask's two passes, a narrower head, the off-policy mask's tensor
+    scalars, _ = LOSS.encode(LinearLossParams(backend="cpp", temperature=1.0, need_entropy=True,
+                                              head_dtype="bfloat16", options=GRPOOptions(
+                                                  loss_type="vespo", top_entropy_quantile=0.5, entropy_coef=0.1,
+                                                  entropy_agg="token_mean", off_policy_mask_threshold=0.0)))
+    torch.library.opcheck(library.op("linear_grpo_loss"),
+                          (hidden, weight, None, data["targets"], data["mask"], data["rewards"], None, None,
+                           data["logp_ref"], None, None, True, True, False), scalars,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

@@ -15,8 +15,7 @@ import torch
 
 import lvrpo_fast
 from lvrpo_fast import dispatch, reference
-from lvrpo_fast.contract import (NSTATS, STAT_CLIP_HIGH, STAT_CLIP_LOW, STAT_CLIP_REGION, STAT_COUNT, STAT_ENTROPY,
-                                 STAT_KL, STAT_LOSS, STAT_RATIO, token_loss_params)
+from lvrpo_fast.contract import NSTATS, STAT_LOSS, STAT_RATIO, token_loss_params
 from lvrpo_fast.backends import cpp
 from lvrpo_fast.options import GRPOOptions
 from tolerances import assert_close_to_truth
@@ -182,9 +181,10 @@ def test_row_primitives_do_not_depend_on_thread_count(built, dtype):
 def test_sequence_primitives_do_not_depend_on_thread_count(built):
     B, T, G = 1200, 7, 4  # more sequences (and groups) than one task's grain
     logp = -torch.rand(B, T) * 3
-    args = (logp, logp + torch.randn(B, T) * 0.3, logp + torch.randn(B, T) * 0.3, torch.randn(B),
-            torch.rand(B, T) > 0.2, torch.rand(B, T) + 0.5, torch.rand(B, T), torch.rand(B) + 0.1)
-    options = GRPOOptions(importance_sampling_level="sequence", beta=0.1, entropy_coef=0.01)
+    args = (logp, logp + torch.randn(B, T) * 0.3, logp + torch.randn(B, T) * 0.3, logp + torch.randn(B, T) * 0.3,
+            torch.randn(B), torch.rand(B, T) > 0.2, torch.rand(B, T) + 0.5, torch.rand(B, T), torch.tensor(0.5),
+            torch.rand(B) + 0.1)
+    options = GRPOOptions(importance_sampling_level="sequence", beta=0.1, off_policy_mask_threshold=0.05)
     rewards = torch.randn(G * 1500)
 
     def run():
@@ -306,15 +306,20 @@ LOSS_OPTIONS = [
     dict(loss_type="seq_mean_token_sum"),
     dict(loss_type="seq_mean_token_sum", importance_sampling_level="sequence", beta=0.1, use_bias_correction_kl=True),
     dict(loss_type="seq_mean_token_sum", delta=1.2, clip_ratio_c=2.0, epsilon_high=0.3, beta=0.05, kl_estimator="k2"),
-    dict(loss_type="seq_mean_token_sum", beta=0.05, kl_estimator="k1", entropy_coef=0.02),
+    dict(loss_type="seq_mean_token_sum", delta=0.9, epsilon_low=1.0, beta=0.05, kl_estimator="k1"),
     dict(loss_type="cispo", epsilon_high=1.3, beta=0.02),
-    dict(loss_type="sapo", entropy_coef=0.01, beta=0.03, use_bias_correction_kl=True),
+    dict(loss_type="cispo", epsilon_high=1.3, importance_sampling_level="sequence"),
+    dict(loss_type="sapo", beta=0.03, use_bias_correction_kl=True),
+    dict(loss_type="sapo", importance_sampling_level="sequence", off_policy_mask_threshold=0.0),
+    dict(loss_type="vespo", beta=0.03, vespo_lambda_neg=0.5),
+    dict(loss_type="seq_mean_token_sum", importance_sampling_level="sequence", off_policy_mask_threshold=0.05),
 ]
 
 
-def _sequence_truth(logp, logp_old, logp_ref, advantages, mask, weights, entropy, row_scale, options, compute):
+def _sequence_truth(logp, logp_old, logp_ref, logp_sampling, advantages, mask, weights, entropy, row_scale, options,
+                    compute):
     """Per-sequence stats [B, NSTATS] and d(sum_b row_scale_b sum_t m L)/dlogp from the reference, one
-    sequence at a time (a batch of one: its loss is the sequence's token sum up to the count)."""
+    sequence at a time (a batch of one: its loss is the sequence's token sum times its weight)."""
     B, T = logp.shape
     stats = torch.zeros(B, NSTATS, dtype=torch.float64)
     grads = torch.zeros(B, T, dtype=torch.float64)
@@ -322,20 +327,17 @@ def _sequence_truth(logp, logp_old, logp_ref, advantages, mask, weights, entropy
     for b in range(B):
         one = slice(b, b + 1)
         lp = logp[one].to(compute).requires_grad_()
-        loss, metrics = reference.grpo_loss_impl(
+        loss, _, row = reference.grpo_loss_impl(
             lp, advantages[one].to(compute), mask[one], cast(None if logp_old is None else logp_old[one]),
-            cast(logp_ref[one]), cast(entropy[one]), cast(weights[one]), options)
-        count = float(mask[b].sum())
-        if options.loss_type in ("cispo", "sapo"):  # token-mean aggregations: back to the token sum
-            loss = loss * max(count, 1.0)
-        (loss * row_scale[b].to(compute)).backward()
+            cast(logp_ref[one]), cast(entropy[one]), cast(weights[one]), options,
+            logp_sampling=cast(logp_sampling[one]), return_stats=True)
+        count = max(float(mask[b].sum()), 1.0)
+        weight = {"seq_mean_token_sum": 1.0, "cispo": 1.0 / count, "sapo": 1.0 / count, "vespo": 1.0 / count}
+        token_sum = loss / weight[options.loss_type]
+        (token_sum * row_scale[b].to(compute)).backward()
         grads[b] = lp.grad[0].double()
-        stats[b, STAT_LOSS] = float(loss.detach()) * float(row_scale[b])
-        stats[b, STAT_COUNT] = count
-        for column, key in ((STAT_KL, "kl"), (STAT_CLIP_LOW, "clip_ratio_low"), (STAT_CLIP_HIGH, "clip_ratio_high"),
-                            (STAT_CLIP_REGION, "clip_ratio_region"), (STAT_RATIO, "ratio"), (STAT_ENTROPY, "entropy")):
-            if key in metrics:
-                stats[b, column] = float(metrics[key]) * count
+        stats[b] = row[0].detach().double()
+        stats[b, STAT_LOSS] = float(token_sum.detach()) * float(row_scale[b])
     return stats, grads
 
 
@@ -349,24 +351,24 @@ def test_grpo_token_loss_matches_float64(built, options, with_old):
     if with_old:
         logp_old[0, 1] = logp[0, 1] + 25.0  # a log-ratio beyond the clamp: no gradient through the ratio
     logp_ref = logp + torch.randn(B, T) * 0.3
+    logp_sampling = logp + torch.randn(B, T) * 0.3
     advantages = torch.randn(B)
     mask = torch.rand(B, T) > 0.25
     mask[3] = False  # a fully masked sequence
     weights = torch.rand(B, T) + 0.5
     entropy = torch.rand(B, T) * 3
     row_scale = torch.rand(B) + 0.1
-    truth = _sequence_truth(logp, logp_old, logp_ref, advantages, mask, weights, entropy, row_scale, opts,
-                            torch.float64)
-    ref = _sequence_truth(logp, logp_old, logp_ref, advantages, mask, weights, entropy, row_scale, opts,
-                          torch.float32)
-    stats, grad = cpp.grpo_token_loss(logp, logp_old, logp_ref, advantages, mask, weights, entropy, row_scale,
-                                      token_loss_params(opts), True)
+    inputs = (logp, logp_old, logp_ref, logp_sampling, advantages, mask, weights, entropy, row_scale, opts)
+    truth = _sequence_truth(*inputs, torch.float64)
+    ref = _sequence_truth(*inputs, torch.float32)
+    stats, grad = cpp.grpo_token_loss(logp, logp_old, logp_ref, logp_sampling, advantages, mask, weights, entropy,
+                                      None, row_scale, token_loss_params(opts), True)
     assert stats.shape == (B, NSTATS) and grad.shape == (B, T)
     assert_close_to_truth(stats, ref[0], truth[0], torch.float32, "stats")
     assert_close_to_truth(grad, ref[1], truth[1], torch.float32, "grad_logp")
     assert (grad[~mask] == 0).all()
-    no_grad_stats, none = cpp.grpo_token_loss(logp, logp_old, logp_ref, advantages, mask, weights, entropy, row_scale,
-                                              token_loss_params(opts), False)
+    no_grad_stats, none = cpp.grpo_token_loss(logp, logp_old, logp_ref, logp_sampling, advantages, mask, weights,
+                                              entropy, None, row_scale, token_loss_params(opts), False)
     assert none is None and torch.equal(no_grad_stats, stats)
 
 
@@ -378,7 +380,7 @@ def test_grpo_token_loss_ties_at_ratio_one(built):
     advantages = torch.randn(B)
     mask = torch.ones(B, T, dtype=torch.bool)
     row_scale = torch.rand(B) + 0.1
-    stats, grad = cpp.grpo_token_loss(logp, logp.clone(), None, advantages, mask, None, None, row_scale,
+    stats, grad = cpp.grpo_token_loss(logp, logp.clone(), None, None, advantages, mask, None, None, None, row_scale,
                                       token_loss_params(GRPOOptions()), True)
     expected = (-advantages * row_scale)[:, None].expand(B, T)
     torch.testing.assert_close(grad, expected, rtol=1e-6, atol=0)

@@ -12,20 +12,28 @@ Triton interpreter (B = 5, T = 7, this project's 2 shared CPU cores): 0.14 s of 
 budget. So every loss_type x level x KL setting runs with all toggles off, each toggle alone and
 all toggles on (434 cases per backend: 76 s of CPU for Triton, 3 minutes of wall time on the loaded
 machine; a few seconds for C++). The toggles are separate terms of the per-token loss and its
-gradient, so a wrong interaction between them shows in the all-on case.
+gradient, so a wrong interaction between them shows in the all-on case. The masks and the TRL-style
+entropy bonus (off-policy mask, high-entropy mask, token-mean bonus) act on the policy term only, so
+they run with beta = 0 and k3 alone (the KL estimators cannot interact with them). With vespo and
+cispo / sapo at the sequence level (TRL 1.16) that is 666 cases per backend; the whole file took 141 s
+of CPU under the Triton interpreter (5 minutes of wall time, load 3-4 from other jobs), a few seconds
+for C++. Every check also compares the per-sequence statistics (return_sequence_stats) with the float64
+reference's.
 """
 import pytest
 import torch
 
 import lvrpo_fast
 from lvrpo_fast import dispatch
+from lvrpo_fast.contract import NSTATS
 from lvrpo_fast.options import CLIP_FAMILY, LOSS_TYPES
 from checks import check_loss_run
 
 B, T = 5, 7
 
-# Every (loss_type, importance_sampling_level) the spec allows: cispo and sapo are token-level only.
-LOSS_LEVELS = [(lt, "token") for lt in LOSS_TYPES] + [(lt, "sequence") for lt in CLIP_FAMILY]
+# Every (loss_type, importance_sampling_level): the sequence-level ratio takes the place of the token's
+# ratio in every policy term (vespo's weight is a sequence quantity at either level).
+LOSS_LEVELS = [(lt, level) for level in ("token", "sequence") for lt in LOSS_TYPES]
 
 KL_SETTINGS = {
     "beta0": {},
@@ -45,11 +53,18 @@ TOGGLES = {
     "weights_token": ({}, {"weights": "token"}),
     "weights_seq": ({}, {"weights": "sequence"}),
     "entropy": ({"entropy_coef": 0.05}, {"entropy": True}),
+    "off_policy": ({"off_policy_mask_threshold": 0.02}, {"sampling": True}),
+    "entropy_mask": ({"top_entropy_quantile": 0.5}, {"entropy": True}),
+    "entropy_token_mean": ({"entropy_coef": 0.05, "entropy_agg": "token_mean", "top_entropy_quantile": 0.25},
+                           {"entropy": True}),
     # delta and the dual clip both bound the loss of A < 0 tokens from above, so with both on only
     # the smaller binds (here delta); each alone covers the other.
-    "all": ({"delta": 1.3, "clip_ratio_c": 1.4, "use_bias_correction_kl": True, "entropy_coef": 0.05},
-            {"weights": "token", "entropy": True}),
+    "all": ({"delta": 1.3, "clip_ratio_c": 1.4, "use_bias_correction_kl": True, "entropy_coef": 0.05,
+             "off_policy_mask_threshold": 0.02, "top_entropy_quantile": 0.5},
+            {"weights": "token", "entropy": True, "sampling": True}),
 }
+# The toggles of the policy term's masks, run with beta = 0 and k3 only (see the module docstring).
+MASK_TOGGLES = ("off_policy", "entropy_mask", "entropy_token_mean")
 
 
 def base_options(loss_type, level="token", length=T):
@@ -62,12 +77,13 @@ def base_options(loss_type, level="token", length=T):
     return options
 
 
-def make_inputs(b=B, t=T, *, old=True, ref=True, weights=None, entropy=False, masked_row=1, spread=0.3,
-                density=0.75, generator=None):
+def make_inputs(b=B, t=T, *, old=True, ref=True, weights=None, entropy=False, sampling=False, masked_row=1,
+                spread=0.3, density=0.75, generator=None):
     """Fresh random float32 CPU inputs of grpo_loss as a dict.
 
-    logp in [-3, -0.05]; logp_old and logp_ref = logp + N(0, spread) so that the ratios straddle the
-    clip bounds; mask a fraction `density` of ones with row `masked_row` fully masked (None: none is)."""
+    logp in [-3, -0.05]; logp_old, logp_ref and logp_sampling = logp + N(0, spread) so that the ratios
+    straddle the clip bounds and the off-policy mask drops some sequences; mask a fraction `density` of
+    ones with row `masked_row` fully masked (None: none is)."""
     def randn(*shape):
         return torch.randn(*shape, generator=generator)
 
@@ -81,6 +97,7 @@ def make_inputs(b=B, t=T, *, old=True, ref=True, weights=None, entropy=False, ma
     data = {"logp": logp, "advantages": randn(b), "mask": mask,
             "logp_old": logp + spread * randn(b, t) if old else None,
             "logp_ref": logp + spread * randn(b, t) if ref else None,
+            "logp_sampling": logp + spread * randn(b, t) if sampling else None,
             "entropy": rand(b, t) * 3.0 if entropy else None,
             "rollout_weights": None}
     if weights == "token":
@@ -90,8 +107,9 @@ def make_inputs(b=B, t=T, *, old=True, ref=True, weights=None, entropy=False, ma
     return data
 
 
-def run_grpo_loss(backend, data, dtype, device, options, constants_require_grad=False):
-    """grpo_loss on `data` cast to dtype; returns (loss, metrics, {input name: gradient or None})."""
+def run_grpo_loss(backend, data, dtype, device, options, constants_require_grad=False, stats=False):
+    """grpo_loss on `data` cast to dtype; returns (loss, metrics, {input name: gradient or None}), and
+    the per-sequence statistics [B, NSTATS] as a fourth element when `stats`."""
     def cast(t):  # a fresh leaf each run, never the caller's tensor
         if t is None:
             return None
@@ -101,29 +119,32 @@ def run_grpo_loss(backend, data, dtype, device, options, constants_require_grad=
     entropy = cast(data["entropy"])
     if entropy is not None:
         entropy.requires_grad_()
-    constants = {k: cast(data[k]) for k in ("logp_old", "logp_ref", "rollout_weights")}
+    constants = {k: cast(data.get(k)) for k in ("logp_old", "logp_ref", "logp_sampling", "rollout_weights")}
     if constants_require_grad:
         for t in constants.values():
             if t is not None:
                 t.requires_grad_()
-    loss, metrics = lvrpo_fast.grpo_loss(logp, cast(data["advantages"]), data["mask"].to(device),
-                                         entropy=entropy, backend=backend, **constants, **options)
+    loss, metrics, sequence_stats = lvrpo_fast.grpo_loss(
+        logp, cast(data["advantages"]), data["mask"].to(device), entropy=entropy, backend=backend,
+        return_sequence_stats=True, **constants, **options)
     if loss.requires_grad:
         loss.backward()
     grads = {"logp": logp.grad, "entropy": None if entropy is None else entropy.grad}
     if constants_require_grad:
         grads.update({k: t.grad for k, t in constants.items() if t is not None})
+    if stats:
+        return loss, metrics, grads, sequence_stats.columns()
     return loss, metrics, grads
 
 
 def check_grpo_loss(name, device, data, options, dtype=torch.float32):
     """The three-number check of the loss, every metric and both gradients; returns the backend's run."""
-    kernel = run_grpo_loss(name, data, dtype, device, options)
-    ref = run_grpo_loss("reference", data, dtype, torch.device("cpu"), options)
-    truth = run_grpo_loss("reference", data, torch.float64, torch.device("cpu"), options)
+    kernel = run_grpo_loss(name, data, dtype, device, options, stats=True)
+    ref = run_grpo_loss("reference", data, dtype, torch.device("cpu"), options, stats=True)
+    truth = run_grpo_loss("reference", data, torch.float64, torch.device("cpu"), options, stats=True)
     check_loss_run(f"{name} {options}", kernel, ref, truth, dtype, metric_dtype=torch.float32,
                    zero_at={"logp": ~data["mask"]})
-    return kernel
+    return kernel[:3]
 
 
 def _product_cases():
@@ -132,6 +153,10 @@ def _product_cases():
             for toggle in TOGGLES:
                 if toggle == "bias_kl" and kl == "beta0":
                     continue  # bias correction of an absent KL is the "off" case again
+                if toggle in MASK_TOGGLES and kl in ("k1", "k2"):
+                    continue
+                if toggle == "weights_seq" and loss_type == "vespo":
+                    continue  # vespo sums its rollout weights' logs per token: [B] weights are refused
                 yield pytest.param(loss_type, level, kl, toggle, id=f"{loss_type}-{level}-{kl}-{toggle}")
 
 
@@ -236,9 +261,9 @@ def test_single_token(kernel_backend, loss_type, level):
     check_grpo_loss(name, device, data, options)
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "cispo"])
+@pytest.mark.parametrize("loss_type", ["dapo", "cispo", "vespo"])
 def test_num_items_in_batch(kernel_backend, loss_type):
-    """dapo / cispo divide by a given token count (of the whole generation batch), int or tensor."""
+    """dapo / cispo / vespo divide by a given token count (of the whole generation batch), int or tensor."""
     name, device = kernel_backend
     data = make_inputs()
     count = int(data["mask"].sum())
@@ -319,12 +344,26 @@ def test_triton_multi_block(monkeypatch, level):
 
 
 @pytest.mark.parametrize("loss_type", ["cispo", "sapo"])
-def test_sequence_level_refused(kernel_backend, loss_type):
+def test_sequence_ratio_takes_the_place_of_rho(kernel_backend, loss_type):
+    """cispo and sapo at the sequence level (TRL 1.16): the per-token ratio replaced by the sequence's s.
+    With every token of a sequence sharing logp - logp_old = c, s = exp(c) = rho: both levels agree."""
     name, device = kernel_backend
-    data = make_inputs()
-    with pytest.raises(ValueError, match="importance_sampling_level"):
-        run_grpo_loss(name, data, torch.float32, device,
-                      {"loss_type": loss_type, "importance_sampling_level": "sequence"})
+    data = make_inputs(masked_row=None)
+    data["logp_old"] = data["logp"] - 0.3 * torch.randn(B, 1)  # one log-ratio per sequence
+    options = base_options(loss_type, "token")
+    token = run_grpo_loss(name, data, torch.float32, device, options)
+    sequence = check_grpo_loss(name, device, data, {**options, "importance_sampling_level": "sequence"})
+    torch.testing.assert_close(sequence[0], token[0], rtol=1e-5, atol=1e-7)
+    if loss_type == "cispo":  # no gradient through the capped weight: the two levels' gradients agree
+        torch.testing.assert_close(sequence[2]["logp"], token[2]["logp"], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("delta,epsilon", [(1.0, 0.2), (0.9, 0.2), (None, 1.0), (None, 1.5)])
+def test_delta_and_epsilon_as_trl_takes_them(kernel_backend, delta, epsilon):
+    """delta <= 1 (TRL bounds the un-clipped ratio by any delta) and epsilon_low >= 1 (no lower clip bound)."""
+    name, device = kernel_backend
+    options = {**base_options("grpo"), "epsilon_low": epsilon, "delta": delta, "beta": 0.1}
+    check_grpo_loss(name, device, make_inputs(spread=0.6), options)
 
 
 def test_input_errors(kernel_backend):
@@ -375,7 +414,7 @@ def test_per_token_advantages(kernel_backend, loss_type, level):
 def test_per_sequence_advantages_broadcast_give_the_same_bits(kernel_backend, loss_type, level):
     name, device = kernel_backend
     options = {**base_options(loss_type, level), **KL_SETTINGS["k3"]}
-    data = make_inputs(weights="sequence")
+    data = make_inputs(weights="token" if loss_type == "vespo" else "sequence")
     per_sequence = run_grpo_loss(name, data, torch.float32, device, options)
     broadcast = run_grpo_loss(name, {**data, "advantages": data["advantages"][:, None].expand(B, T).contiguous()},
                               torch.float32, device, options)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import lvrpo_fast
-from lvrpo_fast import backends, dispatch, reference
+from lvrpo_fast import backends, chunking, dispatch, reference
 from checks import check_loss_run
 from tolerances import assert_close_to_truth
 
@@ -39,12 +39,20 @@ CASES = {
                                  "kl_estimator": "k3", "use_bias_correction_kl": True, "entropy_coef": 0.03,
                                  "epsilon_high": 0.28},
                                 {"temperature": 0.8, "bias": True, "weights": "token"}),
+    "vespo_weights": ({"loss_type": "vespo", "beta": 0.05}, {"weights": "token"}),
+    "cispo_sequence": ({"loss_type": "cispo", "importance_sampling_level": "sequence", "epsilon_high": 1.1}, {}),
+    "sapo_sequence_off_policy": ({"loss_type": "sapo", "importance_sampling_level": "sequence",
+                                 "off_policy_mask_threshold": 0.02}, {"sampling": True}),
+    # TRL's high-entropy mask with its token-mean bonus: the two-pass path of the op
+    "entropy_mask_token_mean": ({"loss_type": "dapo", "top_entropy_quantile": 0.5, "entropy_coef": 0.05,
+                                 "entropy_agg": "token_mean", "delta": 1.0, "beta": 0.05,
+                                 "use_bias_correction_kl": True}, {"temperature": 0.9, "bias": True}),
 }
 # The dtypes run on every case in float32 and on these in float16 / bfloat16.
-HALF_CASES = ("grpo", "gspo_k3_bias_kl_entropy", "cispo")
+HALF_CASES = ("grpo", "gspo_k3_bias_kl_entropy", "cispo", "entropy_mask_token_mean")
 
 
-def make_inputs(b=B, t=T, d=D, v=V, *, group_size=G, bias=False, weights=None, temperature=1.0,
+def make_inputs(b=B, t=T, d=D, v=V, *, group_size=G, bias=False, weights=None, sampling=False, temperature=1.0,
                 masked_row=1, density=0.8, generator=None):
     """Fresh random float32 CPU inputs of fused_linear_grpo_loss as a dict.
 
@@ -70,6 +78,7 @@ def make_inputs(b=B, t=T, d=D, v=V, *, group_size=G, bias=False, weights=None, t
                                                temperature=temperature, mask=mask).float()
     data["logp_old"] = logp + 0.3 * randn(b, t)
     data["logp_ref"] = logp + 0.3 * randn(b, t)
+    data["logp_sampling"] = logp + 0.3 * randn(b, t) if sampling else None
     if weights == "token":
         data["rollout_weights"] = torch.rand(b, t, generator=generator) * 1.5 + 0.25
     elif weights == "sequence":
@@ -78,10 +87,11 @@ def make_inputs(b=B, t=T, d=D, v=V, *, group_size=G, bias=False, weights=None, t
 
 
 def run_linear(backend, data, dtype, device, options, *, temperature=1.0, return_entropy=False,
-               requires_grad=True, grad_scale=None):
+               requires_grad=True, grad_scale=None, head_dtype=None, stats=False):
     """fused_linear_grpo_loss on `data` with hidden / weight / bias in dtype.
 
-    Returns (loss, metrics, {"hidden", "weight", "bias": gradient or None})."""
+    Returns (loss, metrics, {"hidden", "weight", "bias": gradient or None}), and the per-sequence
+    statistics [B, NSTATS] as a fourth element when `stats`."""
     def leaf(t):
         if t is None:
             return None
@@ -92,31 +102,38 @@ def run_linear(backend, data, dtype, device, options, *, temperature=1.0, return
         return None if t is None else t.to(device)
 
     hidden, weight, bias = leaf(data["hidden"]), leaf(data["weight"]), leaf(data["bias"])
-    loss, metrics = lvrpo_fast.fused_linear_grpo_loss(
+    loss, metrics, sequence_stats = lvrpo_fast.fused_linear_grpo_loss(
         hidden, weight, const(data["targets"]), const(data["mask"]), const(data["advantages"]), bias=bias,
         logp_old=const(data["logp_old"]), logp_ref=const(data["logp_ref"]),
-        rollout_weights=const(data["rollout_weights"]), temperature=temperature,
-        return_entropy=return_entropy, backend=backend, **options)
+        logp_sampling=const(data.get("logp_sampling")), rollout_weights=const(data["rollout_weights"]),
+        temperature=temperature, return_entropy=return_entropy, head_dtype=head_dtype, backend=backend,
+        return_sequence_stats=True, **options)
     if loss.requires_grad:
         (loss if grad_scale is None else loss * grad_scale).backward()
     grads = {"hidden": hidden.grad, "weight": weight.grad, "bias": None if bias is None else bias.grad}
+    if stats:
+        return loss, metrics, grads, sequence_stats.columns()
     return loss, metrics, grads
 
 
-def check_linear(name, device, data, options, dtype, *, temperature=1.0, return_entropy=False):
-    """The three-number check of the loss, every metric and every gradient; returns the backend's run."""
-    kwargs = {"temperature": temperature, "return_entropy": return_entropy}
-    kernel = run_linear(name, data, dtype, device, options, **kwargs)
-    ref = run_linear("reference", data, dtype, torch.device("cpu"), options, **kwargs)
-    truth = run_linear("reference", data, torch.float64, torch.device("cpu"), options, **kwargs)
-    check_loss_run(f"{name} {dtype} {options}", kernel, ref, truth, dtype, zero_at={"hidden": ~data["mask"]})
-    return kernel
+def check_linear(name, device, data, options, dtype, *, temperature=1.0, return_entropy=False, head_dtype=None,
+                 truth_dtype=torch.float64):
+    """The three-number check of the loss, every metric, every gradient and the per-sequence statistics;
+    returns the backend's run. With head_dtype, the truth rounds the head as the kernel does (inputs of
+    truth_dtype) and the tolerance is head_dtype's."""
+    kwargs = {"temperature": temperature, "return_entropy": return_entropy, "head_dtype": head_dtype}
+    kernel = run_linear(name, data, dtype, device, options, stats=True, **kwargs)
+    ref = run_linear("reference", data, dtype, torch.device("cpu"), options, stats=True, **kwargs)
+    truth = run_linear("reference", data, truth_dtype, torch.device("cpu"), options, stats=True, **kwargs)
+    check_loss_run(f"{name} {dtype} {options}", kernel, ref, truth, dtype, zero_at={"hidden": ~data["mask"]},
+                   tolerance_dtype=head_dtype)
+    return kernel[:3]
 
 
 def _case(name, dtype=torch.float32, v=V):
     options, extras = CASES[name]
     data = make_inputs(v=v, bias=extras.get("bias", False), weights=extras.get("weights"),
-                       temperature=extras.get("temperature", 1.0))
+                       sampling=extras.get("sampling", False), temperature=extras.get("temperature", 1.0))
     for key in ("hidden", "weight", "bias"):  # the truth sees exactly the inputs the kernel sees
         if data[key] is not None:
             data[key] = data[key].to(dtype).float()
@@ -140,11 +157,13 @@ def test_matches_reference(kernel_backend, case, dtype):
     check_linear(name, device, data, options, dtype, **kwargs)
 
 
-@pytest.mark.parametrize("case", ["gspo_k3_bias_kl_entropy", "dapo_items_k2"])
+@pytest.mark.parametrize("case", ["gspo_k3_bias_kl_entropy", "dapo_items_k2", "entropy_mask_token_mean"])
 @pytest.mark.parametrize("seqs_per_chunk", [1, 2])
 def test_multi_chunk(kernel_backend, monkeypatch, case, seqs_per_chunk):
     """Chunks of one or two whole sequences (a ragged last chunk with B = 5) give the one-chunk result:
-    the sequence ratio stays exact and batch normalizers (bnpo, dapo) come from the whole mask."""
+    the sequence ratio stays exact and batch normalizers (bnpo, dapo) come from the whole mask; with
+    the high-entropy mask, the second pass starts from the chunk left in the tile and recomputes the
+    others' logits."""
     name, device = kernel_backend
     options, extras = CASES[case]
     data = make_inputs(b=5, v=V_SMALL, bias=extras.get("bias", False), weights=extras.get("weights"),
@@ -283,3 +302,52 @@ def test_per_token_advantages(kernel_backend, case):
             assert torch.equal(grad, same[2][key]), key
     per_token = {**data, "advantages": torch.randn(data["advantages"].shape[0], T)}
     check_linear(name, device, per_token, options, torch.float32, **kwargs)
+
+
+@pytest.mark.parametrize("case", ["grpo", "entropy_mask_token_mean"])
+def test_mixed_precision_head(kernel_backend, case):
+    """head_dtype=bfloat16 with float32 inputs (TRL's chunked head under autocast): the logits tile and its
+    gradient in bfloat16, the statistics and the gradients in float32. The truth is the reference with
+    float64 inputs and the same rounding of the operands and the product; the tolerance is bfloat16's."""
+    name, device = kernel_backend
+    data, options, kwargs = _case(case)
+    check_linear(name, device, data, options, torch.float32, head_dtype=torch.bfloat16, **kwargs)
+    plain = run_linear(name, data, torch.float32, device, options, **kwargs)
+    mixed = run_linear(name, data, torch.float32, device, options, head_dtype=torch.bfloat16, **kwargs)
+    assert not torch.equal(plain[0], mixed[0]), "head_dtype changed nothing"
+    with pytest.raises(ValueError, match="head_dtype=torch.float32 is wider"):
+        run_linear(name, data, torch.bfloat16, device, options, head_dtype=torch.float32, **kwargs)
+
+
+@pytest.mark.parametrize("invariant", [False, True], ids=["default", "batch_invariant"])
+@pytest.mark.parametrize("need_grad", [True, False])
+def test_entropy_mask_costs_one_extra_head_per_chunk_but_the_last(kernel_backend, monkeypatch, need_grad, invariant):
+    """The high-entropy mask's two passes (lvrpo_fast/fused/linear_grpo_loss.py): every chunk's logits once
+    for the statistics, then again for the gradient, except the chunk still in the tile; 2 (N - C_last) V D
+    extra FLOPs, none when one chunk holds the batch or no gradient is needed. The batch-invariant mode
+    cuts its tiles from the plan in order, so its second pass recomputes every chunk."""
+    from lvrpo_fast.fused import linear_grpo_loss as fused
+
+    name, device = kernel_backend
+    options, extras = CASES["entropy_mask_token_mean"]
+    data = make_inputs(b=5, v=V_SMALL, masked_row=None, bias=True)
+    calls = []
+    real = fused.Logits.of
+
+    def counting(self, chunk, rows=None):
+        calls.append(chunk.size)
+        return real(self, chunk, rows)
+
+    monkeypatch.setattr(fused.Logits, "of", counting)
+    monkeypatch.setenv("LVRPO_BATCH_INVARIANT", "1" if invariant else "0")
+    for seqs_per_chunk in (5, 2):
+        calls.clear()
+        monkeypatch.setenv("LVRPO_CHUNK_BYTES", str(seqs_per_chunk * T * V_SMALL * 4))
+        run_linear(name, data, torch.float32, device, options, requires_grad=need_grad,
+                   temperature=extras["temperature"])
+        # the chunks that compute a row (a chunk of fully masked sequences has none)
+        chunks = sum(1 for c in chunking.sequence_chunks(data["mask"], seqs_per_chunk * T) if c.size)
+        assert chunks == 1 if seqs_per_chunk == 5 else chunks >= 2, chunks
+        expected = (2 * chunks if invariant else 2 * chunks - 1) if need_grad else chunks
+        assert len(calls) == expected, (seqs_per_chunk, calls)
+        assert sum(calls[:chunks]) == int(data["mask"].sum()), calls

@@ -15,7 +15,7 @@ B, T, D, V = 4, 7, 13, 37  # odd on purpose: no dimension is a multiple of a blo
 CASES = [
     ("grpo", "token", 0.28), ("grpo", "sequence", 0.28), ("bnpo", "token", 0.28), ("bnpo", "sequence", 0.28),
     ("dr_grpo", "token", 0.28), ("dapo", "token", 0.28), ("dapo", "sequence", 0.28), ("cispo", "token", 1.5),
-    ("sapo", "token", 0.28), ("luspo", "sequence", 0.28),
+    ("sapo", "token", 0.28), ("luspo", "sequence", 0.28), ("vespo", "token", 0.28),
 ]
 
 
@@ -65,7 +65,7 @@ def _truth(hidden, weight, bias, ids, mask, advantages, logp_old, logp_ref, *, d
         logp_ref=cast(logp_ref), rollout_weights=cast(vllm), temperature=temperature, kl_estimator="k3", **options)
     loss.backward()
     clip = metrics["clip_ratio_high"] if options["loss_type"] == "cispo" else metrics["clip_ratio_region"]
-    if options["loss_type"] == "sapo":
+    if options["loss_type"] in ("sapo", "vespo"):
         clip = torch.zeros_like(clip)
     stacked = torch.stack([metrics["kl"], clip]) if options.get("beta", 0) > 0 else clip.reshape(1)
     return {"loss": loss, "metrics": stacked, "grad_hidden": h.grad, "grad_weight": w.grad,
@@ -83,6 +83,7 @@ def test_matches_float64_reference(loss_type, level, eps_high, backend):
     backend = _backend_or_skip(backend)
     hidden, weight, bias, ids, mask, adv, old, ref = _inputs()
     vllm = torch.rand(B, T) + 0.5 if loss_type != "luspo" else torch.rand(B) + 0.5
+    vllm = None if loss_type == "vespo" else vllm
     beta = 0.0 if loss_type == "luspo" else 0.07
     opts = _options(loss_type, level, eps_high, beta)
     module = FusedLinearGRPOLoss(temperature=0.7, backend=backend, **opts)
@@ -112,12 +113,13 @@ def test_parity_with_liger(loss_type, level, eps_high):
     hidden, weight, bias, ids, mask, adv, old, ref = _inputs()
     ids = torch.where(mask.bool(), ids, 0)  # Liger reads every position's id
     vllm = torch.rand(B, T) + 0.5 if loss_type != "luspo" else torch.rand(B, 1) + 0.5
+    vllm = None if loss_type == "vespo" else vllm
     beta = 0.0 if loss_type == "luspo" else 0.07
     opts = _options(loss_type, level, eps_high, beta)
     args = (ids, mask, adv, ref, old)
     ours = _run(FusedLinearGRPOLoss(temperature=0.7, **opts), hidden, weight, bias, *args, vllm_is_ratio=vllm)
     theirs = _run(_liger(temperature=0.7, **opts), hidden, weight, bias, *args, vllm_is_ratio=vllm)
-    kw = dict(temperature=0.7, vllm=vllm[:, 0] if vllm.shape == (B, 1) else vllm, **opts)
+    kw = dict(temperature=0.7, vllm=vllm[:, 0] if vllm is not None and vllm.shape == (B, 1) else vllm, **opts)
     truth = _truth(hidden, weight, bias, ids, mask, adv, old, ref, dtype=torch.float64, **kw)
     ref32 = _truth(hidden, weight, bias, ids, mask, adv, old, ref, dtype=torch.float32, **kw)
     assert ours.keys() == theirs.keys()
@@ -180,9 +182,10 @@ def test_mixed_dtype_weight_is_cast_like_liger():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(loss_type="vespo"), "vespo"),
+    (dict(loss_type="vespo", importance_sampling_level="sequence"), "Liger refuses"),
     (dict(loss_type="luspo"), "importance_sampling_level='sequence'"),
     (dict(delta=0.5), "delta"),
+    (dict(delta=1.2, epsilon_high=0.28), "delta"),
     (dict(loss_type="dr_grpo"), "max_completion_length"),
     (dict(loss_type="cispo", importance_sampling_level="sequence"), "importance_sampling_level"),
 ])

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lvrpo_fast import dispatch
-from lvrpo_fast.options import CLIP_FAMILY, KL_ESTIMATORS, LOSS_TYPES
+from lvrpo_fast.options import KL_ESTIMATORS, LOSS_TYPES
 from test_grpo_loss import check_grpo_loss
 from test_grpo_loss import make_inputs as grpo_inputs
 from test_linear_grpo_loss import check_linear
@@ -27,17 +27,20 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @st.composite
-def grpo_options(draw, length):
-    """Any valid combination of the GRPO options, with values where they bind on the drawn ratios."""
+def grpo_options(draw, length, entropy_mask=True):
+    """Any valid combination of the GRPO options, with values where they bind on the drawn ratios.
+    The high-entropy mask's quantile is drawn from values exact in binary (0.25 steps), so that its
+    rank, (1 - q)(n - 1), is the same number in float32 and float64 and the truth keeps the tokens the
+    kernel keeps; entropy_mask=False leaves it out (the fused op's entropies are its own float32 ones,
+    whose ties with the threshold the float64 truth may break the other way)."""
     loss_type = draw(st.sampled_from(LOSS_TYPES))
-    options = {"loss_type": loss_type, "epsilon_low": draw(st.floats(0.0, 0.5))}
-    if loss_type in CLIP_FAMILY:
-        options["importance_sampling_level"] = draw(st.sampled_from(("token", "sequence")))
+    options = {"loss_type": loss_type, "epsilon_low": draw(st.floats(0.0, 1.5))}
+    options["importance_sampling_level"] = draw(st.sampled_from(("token", "sequence")))
     if loss_type == "cispo":
         options["epsilon_high"] = draw(st.floats(0.5, 3.0))
     else:
         options["epsilon_high"] = draw(st.one_of(st.none(), st.floats(0.0, 0.6)))
-    options["delta"] = draw(st.one_of(st.none(), st.floats(1.01, 2.5)))
+    options["delta"] = draw(st.one_of(st.none(), st.floats(0.5, 2.5)))
     options["clip_ratio_c"] = draw(st.one_of(st.none(), st.floats(1.01, 3.0)))
     options["beta"] = draw(st.sampled_from((0.0, 0.04, 0.5)))
     options["kl_estimator"] = draw(st.sampled_from(KL_ESTIMATORS))
@@ -45,12 +48,27 @@ def grpo_options(draw, length):
     options["entropy_coef"] = draw(st.sampled_from((0.0, 0.02, -0.1)))
     if loss_type == "dr_grpo":
         options["max_completion_length"] = draw(st.integers(length, length + 16))
-    if loss_type in ("dapo", "cispo"):
+    if loss_type in ("dapo", "cispo", "vespo"):
         options["num_items_in_batch"] = draw(st.one_of(st.none(), st.integers(1, 64)))
     if loss_type == "sapo":
         options["sapo_temperature_pos"] = draw(st.floats(0.25, 3.0))
         options["sapo_temperature_neg"] = draw(st.floats(0.25, 3.0))
+    if loss_type == "vespo":
+        for name in ("vespo_k_pos", "vespo_k_neg"):
+            options[name] = draw(st.floats(0.0, 3.0))
+        for name in ("vespo_lambda_pos", "vespo_lambda_neg"):
+            options[name] = draw(st.floats(0.0, 4.0))
+    options["off_policy_mask_threshold"] = draw(st.one_of(st.none(), st.floats(-0.5, 0.5)))
+    if entropy_mask:
+        options["top_entropy_quantile"] = draw(st.sampled_from((1.0, 0.75, 0.5, 0.25, 0.0)))
+    options["entropy_agg"] = draw(st.sampled_from(("loss_type", "token_mean")))
     return options
+
+
+def _weights(data, options):
+    """Rollout weights to draw: vespo takes per-token ones only."""
+    choices = (None, "token") if options["loss_type"] == "vespo" else (None, "token", "sequence")
+    return data.draw(st.sampled_from(choices), label="rollout_weights")
 
 
 def _check_metric_properties(metrics):
@@ -75,8 +93,10 @@ def test_grpo_loss_property(kernel_backend, data, b, t, seed):
     options = data.draw(grpo_options(t), label="options")
     inputs = grpo_inputs(
         b, t, old=data.draw(st.sampled_from((True, False)), label="logp_old"), ref=True,
-        weights=data.draw(st.sampled_from((None, "token", "sequence")), label="rollout_weights"),
-        entropy=options["entropy_coef"] != 0 or data.draw(st.booleans(), label="entropy"),
+        weights=_weights(data, options),
+        entropy=options["entropy_coef"] != 0 or options["top_entropy_quantile"] < 1
+        or data.draw(st.booleans(), label="entropy"),
+        sampling=data.draw(st.booleans(), label="logp_sampling"),
         masked_row=data.draw(st.one_of(st.none(), st.integers(0, b - 1)), label="masked_row"),
         spread=data.draw(st.sampled_from((0.5, 2.0, 0.1, 0.0)), label="spread"),
         density=data.draw(st.sampled_from((0.9, 0.5, 1.0, 0.0)), label="density"),
@@ -94,11 +114,11 @@ def test_fused_linear_grpo_loss_property(kernel_backend, data, b, t, d, v, seed)
     name, device = kernel_backend
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
     _skip_unless(name, device, dtype)
-    options = data.draw(grpo_options(t), label="options")
+    options = data.draw(grpo_options(t, entropy_mask=False), label="options")
     temperature = data.draw(st.sampled_from((1.0, 0.6, 1.7)), label="temperature")
     inputs = linear_inputs(
         b, t, d, v, group_size=2, bias=data.draw(st.booleans(), label="bias"),
-        weights=data.draw(st.sampled_from((None, "token", "sequence")), label="rollout_weights"),
+        weights=_weights(data, options), sampling=data.draw(st.booleans(), label="logp_sampling"),
         temperature=temperature,
         masked_row=data.draw(st.one_of(st.none(), st.integers(0, b - 1)), label="masked_row"),
         density=data.draw(st.sampled_from((0.8, 1.0, 0.0)), label="density"),

@@ -34,13 +34,14 @@ from lvrpo_fast.kernels import process_advantages as P
 
 F32 = "*fp32"
 GRPO_SIGNATURE = {
-    "logp_ptr": F32, "old_ptr": F32, "ref_ptr": F32, "adv_ptr": F32, "mask_ptr": "*u8", "weight_ptr": F32,
-    "entropy_ptr": F32, "scale_ptr": F32, "stats_ptr": F32, "grad_ptr": F32, "T": "i32",
-    "eps_low": "fp32", "eps_high": "fp32", "delta": "fp32", "clip_c": "fp32", "beta": "fp32",
-    "entropy_coef": "fp32", "sapo_pos": "fp32", "sapo_neg": "fp32",
+    "logp_ptr": F32, "old_ptr": F32, "ref_ptr": F32, "sampling_ptr": F32, "adv_ptr": F32, "mask_ptr": "*u8",
+    "weight_ptr": F32, "entropy_ptr": F32, "threshold_ptr": F32, "scale_ptr": F32, "stats_ptr": F32,
+    "grad_ptr": F32, "T": "i32", "eps_low": "fp32", "eps_high": "fp32", "delta": "fp32", "clip_c": "fp32",
+    "beta": "fp32", "sapo_pos": "fp32", "sapo_neg": "fp32", "vk_pos": "fp32", "vl_pos": "fp32", "vk_neg": "fp32",
+    "vl_neg": "fp32", "drift_threshold": "fp32",
 }
-_TOGGLES = ("HAS_DELTA", "DUAL_CLIP", "HAS_OLD", "HAS_WEIGHTS", "HAS_ENTROPY", "ENTROPY_BONUS", "NEED_GRAD",
-            "ADV_PER_TOKEN")
+_TOGGLES = ("HAS_DELTA", "DUAL_CLIP", "HAS_OLD", "HAS_SAMPLING", "HAS_WEIGHTS", "HAS_ENTROPY", "ENTROPY_MASK",
+            "OFF_POLICY_MASK", "POLICY_MASKED", "NEED_GRAD", "ADV_PER_TOKEN")
 # The kernels' own tables, so a new loss kind, estimator or tile dtype is compiled here too.
 LOSS_KINDS = tuple(POLICY_KINDS)
 KL_KINDS = (0, *CONTRACT_KL_KINDS.values())  # 0: no KL term
@@ -50,7 +51,9 @@ ADVANTAGE_SCALES = tuple(A.SCALES)
 # Every loss kind and KL estimator with every toggle on and with every toggle off, and the sequence
 # level: a constexpr flag prunes code, so these are the distinct programs the launcher builds.
 GRPO_VARIANTS = ([f"grpo_loss-{loss}-kl{kl}-tok-{flags}" for loss in LOSS_KINDS for kl in KL_KINDS
-                  for flags in ("on", "off")] + [f"grpo_loss-clip-kl{kl}-seq-on" for kl in (0, 3)])
+                  for flags in ("on", "off")] + [f"grpo_loss-{loss}-kl{kl}-seq-on" for loss in LOSS_KINDS
+                                                 for kl in (0, 3)]
+                 + [f"grpo_loss-{loss}-kl3-seq-pertoken" for loss in LOSS_KINDS])
 # "hinted": compiled with the divisibility-by-16 hints a real launch gets for 16-byte aligned pointers
 # and sizes (V = 151936, a multiple of 16, as in the headline): the variant that runs on the GPU.
 LOGPROB_VARIANTS = [f"{kernel}-{dtype}-{'entropy' if ent else 'plain'}{'-hinted' if hinted else ''}"
@@ -103,10 +106,11 @@ def _compile_all():
     def grpo(name):
         _, loss, kl, level, flags = name.split("-")
         kl = int(kl[2:])
-        constexprs = {t: flags == "on" for t in _TOGGLES}
+        constexprs = {t: flags in ("on", "pertoken") for t in _TOGGLES}
         block, warps = AT.grpo_loss_config(AT.GRPO_LOSS_MAX_BLOCK_T)
         constexprs.update(LOSS_KIND=POLICY_KINDS[loss], SEQUENCE_LEVEL=level == "seq", KL_KIND=kl,
-                          BIAS_CORRECTED=flags == "on" and kl != 0, N_STATS=NSTATS, BLOCK_T=block)
+                          BIAS_CORRECTED=flags != "off" and kl != 0, ADV_PER_TOKEN=flags == "pertoken",
+                          N_STATS=NSTATS, STATS_BLOCK=triton.next_power_of_2(NSTATS), BLOCK_T=block)
         return build(G._grpo_loss_kernel, GRPO_SIGNATURE, constexprs, num_warps=warps)
 
     def scale(name):

@@ -246,7 +246,7 @@ def test_help_imports_nothing_heavy():
     (["--dtype", "float64"], "--dtype"),
     (["--prompts-per-step", "1"], "--prompts-per-step"),
     (["--warmup-fraction", "1.5"], "--warmup-fraction"),
-    (["--loss-type", "cispo", "--importance-sampling-level", "sequence"], "--importance-sampling-level"),
+    (["--importance-sampling-level", "batch"], "--importance-sampling-level"),
     (["--hidden-size", "30", "--num-heads", "4"], "--hidden-size"),
     (["--model", "/nonexistent/model"], "--model"),
     (["--resume", "--overwrite"], "--resume"),
@@ -573,9 +573,9 @@ def test_batch_invariant_first_update_is_exactly_on_policy(backend, dtype, tmp_p
     real = module.grpo_token_loss
     differing = []
 
-    def spy(logp, logp_old, logp_ref, advantages, mask, *rest):
+    def spy(logp, logp_old, logp_ref, logp_sampling, advantages, mask, *rest):
         differing.append(int((logp != logp_old)[mask].sum()))
-        return real(logp, logp_old, logp_ref, advantages, mask, *rest)
+        return real(logp, logp_old, logp_ref, logp_sampling, advantages, mask, *rest)
 
     monkeypatch.setattr(module, "grpo_token_loss", spy)
     run = tmp_path / "run"

@@ -130,16 +130,18 @@ def test_bad_temperature(api, temperature):
 @pytest.mark.parametrize("opts,exc,match", [
     ({"epsilon_low": -0.1}, ValueError, r"epsilon_low must be >= 0"),
     ({"epsilon_high": -0.1}, ValueError, r"epsilon_high must be >= 0"),
-    ({"epsilon_low": 1.0}, ValueError, r"epsilon_low must be < 1"),
     ({"loss_type": "ppo"}, ValueError, r"loss_type must be one of"),
     ({"kl_estimator": "k4", "beta": 0.1}, ValueError, r"kl_estimator must be one of"),
     ({"importance_sampling_level": "batch"}, ValueError, r"importance_sampling_level must be one of"),
     ({"beta": 0.1}, ValueError, r"beta=0.1 > 0 needs logp_ref"),
     ({"beta": -0.1}, ValueError, r"beta must be >= 0"),
     ({"loss_type": "dr_grpo"}, ValueError, r"dr_grpo' needs max_completion_length"),
-    ({"loss_type": "cispo", "importance_sampling_level": "sequence"}, ValueError, r"supports importance_sampling_level='token' only"),
-    ({"loss_type": "sapo", "importance_sampling_level": "sequence"}, ValueError, r"supports importance_sampling_level='token' only"),
-    ({"delta": 0.9}, ValueError, r"delta must be > 1"),
+    ({"delta": float("inf")}, ValueError, r"delta must be finite"),
+    ({"top_entropy_quantile": 1.5}, ValueError, r"top_entropy_quantile must be in \[0, 1\]"),
+    ({"top_entropy_quantile": -0.1}, ValueError, r"top_entropy_quantile must be >= 0"),
+    ({"entropy_agg": "sum"}, ValueError, r"entropy_agg must be one of"),
+    ({"off_policy_mask_threshold": float("nan")}, ValueError, r"off_policy_mask_threshold must be finite"),
+    ({"vespo_k_pos": "2"}, TypeError, r"vespo_k_pos must be a number"),
     ({"clip_ratio_c": 1.0}, ValueError, r"clip_ratio_c must be > 1"),
     ({"sapo_temperature_pos": 0.0}, ValueError, r"sapo_temperature_pos must be > 0"),
     ({"num_items_in_batch": 0}, ValueError, r"num_items_in_batch must be > 0"),
@@ -157,6 +159,17 @@ def test_bad_options(api, opts, exc, match):
 def test_entropy_coef_needs_entropy(api):
     with pytest.raises(ValueError, match=r"entropy_coef=0.1 needs entropy"):
         _call_grpo(api, -torch.rand(2, 3), torch.randn(2), torch.ones(2, 3), entropy_coef=0.1)
+    with pytest.raises(ValueError, match=r"top_entropy_quantile=0.5 < 1 needs entropy"):
+        _call_grpo(api, -torch.rand(2, 3), torch.randn(2), torch.ones(2, 3), top_entropy_quantile=0.5)
+
+
+def test_trl_values_that_were_refused_are_accepted(api):
+    """TRL 1.16 trains with delta <= 1, epsilon >= 1 and cispo / sapo at the sequence level."""
+    for opts in ({"delta": 1.0}, {"delta": 0.5}, {"epsilon_low": 1.0}, {"epsilon_low": 1.5},
+                 {"loss_type": "cispo", "importance_sampling_level": "sequence"},
+                 {"loss_type": "sapo", "importance_sampling_level": "sequence"}):
+        loss, _ = _call_grpo(api, -torch.rand(4, 3), torch.randn(4), torch.ones(4, 3), **opts)
+        assert torch.isfinite(loss), opts
 
 
 # --- advantages ---------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..contract import LOG_RATIO_CLAMP, STAT_COLUMNS, token_loss_params
+from ..contract import LOG_RATIO_CLAMP, STAT_COLUMNS, VESPO_LOG_W_MIN, token_loss_params
 from ..options import GRPOOptions
 
 try:  # the sources' package (csrc/ in an editable install, lvrpo_fast/csrc in a wheel); an empty __init__
@@ -148,6 +148,9 @@ def check_contract(module) -> None:
     if module.LOG_RATIO_CLAMP != LOG_RATIO_CLAMP:
         raise RuntimeError(f"csrc/common.h kLogRatioClamp {module.LOG_RATIO_CLAMP} differs from "
                            f"lvrpo_fast.contract.LOG_RATIO_CLAMP {LOG_RATIO_CLAMP}")
+    if module.VESPO_LOG_W_MIN != VESPO_LOG_W_MIN:
+        raise RuntimeError(f"csrc/common.h kVespoLogWMin {module.VESPO_LOG_W_MIN} differs from "
+                           f"lvrpo_fast.contract.VESPO_LOG_W_MIN {VESPO_LOG_W_MIN}")
     python_fields = tuple(_PARAM_FIELDS)
     if tuple(module.LOSS_PARAM_FIELDS) != python_fields:
         raise RuntimeError(f"csrc/common.h LVRPO_LOSS_PARAMS {tuple(module.LOSS_PARAM_FIELDS)} differ from "
@@ -224,14 +227,17 @@ def loss_params(module, params):
     return struct
 
 
-def grpo_token_loss(logp, logp_old, logp_ref, advantages, mask, rollout_weights, entropy, row_scale, params,
-                    need_grad, batch_invariant=False):
-    """[B, T] float32 per-token inputs, advantages / row_scale [B] float32, mask [B, T] bool, params from
-    contract.token_loss_params -> (stats [B, NSTATS] float32, grad_logp [B, T] float32 or None).
-    batch_invariant needs nothing here: a sequence is one task summing its unmasked tokens in order."""
+def grpo_token_loss(logp, logp_old, logp_ref, logp_sampling, advantages, mask, rollout_weights, entropy,
+                    entropy_threshold, row_scale, params, need_grad,
+                    batch_invariant=False):
+    """[B, T] float32 per-token inputs, advantages [B] or [B, T] and row_scale [B] float32, mask [B, T]
+    bool, entropy_threshold 0-dim float32 or None, params from contract.token_loss_params
+    -> (stats [B, NSTATS] float32, grad_logp [B, T] float32 or None). batch_invariant needs nothing here:
+    a sequence is one task summing its unmasked tokens in order."""
     module = _extension()
-    stats, grad_logp = module.grpo_token_loss(logp, logp_old, logp_ref, advantages, mask, rollout_weights, entropy,
-                                              row_scale, loss_params(module, params), bool(need_grad))
+    stats, grad_logp = module.grpo_token_loss(logp, logp_old, logp_ref, logp_sampling, advantages, mask,
+                                              rollout_weights, entropy, entropy_threshold, row_scale,
+                                              loss_params(module, params), bool(need_grad))
     return stats, grad_logp
 
 

@@ -40,15 +40,18 @@ class KernelBackend:
         return process_advantages_with(self.name, step_rewards, step_ends, step_offsets, group_size, seq_len, scale,
                                        eps, leave_one_out, outcome_advantages, outcome_weight)
 
-    def grpo_loss_impl(self, logp, advantages, mask, logp_old, logp_ref, entropy, rollout_weights, options):
+    def grpo_loss_impl(self, logp, advantages, mask, logp_old, logp_ref, entropy, rollout_weights, options, *,
+                       logp_sampling=None, return_stats=False):
         return grpo_loss_with(self.name, logp, advantages, mask, logp_old, logp_ref, entropy, rollout_weights,
-                              options)
+                              options, logp_sampling=logp_sampling, return_stats=return_stats)
 
     def linear_grpo_loss_impl(self, hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref,
-                              rollout_weights, temperature, return_entropy, options):
+                              rollout_weights, temperature, return_entropy, options, *, logp_sampling=None,
+                              head_dtype=None, return_stats=False):
         return linear_grpo_loss_with(self.name, hidden, weight, targets, mask, advantages, bias, logp_old,
                                      logp_ref, rollout_weights, temperature, return_entropy, options,
-                                     self.batch_invariant)
+                                     logp_sampling=logp_sampling, head_dtype=head_dtype, return_stats=return_stats,
+                                     batch_invariant=self.batch_invariant)
 
     def __repr__(self):
         return f"KernelBackend({self.name}{', batch_invariant' if self.batch_invariant else ''})"

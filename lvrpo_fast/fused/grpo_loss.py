@@ -4,7 +4,10 @@ Design: the loss is a scalar, so its gradient w.r.t. logp is formed in the same 
 program per sequence, whole sequences so GSPO's sequence ratio is exact) and the backward pass only
 scales it by the incoming gradient. Aggregation is folded into a per-sequence weight (:func:`row_scales`)
 computed from the mask before the kernel runs, so the kernel never needs a second pass over the batch
-and the metrics come back as per-sequence sums: no host sync.
+and the metrics come back as per-sequence sums: no host sync. The entropy bonus is linear in the
+entropy, so its value and gradient are formed here (:func:`entropy_bonus`), from the kernel's sums of
+the kept tokens' entropy; the high-entropy mask's threshold (a quantile over the whole batch) is
+computed before the kernel and passed to it as a 0-dim tensor.
 
 One custom op, ``lvrpo_fast::grpo_loss`` (lvrpo_fast.fused.library), returning the loss, the
 per-sequence statistics and the two gradients, with register_autograd scaling the latter.
@@ -17,9 +20,9 @@ from typing import Dict, Optional
 import torch
 
 from .. import backends, validate
-from ..contract import (NSTATS, STAT_CLIP_HIGH, STAT_CLIP_LOW, STAT_CLIP_REGION, STAT_COUNT, STAT_ENTROPY, STAT_KL,
-                        STAT_LOSS, STAT_RATIO, token_loss_params)
-from ..options import GRPOOptions, world_size
+from ..contract import (NSTATS, STAT_CLIP_HIGH, STAT_CLIP_LOW, STAT_CLIP_REGION, STAT_COUNT, STAT_ENTROPY,
+                        STAT_ENTROPY_KEPT, STAT_KL, STAT_LOSS, STAT_RATIO, token_loss_params)
+from ..options import GRPOOptions, entropy_threshold, world_size
 from . import library
 
 
@@ -50,7 +53,7 @@ def row_scales(mask: torch.Tensor, options: GRPOOptions) -> torch.Tensor:
         return (1.0 / counts.sum().clamp(min=1.0)).expand(B).contiguous()
     if loss_type == "dr_grpo":
         return torch.full((B,), 1.0 / (batch * options.max_completion_length), device=mask.device)
-    if loss_type in ("dapo", "cispo"):
+    if loss_type in ("dapo", "cispo", "vespo"):
         if options.num_items_in_batch is None:
             normalizer = counts.sum().clamp(min=1.0)
         else:
@@ -91,34 +94,70 @@ def per_token(rollout_weights: Optional[torch.Tensor], shape) -> Optional[torch.
     return w.contiguous()
 
 
-def entropy_grad(mask: torch.Tensor, scale: torch.Tensor, options: GRPOOptions) -> torch.Tensor:
-    """d(loss)/d(entropy) of the bonus -entropy_coef * H: [B, T] float32."""
-    return (-options.entropy_coef) * mask.float() * scale.unsqueeze(1)
+def high_entropy_threshold(entropy: Optional[torch.Tensor], mask: torch.Tensor,
+                           options: GRPOOptions) -> Optional[torch.Tensor]:
+    """The high-entropy mask's threshold (a 0-dim float32 tensor), None when the mask is off."""
+    if not options.entropy_masked:
+        return None
+    return entropy_threshold(entropy.float(), mask, options.top_entropy_quantile)
+
+
+def kept_tokens(entropy: Optional[torch.Tensor], mask: torch.Tensor, threshold: Optional[torch.Tensor]) -> torch.Tensor:
+    """[B, T] bool: the unmasked tokens the high-entropy mask keeps (every unmasked token without it)."""
+    if threshold is None:
+        return mask
+    return mask & (entropy.detach().float() >= threshold)
+
+
+def entropy_scales(kept: torch.Tensor, scale: torch.Tensor, options: GRPOOptions) -> torch.Tensor:
+    """[B] float32: the weight of each sequence's kept-entropy sum in the bonus: its row scale
+    (entropy_agg="loss_type"), or one over the batch's kept tokens ("token_mean")."""
+    if options.entropy_agg == "loss_type":
+        return scale
+    return (1.0 / kept.sum(dtype=torch.float32).clamp(min=1.0)).expand(kept.shape[0])
+
+
+def entropy_bonus(stats: torch.Tensor, entropy_scale: torch.Tensor, options: GRPOOptions, total=torch.sum) -> torch.Tensor:
+    """The bonus's value, -entropy_coef * sum_b entropy_scale[b] * (kept entropy of b), 0-dim float32;
+    total: the sum over b (the batch-invariant mode's is order-free)."""
+    return (-options.entropy_coef) * total(entropy_scale * stats[:, STAT_ENTROPY_KEPT])
+
+
+def entropy_grad(kept: torch.Tensor, entropy_scale: torch.Tensor, options: GRPOOptions) -> torch.Tensor:
+    """d(loss)/d(entropy) of the bonus -entropy_coef * H over the kept tokens: [B, T] float32."""
+    return (-options.entropy_coef) * kept.float() * entropy_scale.unsqueeze(1)
 
 
 # ------------------------------------------------------------------------------------------------------
 # The custom op
 # ------------------------------------------------------------------------------------------------------
-def _op(logp, entropy, advantages, mask, logp_old, logp_ref, rollout_weights, num_items_tensor, need_grad_logp,
-        need_grad_entropy, **scalars):
+def _op(logp, entropy, advantages, mask, logp_old, logp_ref, logp_sampling, rollout_weights, num_items_tensor,
+        need_grad_logp, need_grad_entropy, **scalars):
     p = _CODEC.decode(scalars, num_items_tensor)
     o = p.options
     prims = backends.primitives(p.backend)
     B, T = mask.shape
     scale = row_scales(mask, o)
+    entropy32 = as_float32(entropy)
+    threshold = high_entropy_threshold(entropy32, mask, o)
     stats, grad_logp = prims.grpo_token_loss(
-        as_float32(logp), as_float32(logp_old), as_float32(logp_ref), as_float32(advantages), mask,
-        per_token(rollout_weights, (B, T)), as_float32(entropy), scale, token_loss_params(o), need_grad_logp)
+        as_float32(logp), as_float32(logp_old), as_float32(logp_ref), as_float32(logp_sampling),
+        as_float32(advantages), mask, per_token(rollout_weights, (B, T)), entropy32, threshold, scale,
+        token_loss_params(o), need_grad_logp)
     loss = stats[:, STAT_LOSS].sum()
     grad_entropy = None
-    if need_grad_entropy and o.entropy_coef != 0:
-        grad_entropy = entropy_grad(mask, scale, o)
+    if o.entropy_coef != 0:
+        kept = kept_tokens(entropy32, mask, threshold)
+        ent_scale = entropy_scales(kept, scale, o)
+        loss = loss + entropy_bonus(stats, ent_scale, o)
+        if need_grad_entropy:
+            grad_entropy = entropy_grad(kept, ent_scale, o)
     empty = logp.new_empty(0, dtype=torch.float32)
     return (loss, stats, empty if grad_logp is None else grad_logp, empty if grad_entropy is None else grad_entropy)
 
 
-def _fake(logp, entropy, advantages, mask, logp_old, logp_ref, rollout_weights, num_items_tensor, need_grad_logp,
-          need_grad_entropy, **scalars):
+def _fake(logp, entropy, advantages, mask, logp_old, logp_ref, logp_sampling, rollout_weights, num_items_tensor,
+          need_grad_logp, need_grad_entropy, **scalars):
     B, T = mask.shape
     f32 = dict(dtype=torch.float32, device=logp.device)
     grad_entropy = need_grad_entropy and scalars["entropy_coef"] != 0
@@ -127,10 +166,11 @@ def _fake(logp, entropy, advantages, mask, logp_old, logp_ref, rollout_weights, 
             logp.new_empty((B, T) if grad_entropy else (0,), **f32))
 
 
+_N_TENSORS = 11  # the leading arguments of the op's schema below
 library.define("grpo_loss",
                "Tensor logp, Tensor? entropy, Tensor advantages, Tensor mask, Tensor? logp_old, Tensor? logp_ref, "
-               "Tensor? rollout_weights, Tensor? num_items_tensor, bool need_grad_logp, bool need_grad_entropy",
-               _CODEC, "(Tensor, Tensor, Tensor, Tensor)", _op, _fake)
+               "Tensor? logp_sampling, Tensor? rollout_weights, Tensor? num_items_tensor, bool need_grad_logp, "
+               "bool need_grad_entropy", _CODEC, "(Tensor, Tensor, Tensor, Tensor)", _op, _fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -140,7 +180,7 @@ def _setup_context(ctx, inputs, output):
     # reference's autograd uses too: logp changed in place afterwards does not make it stale.
     ctx.save_for_backward(grad_logp, grad_entropy)
     ctx.dtypes = (logp.dtype, None if entropy is None else entropy.dtype)
-    ctx.backend = inputs[10 + _NAMES.index("backend")]
+    ctx.backend = inputs[_N_TENSORS + _NAMES.index("backend")]
     ctx.mark_non_differentiable(stats, grad_logp, grad_entropy)
     ctx.set_materialize_grads(False)
 
@@ -148,7 +188,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, grad_stats, grad_grad_logp, grad_grad_entropy):
     library.refuse_double_backward("grpo_loss", ctx.backend)
     grad_logp, grad_entropy = ctx.saved_tensors
-    n_inputs = 10 + len(_NAMES)
+    n_inputs = _N_TENSORS + len(_NAMES)
     if grad_loss is None:
         return (None,) * n_inputs
     out_logp = (grad_logp * grad_loss).to(ctx.dtypes[0]) if grad_logp.numel() else None
@@ -160,11 +200,13 @@ library.register_autograd("grpo_loss", _backward, _setup_context)
 
 
 def grpo_loss_with(backend: str, logp, advantages, mask, logp_old, logp_ref, entropy, rollout_weights,
-                   options: GRPOOptions):
-    """Backend entry (validated inputs); returns (loss 0-dim float32, metrics)."""
+                   options: GRPOOptions, *, logp_sampling=None, return_stats=False):
+    """Backend entry (validated inputs); returns (loss 0-dim float32, metrics), and the per-sequence
+    statistics [B, NSTATS] as a third element when return_stats."""
     scalars, num_items = _CODEC.encode(LossParams(backend=backend, options=options))
     grad_on = torch.is_grad_enabled()
     loss, stats, _, _ = library.op("grpo_loss")(
-        logp, entropy, advantages, mask.contiguous(), logp_old, logp_ref, rollout_weights, num_items,
+        logp, entropy, advantages, mask.contiguous(), logp_old, logp_ref, logp_sampling, rollout_weights, num_items,
         grad_on and logp.requires_grad, grad_on and entropy is not None and entropy.requires_grad, **scalars)
-    return loss, metrics_from_stats(stats, options, entropy is not None)
+    metrics = metrics_from_stats(stats, options, entropy is not None)
+    return (loss, metrics, stats) if return_stats else (loss, metrics)

@@ -25,6 +25,17 @@ Masked tokens (padding, prompt) never reach the LM head: a chunk holds whole seq
 *unmasked* tokens fill the tile, so N in the FLOP counts is the number of unmasked tokens, and a batch
 with a quarter of padding costs three quarters of the work (lvrpo_fast.chunking.sequence_chunks).
 
+The high-entropy mask (top_entropy_quantile < 1, TRL's) keeps a token's policy term only when its
+entropy reaches a quantile of *every* token's entropy (every process's, too), so no chunk's gradient
+can be formed before the last chunk's entropies are known. The op then walks the chunks twice: a
+first pass forms each chunk's logits and keeps its per-row statistics (logp, lse, entropy: O(N)
+floats), the threshold is taken, and the second pass forms the gradients, starting with the chunk
+whose logits are still in the tile and recomputing the others' logits. That is 2 (N - C_last) V D
+extra FLOPs, 8 N V D - 2 C_last V D in all instead of 6 N V D, nothing extra when the batch fits one
+chunk, and no extra memory beyond the O(N) vectors. Storing every chunk's logits instead would cost
+the N V logits the op exists to avoid; a backward-time recompute design would pay the same 2 N V D.
+(benchmarks/test_bench_linear_grpo_loss.py measures it: the "entropy mask" case.)
+
 Peak extra memory beyond inputs, outputs and input gradients:
     C * V * s  +  2 C * D * s (gathered hidden rows and their gradient, when padded)
                +  O(N) float32 per-token vectors  (+ 4 V bytes for a float32 bias accumulator)
@@ -33,13 +44,21 @@ with s the element size and C = the unmasked tokens of whole sequences filling L
 dtype, one rounding per chunk. Under torch.no_grad (or when nothing requires grad) only the 2 N V D
 forward runs.
 
+Mixed-precision head (head_dtype narrower than the inputs, as TRL's chunked head under autocast):
+the tile is in head_dtype (half the bytes of a float32 one), formed from operands rounded to it, and
+its in-place gradient is rounded to it too; the gradient GEMMs then run in the inputs' dtype on a copy
+of the tile and the rounded operands, so the gradients accumulate in float32 as TRL's do.
+
 Batch-invariant mode (batch_invariant=True): the logits come from fixed-shape GEMMs of R rows carried
 across chunk boundaries (chunking.Logits), so each token's logp and entropy are those of
 fused_linear_logprobs in the same mode, bit for bit (the first on-policy ratio is exactly 1). Each
 sequence's statistics then depend on that sequence alone (the loss kernels handle one sequence per
 program, with a block that does not follow T in this mode), and the loss is their sum in an order that
 does not depend on the sequences' (order_free_sum). Extra memory: up to 2 R rows of logits (2 R V s
-bytes), the gathered hidden rows ((C + 2 R) D s) and 8 N bytes of row indices.
+bytes), the gathered hidden rows ((C + 2 R) D s) and 8 N bytes of row indices. With the high-entropy
+mask the second pass recomputes every chunk's tiles (the tiles are cut from the plan in order), not
+all but the last. With a mixed-precision head the tiles read a copy of hidden rounded to head_dtype
+(N D bytes of it more).
 
 One custom op, ``lvrpo_fast::linear_grpo_loss`` (lvrpo_fast.fused.library), returning the loss, the
 statistics and the three gradients; its registered backward scales them with ``lvrpo_fast::scale_``.
@@ -55,16 +74,19 @@ from ..chunking import HeadGrads, Logits, rows_per_chunk, sequence_chunks
 from ..contract import NSTATS, STAT_LOSS, token_loss_params
 from ..options import GRPOOptions
 from . import library
-from .grpo_loss import as_float32, entropy_grad, metrics_from_stats, per_token, row_scales
+from .grpo_loss import (as_float32, entropy_bonus, entropy_grad, entropy_scales, high_entropy_threshold, kept_tokens,
+                        metrics_from_stats, per_token, row_scales)
 
 
 @dataclass(frozen=True)
 class LinearLossParams:
-    """The non-tensor inputs of the fused linear GRPO loss op."""
+    """The non-tensor inputs of the fused linear GRPO loss op (head_dtype: a torch dtype's name, "" for
+    the inputs' own)."""
 
     backend: str
     temperature: float
     need_entropy: bool
+    head_dtype: str
     options: GRPOOptions
     batch_invariant: bool = False
 
@@ -84,76 +106,154 @@ def order_free_sum(values: torch.Tensor) -> torch.Tensor:
     return values.sort().values.sum(dtype=torch.float64).float()
 
 
-def forward(prims, hidden, weight, bias, targets, mask, advantages, logp_old, logp_ref, rollout_weights,
-            temperature, need_entropy, options, need_h, need_w, need_b, batch_invariant=False):
+class _Head:
+    """The LM head's operands: the inputs themselves, or (head_dtype) their rounded copies, with the
+    gradient GEMMs run in the inputs' dtype on the rounded values (see the module docstring)."""
+
+    def __init__(self, weight, bias, head_dtype):
+        self.mixed = head_dtype is not None
+        self.wide = weight.dtype
+        self.weight = weight.to(head_dtype) if self.mixed else weight
+        self.bias = None if bias is None else (bias.to(head_dtype) if self.mixed else bias)
+        self._grad_weight = None if self.mixed else weight
+
+    @property
+    def dtype(self):
+        return self.weight.dtype
+
+    def bytes_per_row_element(self) -> int:
+        """Bytes per element of a chunk row: the tile, and its wide copy in the mixed head."""
+        return self.weight.element_size() + (torch.empty(0, dtype=self.wide).element_size() if self.mixed else 0)
+
+    def rows(self, hidden_rows):
+        return hidden_rows.to(self.dtype) if self.mixed else hidden_rows
+
+    def backward_(self, grads: HeadGrads, chunk, dlogits, rows) -> None:
+        if not self.mixed:
+            grads.add_(chunk, dlogits, rows, self.weight)
+            return
+        if self._grad_weight is None and grads.hidden is not None:
+            self._grad_weight = self.weight.to(self.wide)
+        grads.add_(chunk, dlogits.to(self.wide), rows.to(self.wide), self._grad_weight)
+
+
+def forward(prims, hidden, weight, bias, targets, mask, advantages, logp_old, logp_ref, logp_sampling,
+            rollout_weights, temperature, need_entropy, options, need_h, need_w, need_b, head_dtype=None,
+            batch_invariant=False):
     """(loss, per-sequence stats [B, NSTATS], (grad_hidden, grad_weight, grad_bias)), chunk by chunk.
 
-    hidden [B, T, D], targets [B, T] int64 (masked ids replaced), mask [B, T] bool, advantages [B] and
-    the per-token [B, T] inputs in float32; the gradients are None where not needed. batch_invariant:
-    the log-probabilities and entropies are those of the forward-only op in the same mode, bit for bit
-    (the same chunking.Logits tiles and statistics launch), each sequence's statistics depend on that
-    sequence alone, and the loss sums them in an order that does not depend on theirs."""
+    hidden [B, T, D], targets [B, T] int64 (masked ids replaced), mask [B, T] bool, advantages [B] or
+    [B, T] and the per-token [B, T] inputs in float32; the gradients are None where not needed.
+    batch_invariant: the log-probabilities and entropies are those of the forward-only op in the same
+    mode, bit for bit (the same chunking.Logits tiles and statistics launch), each sequence's statistics
+    depend on that sequence and the batch's normalizers alone, and the loss sums them in an order that
+    does not depend on theirs."""
     B, T, D = hidden.shape
     V = weight.shape[0]
     need_grad = need_h or need_w or need_b
     params = token_loss_params(options)
     scale = row_scales(mask, options)
+    head = _Head(weight, bias, head_dtype)
     # An empty batch (B = 0 or T = 0) has no token: no chunk, loss 0, zero gradients.
-    chunks = sequence_chunks(mask, rows_per_chunk(V, hidden.element_size(), hidden.device, D)) if B * T else []
+    budget = rows_per_chunk(V, head.bytes_per_row_element(), hidden.device, D)
+    chunks = sequence_chunks(mask, budget) if B * T else []
     flat_hidden = hidden.view(B * T, D)
     flat_targets = targets.view(B * T)
     grads = HeadGrads(hidden, weight, need_h, need_w, need_b, chunks)
     stats = torch.zeros((B, NSTATS), dtype=torch.float32, device=hidden.device)  # B = 0: no chunk at all
-    head = Logits(chunks, flat_hidden, weight, bias, batch_invariant)
-    for c in chunks:
+    # The batch-invariant tiles read hidden's rows themselves, so they need them in the head's dtype.
+    tile_hidden = head.rows(flat_hidden) if batch_invariant and head.mixed else flat_hidden
+    tiles = [Logits(chunks, tile_hidden, head.weight, head.bias, batch_invariant)]  # one per pass over the plan
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    logp = torch.zeros(B * T, **f32)  # masked rows: 0, never computed
+    entropy = torch.zeros(B * T, **f32) if need_entropy else None
+
+    def chunk_stats(c):
+        """The chunk's logits (left in the tile) and its rows' (logp, lse, entropy), written into the batch's."""
+        rows = head.rows(c.take(flat_hidden))
+        logits = tiles[0].of(c, rows)
+        lp, lse, ent = prims.logits_stats(logits, c.take(flat_targets), temperature, need_entropy, batch_invariant)
+        c.put_(logp, lp)
+        if need_entropy:
+            c.put_(entropy, ent)
+        return logits, rows, lse, ent
+
+    threshold, order, first_pass, resident = None, range(len(chunks)), {}, None
+    if options.entropy_masked:
+        # Pass 1: every row's statistics before any gradient; the tile keeps the last computed chunk's logits.
+        for i, c in enumerate(chunks):
+            if c.size:
+                logits, rows, lse, ent = chunk_stats(c)
+                first_pass[i] = (lse, ent)
+                resident = (i, logits, rows)
+        threshold = high_entropy_threshold(entropy.view(B, T), mask, options)
+        if batch_invariant:
+            # Tiles are cut from the plan in order, once per Logits: the second pass recomputes them all.
+            logits = rows = resident = tiles[0] = None
+            if need_grad:
+                tiles[0] = Logits(chunks, tile_hidden, head.weight, head.bias, batch_invariant)
+        elif resident is not None:
+            order = [resident[0]] + [i for i in range(len(chunks)) if i != resident[0]]
+    ent_scale = None
+    if options.entropy_coef != 0:
+        ent_scale = entropy_scales(kept_tokens(None if entropy is None else entropy.view(B, T), mask, threshold),
+                                   scale, options)
+    for i in order:
+        c = chunks[i]
         s0, s1 = c.start // T, c.end // T
-        m = mask[s0:s1]
-        rel = c.relative()  # the chunk's rows within its own [k * T] vectors
-        logp = torch.zeros(c.end - c.start, dtype=torch.float32, device=hidden.device)
-        entropy = torch.zeros_like(logp) if need_entropy else None
+        logits = rows = lse = ent = None
         if c.size:
-            h = c.take(flat_hidden)
-            tgt = c.take(flat_targets)
-            logits = head.of(c, h)
-            lp, lse, ent = prims.logits_stats(logits, tgt, temperature, need_entropy, batch_invariant)
-            rel.put_(logp, lp)
-            if need_entropy:
-                rel.put_(entropy, ent)
-        logp = logp.view(s1 - s0, T)  # masked rows: 0, never computed (a chunk without padding has none)
-        chunk_stats, grad_logp = prims.grpo_token_loss(
-            logp, _slice(logp_old, s0, s1), _slice(logp_ref, s0, s1), advantages[s0:s1], m,
-            _slice(rollout_weights, s0, s1), None if entropy is None else entropy.view(s1 - s0, T),
-            scale[s0:s1], params, need_grad, batch_invariant)
-        stats[s0:s1] = chunk_stats
+            if i in first_pass:
+                lse, ent = first_pass[i]
+                if need_grad:
+                    if resident is not None and i == resident[0]:
+                        logits, rows = resident[1], resident[2]
+                    else:
+                        rows = head.rows(c.take(flat_hidden))
+                        logits = tiles[0].of(c, rows)
+            else:
+                logits, rows, lse, ent = chunk_stats(c)
+        chunk_entropy = None if entropy is None else entropy[c.start:c.end].view(s1 - s0, T)
+        chunk_stats_, grad_logp = prims.grpo_token_loss(
+            logp[c.start:c.end].view(s1 - s0, T), _slice(logp_old, s0, s1), _slice(logp_ref, s0, s1),
+            _slice(logp_sampling, s0, s1), advantages[s0:s1], mask[s0:s1], _slice(rollout_weights, s0, s1),
+            chunk_entropy, threshold, scale[s0:s1], params, need_grad, batch_invariant)
+        stats[s0:s1] = chunk_stats_
         if need_grad and c.size:
+            rel = c.relative()  # the chunk's rows within its own [k * T] vectors
             grad_ent = None
-            if options.entropy_coef != 0:
-                grad_ent = rel.take(entropy_grad(m, scale[s0:s1], options).reshape(-1))
-            prims.logits_grad_(logits, tgt, lse, None if grad_ent is None else ent,
+            if ent_scale is not None:
+                kept = kept_tokens(chunk_entropy, mask[s0:s1], threshold)
+                grad_ent = rel.take(entropy_grad(kept, ent_scale[s0:s1], options).reshape(-1))
+            prims.logits_grad_(logits, c.take(flat_targets), lse, None if grad_ent is None else ent,
                                rel.take(grad_logp.reshape(-1)), grad_ent, temperature)
-            grads.add_(c, logits, h, weight)
-    loss = order_free_sum(stats[:, STAT_LOSS]) if batch_invariant else stats[:, STAT_LOSS].sum()
+            head.backward_(grads, c, logits, rows)
+    total = order_free_sum if batch_invariant else torch.sum
+    loss = total(stats[:, STAT_LOSS])
+    if ent_scale is not None:
+        loss = loss + entropy_bonus(stats, ent_scale, options, total)
     return loss, stats, grads.result(bias)
 
 
 # ------------------------------------------------------------------------------------------------------
 # The custom ops
 # ------------------------------------------------------------------------------------------------------
-def _op(hidden, weight, bias, targets, mask, advantages, logp_old, logp_ref, rollout_weights, num_items_tensor,
-        need_h, need_w, need_b, **scalars):
+def _op(hidden, weight, bias, targets, mask, advantages, logp_old, logp_ref, logp_sampling, rollout_weights,
+        num_items_tensor, need_h, need_w, need_b, **scalars):
     p = _CODEC.decode(scalars, num_items_tensor)
     validate.check_target_range(targets, weight.shape[0], mask)
     with validate.autocast_off(hidden.device):
         loss, stats, (gh, gw, gb) = forward(
             backends.primitives(p.backend), hidden, weight, bias, targets, mask, as_float32(advantages),
-            as_float32(logp_old), as_float32(logp_ref), per_token(rollout_weights, mask.shape), p.temperature,
-            p.need_entropy, p.options, need_h, need_w, need_b, p.batch_invariant)
+            as_float32(logp_old), as_float32(logp_ref), as_float32(logp_sampling),
+            per_token(rollout_weights, mask.shape), p.temperature, p.need_entropy, p.options, need_h, need_w, need_b,
+            head_dtype=getattr(torch, p.head_dtype) if p.head_dtype else None, batch_invariant=p.batch_invariant)
     return (loss, stats, hidden.new_empty(0) if gh is None else gh, weight.new_empty(0) if gw is None else gw,
             weight.new_empty(0) if gb is None else gb)
 
 
-def _fake(hidden, weight, bias, targets, mask, advantages, logp_old, logp_ref, rollout_weights, num_items_tensor,
-          need_h, need_w, need_b, **scalars):
+def _fake(hidden, weight, bias, targets, mask, advantages, logp_old, logp_ref, logp_sampling, rollout_weights,
+          num_items_tensor, need_h, need_w, need_b, **scalars):
     B = hidden.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     return (hidden.new_empty((), **f32), hidden.new_empty((B, NSTATS), **f32),
@@ -177,14 +277,16 @@ class ScaleParams:
     backend: str
 
 
+_N_TENSORS = 14  # the leading arguments of the op's schema below
 library.define("linear_grpo_loss",
                "Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor mask, Tensor advantages, "
-               "Tensor? logp_old, Tensor? logp_ref, Tensor? rollout_weights, Tensor? num_items_tensor, bool need_h, "
-               "bool need_w, bool need_b", _CODEC, "(Tensor, Tensor, Tensor, Tensor, Tensor)", _op, _fake)
+               "Tensor? logp_old, Tensor? logp_ref, Tensor? logp_sampling, Tensor? rollout_weights, "
+               "Tensor? num_items_tensor, bool need_h, bool need_w, bool need_b", _CODEC,
+               "(Tensor, Tensor, Tensor, Tensor, Tensor)", _op, _fake)
 library.define("scale_", "Tensor(a!)[] tensors, Tensor factor", library.ParamsCodec(ScaleParams), "()", _scale,
                _scale_fake)
 
-_N_INPUTS = 13 + len(_NAMES)
+_N_INPUTS = _N_TENSORS + len(_NAMES)
 
 
 def _setup_context(ctx, inputs, output):
@@ -195,7 +297,7 @@ def _setup_context(ctx, inputs, output):
     # them stale without a word.
     ctx.save_for_backward(hidden, weight, bias, gh, gw, gb)
     ctx.needs = tuple(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    ctx.backend = inputs[13 + _NAMES.index("backend")]
+    ctx.backend = inputs[_N_TENSORS + _NAMES.index("backend")]
     ctx.used = False
     ctx.mark_non_differentiable(stats, gh, gw, gb)
     ctx.set_materialize_grads(False)
@@ -219,19 +321,21 @@ library.register_autograd("linear_grpo_loss", _backward, _setup_context)
 
 
 def linear_grpo_loss_with(backend: str, hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref,
-                          rollout_weights, temperature, return_entropy, options: GRPOOptions,
-                          batch_invariant: bool = False):
-    """Backend entry (validated inputs): hidden [B, T, D], targets / mask [B, T], advantages [B].
-    Returns (loss 0-dim float32, metrics)."""
-    need_entropy = bool(return_entropy) or options.entropy_coef != 0
+                          rollout_weights, temperature, return_entropy, options: GRPOOptions, *, logp_sampling=None,
+                          head_dtype=None, return_stats=False, batch_invariant: bool = False):
+    """Backend entry (validated inputs): hidden [B, T, D], targets / mask [B, T], advantages [B] or [B, T].
+    Returns (loss 0-dim float32, metrics), and the per-sequence statistics [B, NSTATS] when return_stats."""
+    need_entropy = bool(return_entropy) or options.needs_entropy
     params = LinearLossParams(backend=backend, temperature=float(temperature), need_entropy=need_entropy,
-                              batch_invariant=bool(batch_invariant), options=options)
+                              head_dtype="" if head_dtype is None else str(head_dtype).replace("torch.", ""),
+                              options=options, batch_invariant=bool(batch_invariant))
     scalars, num_items = _CODEC.encode(params)
     grad_on = torch.is_grad_enabled()
     need = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
     mask = mask.contiguous()
     loss, stats, _, _, _ = library.op("linear_grpo_loss")(
         hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
-        validate.safe_targets(targets, mask).contiguous(), mask, advantages, logp_old, logp_ref, rollout_weights,
-        num_items, *need, **scalars)
-    return loss, metrics_from_stats(stats, options, need_entropy)
+        validate.safe_targets(targets, mask).contiguous(), mask, advantages, logp_old, logp_ref, logp_sampling,
+        rollout_weights, num_items, *need, **scalars)
+    metrics = metrics_from_stats(stats, options, need_entropy)
+    return (loss, metrics, stats) if return_stats else (loss, metrics)
