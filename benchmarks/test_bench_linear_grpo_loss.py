@@ -261,6 +261,55 @@ def test_issue5_paired(bench, padded):
                  name="issue 5 paired" + ("" if padded else ", no padding"), target=1.5)
 
 
+class _ZeroFilledHeadGrads(chunking.HeadGrads):
+    """The weight gradient as it was before issue 18 item 4: zero-filled, then every chunk accumulated."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        if self.weight is not None:
+            self.weight.zero_()
+        if self.bias is not None:
+            self.bias.zero_()
+        self._first = False
+
+
+def _with_removed_passes(call):
+    """call, plus the two [V, D] passes issue 18 item 4 removed: the zero-fill of the weight gradient
+    before the first chunk, and the backward's multiplication of every stored gradient by an incoming
+    gradient of exactly 1."""
+    from lvrpo_fast.fused import linear_grpo_loss as fused
+
+    def legacy(s):
+        fused.HeadGrads = _ZeroFilledHeadGrads
+        try:
+            out = call(s)
+        finally:
+            fused.HeadGrads = chunking.HeadGrads
+        one = torch.ones((), device=out["grad_weight"].device)
+        out["grad_weight"].mul_(one)
+        out["grad_hidden"].mul_(one)
+        return out
+    return legacy
+
+
+def test_removed_head_passes_paired(bench):
+    """Issue 18 item 4's gain, measured: the kernel backend of this set called alternately as it is and
+    with the two [V, D] passes it no longer makes put back (a zero-fill of grad_weight, V D s bytes of
+    writes; and the backward's in-place scaling of grad_weight and grad_hidden by 1.0, 2 (V + N) D s
+    bytes), on the same inputs, every token unmasked; the median of the per-pair time ratios
+    (Bench.paired), with-passes / as-is, is the speed-up the change gave. Expected: the passes' bytes
+    over the memory bandwidth against the op's 6 N V D FLOPs over the GEMM rate; about 1.02 at the GPU
+    headline shape, under 1.01 at the CPU set's (benchmarks/README.md, "Chunk rows, and the [V, D]
+    passes removed")."""
+    impl = "triton" if bench.device.type == "cuda" else "cpp"
+    shape = bench.issue5_shape or harness.SHAPES[bench.shape_set]["linear_grpo_loss"][-1]
+    harness.lvrpo_backend(impl, bench.dtype)
+    now = case_fields(shape, impl, bench.dtype, bench.device, padded=False)
+    before = dict(now, call=_with_removed_passes(now["call"]))
+    bench.paired({f"{impl} with the removed passes": harness.Case(**before), impl: harness.Case(**now)},
+                 name="removed [V, D] passes paired", min_pairs=15)
+
+
 @pytest.mark.bench_op("linear_grpo_loss_per_token", impls=("reference", "triton", "cpp"))
 def test_linear_grpo_loss_per_token(bench, shape, impl):
     """Per-token advantages [B, T] (process rewards, GAE): the same loss with one advantage per token.
