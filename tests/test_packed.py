@@ -8,6 +8,9 @@ sequence (a repeated bound), one-token sequences, unequal lengths, masked tokens
 a fully masked one; the padded length of the truth is longer than the longest packed sequence in
 some cases, so nothing may depend on it.
 """
+import pathlib
+import re
+
 import pytest
 import torch
 
@@ -214,3 +217,13 @@ def test_ambiguous_per_sequence_values_are_refused():
     loss, _ = lvrpo_fast.fused_linear_grpo_loss(packed["hidden"], packed["weight"], packed["targets"],
                                                 packed["mask"], torch.randn(1, 3), cu_seqlens=cu, backend="reference")
     assert torch.isfinite(loss)
+
+
+def test_readme_packed_example_runs():
+    """README's packed-sequence example runs as written, and its gradient is the packed [N, D]."""
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("\n### Packed sequences\n"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["hidden"].grad.shape == (13, 64) and torch.isfinite(scope["loss"])
