@@ -52,8 +52,8 @@ def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: 
             does not depend on the sequences' order. None (default): LVRPO_BATCH_INVARIANT, else off.
             See README, "Batch-invariant mode".
         cu_seqlens: [B + 1] int32 / int64 sequence bounds for packed sequences (flash-attn's and verl's
-            layout): hidden is then [N, D], targets, mask and the per-token inputs [N] (or [1, N]),
-            advantages and rollout_weights [B] or [N], N = cu_seqlens[-1]; sequence b is rows
+            layout): hidden is then [N, D], targets, mask and the per-token inputs [N], advantages
+            and rollout_weights [B] or [N] ([1, N] too), N = cu_seqlens[-1]; sequence b is rows
             [cu_seqlens[b], cu_seqlens[b + 1]), a repeated bound an empty sequence. The result (loss,
             metrics, sequence statistics; the gradient w.r.t. hidden is [N, D]) equals the op's on the
             same batch padded to the longest sequence: no normalizer reads the padded length

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import lvrpo_fast
-from lvrpo_fast import reference
+from lvrpo_fast import dispatch, reference
 from checks import check_loss_run
 from test_linear_grpo_loss import CASES, V_SMALL, make_inputs
 
@@ -58,18 +58,21 @@ def run(backend, data, dtype, device, options, cu_seqlens=None, per_token_advant
     return loss, metrics, grads, stats.columns()
 
 
-def check_packed(name, device, data, lengths, options, *, per_token=False, **kwargs):
+def check_packed(name, device, data, lengths, options, *, per_token=False, dtype=torch.float32, **kwargs):
+    for key in ("hidden", "weight", "bias"):  # the truth sees exactly the inputs the kernel sees
+        if data[key] is not None:
+            data[key] = data[key].to(dtype).float()
     packed, padded, cu = pack(data, lengths)
     adv_packed = adv_padded = None
     if per_token:  # one advantage per token: a different value at every position
         adv_padded = torch.randn(padded["mask"].shape)
         adv_packed = adv_padded[torch.arange(T) < torch.tensor(lengths)[:, None]]
-    kernel = run(name, packed, torch.float32, device, options, cu, adv_packed, **kwargs)
-    ref = run("reference", packed, torch.float32, torch.device("cpu"), options, cu, adv_packed, **kwargs)
+    kernel = run(name, packed, dtype, device, options, cu, adv_packed, **kwargs)
+    ref = run("reference", packed, dtype, torch.device("cpu"), options, cu, adv_packed, **kwargs)
     truth = run("reference", padded, torch.float64, torch.device("cpu"), options, None, adv_padded, **kwargs)
     valid = torch.arange(T) < torch.tensor(lengths)[:, None]
     truth[2]["hidden"] = truth[2]["hidden"][valid]  # the padded batch's gradient at the packed rows
-    check_loss_run(f"packed {name} {lengths} {options}", kernel, ref, truth, torch.float32,
+    check_loss_run(f"packed {name} {dtype} {lengths} {options}", kernel, ref, truth, dtype,
                    zero_at={"hidden": ~packed["mask"]})
     return kernel
 
@@ -82,6 +85,20 @@ def test_every_case_matches_padded(kernel_backend, case):
                        sampling=extras.get("sampling", False), temperature=extras.get("temperature", 1.0))
     check_packed(name, device, data, LENGTHS["ragged"], options, temperature=extras.get("temperature", 1.0),
                  return_entropy=extras.get("return_entropy", False))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("case", ["grpo", "gspo_k3_bias_kl_entropy"])
+def test_half_precision(kernel_backend, case, dtype):
+    name, device = kernel_backend
+    ok, why = dispatch.usable(name, device, dtype)
+    if ok is None:
+        pytest.skip(f"{name} does not run {dtype} on {device}: {why}")
+    options, extras = CASES[case]
+    data = make_inputs(v=V_SMALL, bias=extras.get("bias", False), weights=extras.get("weights"),
+                       temperature=extras.get("temperature", 1.0))
+    check_packed(name, device, data, LENGTHS["ragged"], options, dtype=dtype,
+                 temperature=extras.get("temperature", 1.0))
 
 
 @pytest.mark.parametrize("lengths", list(LENGTHS))
