@@ -38,7 +38,7 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
             else off. Its cost and what it needs of the BLAS: README, "Batch-invariant mode".
         cu_seqlens: [B + 1] int32 / int64 bounds of packed sequences, hidden then [N, D] (or [1, N, D]),
             N = cu_seqlens[-1]: checked only, since every row is computed on its own whatever sequence
-            it belongs to (packed rows need nothing else; padded rows are cheaper masked than computed).
+            it belongs to (packed rows need nothing else).
 
     Returns:
         logp [...] float32 (float64 for float64 inputs), and entropy [...] if return_entropy.

@@ -51,6 +51,14 @@ def loss_of(model, rank: int, backend: str):
     return loss
 
 
+def completion_logprobs_of(model, rank: int, backend: str):
+    """[B, K] log-probabilities of rank's completions through lvrpo_fast.integrations.hf.completion_logprobs."""
+    from lvrpo_fast.integrations.hf import completion_logprobs
+
+    ids, attention, mask, _, _ = batch(rank)
+    return completion_logprobs(model, ids, attention, K, completion_mask=mask, backend=backend)
+
+
 def unsharded(tied: bool, dtype: torch.dtype, backend: str):
     """(mean loss over the two ranks' batches, {name: mean gradient}) of the unsharded model."""
     model = build(tied).to(dtype)
@@ -70,12 +78,14 @@ def worker(rank: int, store: str, out: str) -> None:
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(model)
+        with torch.no_grad():  # an old-policy pass first: the root's forward, no backward after it
+            logp = completion_logprobs_of(model, rank, "cpp")
         loss = loss_of(model, rank, "cpp")
         loss.backward()
         total = loss.detach().clone()
         dist.all_reduce(total)
         grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
-        results[tied] = {"loss": total / 2, "grads": grads,
+        results[tied] = {"loss": total / 2, "grads": grads, "logp": logp,
                          "sharded": all(type(p).__name__ == "DTensor" for p in model.parameters())}
     # A head with an FSDP2 unit of its own is refused, naming what to do.
     model = build(False)
