@@ -35,8 +35,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
+
+try:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without torch.distributed: nothing is sharded (isinstance(x, ()) is False)
+    FSDPModule = DTensor = ()
 
 from ..logprobs import fused_linear_logprobs
 
