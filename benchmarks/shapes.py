@@ -64,6 +64,7 @@ SHAPES: Dict[str, Dict[str, list]] = {
         "advantages": [Shape(16, G=4), Shape(48, G=4)],
         "process_advantages": [Shape(8 * 9, T=9, G=4), Shape(6 * 37, T=37, G=3)],
         "linear_grpo_loss_per_token": [Shape(15, 40, 515, 5)],
+        "linear_grpo_loss_packed": [Shape(15, 40, 515, 5)],
     },
     # A few minutes on 2 cores. N = 2048, D = 512, V = 32000, fp32 is issue 5's acceptance shape.
     "cpu": {
@@ -75,6 +76,7 @@ SHAPES: Dict[str, Dict[str, list]] = {
         "advantages": [Shape(1024, G=8), Shape(65536, G=8)],
         "process_advantages": [Shape(1024 * 256, T=256, G=8), Shape(4096 * 1024, T=1024, G=8)],
         "linear_grpo_loss_per_token": [Shape(2048, 512, 32000, 256)],
+        "linear_grpo_loss_packed": [Shape(2048, 512, 32000, 256)],
     },
     "gpu": {
         "logprobs": _gpu_linear(),
@@ -85,6 +87,7 @@ SHAPES: Dict[str, Dict[str, list]] = {
         "advantages": [Shape(b, G=16) for b in (512, 8192, 131072)],
         "process_advantages": [Shape(b * GPU_T, T=GPU_T, G=16) for b in (512, 8192)],
         "linear_grpo_loss_per_token": [Shape(GPU_HEADLINE.N, GPU_HEADLINE.D, GPU_HEADLINE.V, GPU_T)],
+        "linear_grpo_loss_packed": [Shape(GPU_HEADLINE.N, GPU_HEADLINE.D, GPU_HEADLINE.V, GPU_T)],
     },
 }
 

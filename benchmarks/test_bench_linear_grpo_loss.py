@@ -37,6 +37,13 @@ Batch-invariant mode (issue 19): the Triton and C++ backends with batch_invarian
 their own (test_linear_grpo_loss_batch_invariant, padded batch) and as the mode's cost, each call timed
 alternately with the default mode's on the same inputs (test_linear_grpo_loss_batch_invariant_cost:
 the median of the per-pair time ratios, invariant / default, padded and unpadded).
+
+Packed sequences (issue 17, test_linear_grpo_loss_packed): the same input sets without their padding,
+hidden [N_live, D] with cu_seqlens (each sequence's completion, whose mask is a prefix), against the
+padded op on the padded batch; both compute the same N_live rows (6 N_live V D). The padded rows'
+call returns its hidden-state gradient at the live rows (an N_live D copy, as a packed trainer would
+take it), so the two results are compared with the reference's packed run. test_packed_paired times
+the kernel backend of the set packed against padded, call by call on the same input sets.
 """
 import pytest
 import torch
@@ -330,3 +337,56 @@ def test_per_token_advantages_paired(bench):
                   f"{impl} [B]": harness.Case(**case_fields(shape, impl, bench.dtype, bench.device,
                                                             per_token=False))},
                  name="per-token advantages paired")
+
+
+def packed_case_fields(shape, impl, dtype, device, packed=True):
+    """The harness.Case fields of fused_linear_grpo_loss on the set's batch packed (cu_seqlens, hidden
+    [N_live, D]) or padded ([B, T, D] with its completion mask): the same live rows either way."""
+    if impl in ("triton", "cpp"):
+        harness.lvrpo_backend(impl, dtype)
+
+    def inputs():
+        s = make_set(shape, dtype, device)
+        live = s["mask"]  # a prefix of each row: the completion, then padding
+        s["cu_seqlens"] = torch.nn.functional.pad(live.sum(1).cumsum(0), (1, 0))
+        s["packed"] = {key: s[key][live] for key in ("hidden", "targets", "logp_old", "logp_ref")}
+        return s
+
+    def call_with(name, as_packed):
+        def call(s):
+            source = s["packed"] if as_packed else s
+            hidden = source["hidden"].detach().requires_grad_()
+            weight = s["weight"].detach().requires_grad_()
+            loss = lvrpo_fast.fused_linear_grpo_loss(
+                hidden, weight, source["targets"], None if as_packed else s["mask"], s["advantages"],
+                logp_old=source["logp_old"], logp_ref=source["logp_ref"], backend=name,
+                cu_seqlens=s["cu_seqlens"] if as_packed else None, **OPTIONS)[0]
+            loss.backward()
+            grad_hidden = hidden.grad if as_packed else hidden.grad[s["mask"]]
+            return {"loss": loss.detach(), "grad_hidden": grad_hidden, "grad_weight": weight.grad}
+        return call
+
+    nvd = shape.V * shape.D
+    return dict(
+        case="linear_grpo_loss fwd+bwd, " + ("packed" if packed else "padded, as packed"),
+        op="linear_grpo_loss_packed", impl=impl, shape=shape, dtype=dtype, make_set=inputs,
+        call=call_with(impl, packed), reference_call=call_with("reference", True),
+        checked=("loss", "grad_hidden", "grad_weight"), flops=6 * shape.N * nvd,
+        executed_flops=lambda s: 6 * int(s["mask"].sum()) * nvd, mm=(shape.N, shape.D, shape.V))
+
+
+@pytest.mark.bench_op("linear_grpo_loss_packed", impls=("reference", "triton", "cpp"),
+                      variants=[{"layout": "packed"}, {"layout": "padded"}])
+def test_linear_grpo_loss_packed(bench, shape, impl, layout):
+    """Packed sequences against the padded op on the same data: time and peak extra memory."""
+    bench.run(**packed_case_fields(shape, impl, bench.dtype, bench.device, packed=layout == "packed"))
+
+
+def test_packed_paired(bench):
+    """Packed over padded, call by call on the same input sets (Bench.paired), on the set's kernel backend."""
+    impl = "triton" if bench.device.type == "cuda" else "cpp"
+    shape = harness.SHAPES[bench.shape_set]["linear_grpo_loss_packed"][0]
+    harness.lvrpo_backend(impl, bench.dtype)
+    bench.paired({f"{impl} packed": harness.Case(**packed_case_fields(shape, impl, bench.dtype, bench.device, True)),
+                  f"{impl} padded": harness.Case(**packed_case_fields(shape, impl, bench.dtype, bench.device, False))},
+                 name="packed over padded paired")

@@ -16,7 +16,7 @@ def grpo_loss(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, 
               logp_old: Optional[torch.Tensor] = None, logp_ref: Optional[torch.Tensor] = None,
               logp_sampling: Optional[torch.Tensor] = None, entropy: Optional[torch.Tensor] = None,
               rollout_weights: Optional[torch.Tensor] = None, backend: Optional[str] = None,
-              return_sequence_stats: bool = False, **options):
+              return_sequence_stats: bool = False, cu_seqlens: Optional[torch.Tensor] = None, **options):
     """The GRPO loss on given per-token log-probabilities.
 
     Args:
@@ -35,6 +35,10 @@ def grpo_loss(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, 
             vespo: entering its sequence weight instead).
         backend: "auto", "triton", "cpp" or "reference".
         return_sequence_stats: also return the per-sequence statistics (lvrpo_fast.SequenceStats).
+        cu_seqlens: [B + 1] int32 / int64 bounds of packed sequences: logp, mask and the per-token
+            inputs are then [N] (or [1, N]), advantages and rollout_weights [B] or [N], N =
+            cu_seqlens[-1] (see lvrpo_fast.fused_linear_grpo_loss); the result equals the op's on the
+            batch padded to the longest sequence, and logp's gradient is [N] like logp.
         **options: loss_type, epsilon_low, epsilon_high, delta, clip_ratio_c, beta, kl_estimator,
             use_bias_correction_kl, importance_sampling_level, entropy_coef, entropy_agg,
             max_completion_length, num_items_in_batch (a number or a one-element tensor),
@@ -49,6 +53,11 @@ def grpo_loss(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, 
         kernel backends (create_graph=True raises).
     """
     opts = GRPOOptions.from_kwargs(**options)
+    if cu_seqlens is not None:
+        packing = validate.packed_rows("logp", logp, cu_seqlens)
+        mask, advantages, logp_old, logp_ref, logp_sampling, entropy, rollout_weights, logp = \
+            validate.packed_grpo_inputs(packing, mask, advantages, logp_old, logp_ref, logp_sampling, entropy,
+                                        rollout_weights, logp)
     mask = validate.check_grpo_inputs(logp, advantages, mask, logp_old=logp_old, logp_ref=logp_ref,
                                       logp_sampling=logp_sampling, entropy=entropy, rollout_weights=rollout_weights,
                                       options=opts)

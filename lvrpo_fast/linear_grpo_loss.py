@@ -19,7 +19,8 @@ def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: 
                            rollout_weights: Optional[torch.Tensor] = None, temperature: float = 1.0,
                            return_entropy: bool = False, head_dtype: Optional[torch.dtype] = None,
                            backend: Optional[str] = None, return_sequence_stats: bool = False,
-                           batch_invariant: Optional[bool] = None, **options):
+                           batch_invariant: Optional[bool] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                           **options):
     """The GRPO loss straight from hidden states and the LM head, never building the [B*T, V] logits.
 
     Args:
@@ -50,6 +51,14 @@ def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: 
             batch's normalizers alone (the loss's, and the high-entropy mask's threshold), and the loss
             does not depend on the sequences' order. None (default): LVRPO_BATCH_INVARIANT, else off.
             See README, "Batch-invariant mode".
+        cu_seqlens: [B + 1] int32 / int64 sequence bounds for packed sequences (flash-attn's and verl's
+            layout): hidden is then [N, D], targets, mask and the per-token inputs [N], advantages
+            and rollout_weights [B] or [N] ([1, N] too), N = cu_seqlens[-1]; sequence b is rows
+            [cu_seqlens[b], cu_seqlens[b + 1]), a repeated bound an empty sequence. The result (loss,
+            metrics, sequence statistics; the gradient w.r.t. hidden is [N, D]) equals the op's on the
+            same batch padded to the longest sequence: no normalizer reads the padded length
+            (dr_grpo divides by max_completion_length). The head reads hidden's rows in place, gathering
+            only the unmasked rows of chunks with masked tokens (lvrpo_fast.packing).
         **options: the GRPO options (lvrpo_fast.GRPOOptions). With top_entropy_quantile < 1 the
             high-entropy mask needs every token's entropy before any gradient can be formed: see
             lvrpo_fast/fused/linear_grpo_loss.py for the extra forward pass it costs.
@@ -63,13 +72,20 @@ def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: 
         in place between forward and backward raises autograd's error.
     """
     opts = GRPOOptions.from_kwargs(**options)
-    hidden, weight, bias, mask, temperature, head_dtype = validate.linear_grpo_loss_inputs(
-        hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref, rollout_weights, temperature, opts,
-        logp_sampling=logp_sampling, head_dtype=head_dtype)
+    packing = None
+    if cu_seqlens is None:
+        hidden, weight, bias, mask, temperature, head_dtype = validate.linear_grpo_loss_inputs(
+            hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref, rollout_weights, temperature, opts,
+            logp_sampling=logp_sampling, head_dtype=head_dtype)
+    else:
+        (hidden, weight, bias, temperature, head_dtype, packing, targets, mask, advantages, logp_old, logp_ref,
+         logp_sampling, rollout_weights) = validate.packed_linear_grpo_loss_inputs(
+            hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref, rollout_weights, temperature, opts,
+            cu_seqlens, logp_sampling=logp_sampling, head_dtype=head_dtype)
     impl = dispatch.select(backend, hidden.device, hidden.dtype, dispatch.batch_invariant(batch_invariant))
     with validate.autocast_off(hidden.device):
         out = impl.linear_grpo_loss_impl(hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref,
                                          rollout_weights, temperature, bool(return_entropy), opts,
                                          logp_sampling=logp_sampling, head_dtype=head_dtype,
-                                         return_stats=return_sequence_stats)
+                                         return_stats=return_sequence_stats, packing=packing)
     return out if not return_sequence_stats else (out[0], out[1], SequenceStats.from_columns(out[2]))

@@ -15,7 +15,8 @@ from . import dispatch, validate
 def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                           bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
                           return_entropy: bool = False, mask: Optional[torch.Tensor] = None,
-                          backend: Optional[str] = None, batch_invariant: Optional[bool] = None):
+                          backend: Optional[str] = None, batch_invariant: Optional[bool] = None,
+                          cu_seqlens: Optional[torch.Tensor] = None):
     """Per-token log-probabilities (and entropy) of `targets` under softmax((hidden @ weight.T + bias) / temperature).
 
     Args:
@@ -35,6 +36,9 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
             fused_linear_grpo_loss computes in the same mode, on the triton and cpp backends (the
             reference is exempt). None (default): the environment variable LVRPO_BATCH_INVARIANT,
             else off. Its cost and what it needs of the BLAS: README, "Batch-invariant mode".
+        cu_seqlens: [B + 1] int32 / int64 bounds of packed sequences, hidden then [N, D] (or [1, N, D]),
+            N = cu_seqlens[-1]: checked only, since every row is computed on its own whatever sequence
+            it belongs to (packed rows need nothing else).
 
     Returns:
         logp [...] float32 (float64 for float64 inputs), and entropy [...] if return_entropy.
@@ -43,6 +47,8 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         Under torch.autocast the head computes in autocast's dtype (lvrpo_fast.validate.head_autocast).
         The full [N, V] logits are never allocated by the kernel backends.
     """
+    if cu_seqlens is not None:
+        validate.packed_rows("hidden", hidden, cu_seqlens, trailing=1)
     hidden, weight, targets, bias, mask, temperature, return_entropy = validate.linear_logprobs_inputs(
         hidden, weight, targets, bias, mask, temperature, return_entropy)
     impl = dispatch.select(backend, hidden.device, hidden.dtype, dispatch.batch_invariant(batch_invariant))

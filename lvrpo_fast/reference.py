@@ -410,10 +410,14 @@ def grpo_loss(logp, advantages, mask, *, logp_old=None, logp_ref=None, logp_samp
 
 def linear_grpo_loss_impl(hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref,
                           rollout_weights, temperature, return_entropy, options: GRPOOptions, *,
-                          logp_sampling=None, head_dtype=None, return_stats=False):
+                          logp_sampling=None, head_dtype=None, return_stats=False, packing=None):
     """hidden [B, T, D], weight [V, D], targets [B, T], mask [B, T] bool, advantages [B] or [B, T].
-    head_dtype: the dtype the logits are formed in (None: the inputs'); see fused_linear_grpo_loss."""
+    head_dtype: the dtype the logits are formed in (None: the inputs'); see fused_linear_grpo_loss.
+    packing (lvrpo_fast.packing.Packing): hidden is packed [N, D], the other inputs padded [B, T]; the
+    oracle pads hidden (differentiably) and computes the padded batch."""
     need_entropy = return_entropy or options.needs_entropy
+    if packing is not None:
+        hidden = packing.pad(hidden)
     if head_dtype is not None and head_dtype != hidden.dtype:
         # Operands rounded to head_dtype, the product rounded to it, the statistics in float32 or
         # wider; autograd then forms the gradients through the rounding casts in the inputs' dtype.

@@ -23,6 +23,7 @@ import torch
 
 from .contract import ADVANTAGE_SCALES
 from .options import GRPOOptions
+from .packing import Packing
 
 
 def _tensor(name: str, value, *, floating: bool = False, integer: bool = False) -> torch.Tensor:
@@ -173,6 +174,110 @@ def linear_grpo_loss_inputs(hidden, weight, targets, mask, advantages, bias, log
     else:
         head_dtype = check_head_dtype(head_dtype, hidden.dtype)
     return hidden, weight, bias, mask, temperature, head_dtype
+
+
+def check_cu_seqlens(cu_seqlens, total_tokens: int, device: torch.device) -> Packing:
+    """cu_seqlens [B + 1] (int32 or int64, non-decreasing from 0 to total_tokens, on `device`) -> its
+    Packing (lvrpo_fast.packing). Reads cu_seqlens on the host (one sync)."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor [B + 1] of sequence bounds, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be an int32 or int64 tensor, got dtype {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens must be a 1-D tensor [B + 1] (at least one element, 0), "
+                         f"got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens must be on the packed tensors' device {device}, got {cu_seqlens.device}")
+    bounds = [int(x) for x in cu_seqlens.tolist()]
+    if bounds[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0] = {bounds[0]}")
+    for b in range(len(bounds) - 1):
+        if bounds[b + 1] < bounds[b]:
+            raise ValueError(f"cu_seqlens must be non-decreasing (sequence b holds the packed rows "
+                             f"[cu_seqlens[b], cu_seqlens[b + 1])), got cu_seqlens[{b}] = {bounds[b]} > "
+                             f"cu_seqlens[{b + 1}] = {bounds[b + 1]}")
+    if bounds[-1] != total_tokens:
+        raise ValueError(f"cu_seqlens must end at the number of packed tokens {total_tokens}, "
+                         f"got cu_seqlens[-1] = {bounds[-1]}")
+    return Packing(cu_seqlens, bounds)
+
+
+def _packed_per_token(name: str, t, packing: Packing, per_sequence: bool, fill=0):
+    """A packed per-token input [N] (or [1, N], verl's layout) as the padded [B, T] one (`fill` past the
+    ends); with per_sequence, a [B] input (one value per sequence) is returned as it is."""
+    if t is None:
+        return None
+    _tensor(name, t)
+    B, N = packing.batch, packing.total
+    if t.device != packing.cu_seqlens.device:
+        raise ValueError(f"{name} must be on cu_seqlens' device {packing.cu_seqlens.device}, got {t.device}")
+    if per_sequence and tuple(t.shape) == (B,):
+        if B == N and any(packing.bounds[b + 1] - packing.bounds[b] != 1 for b in range(B)):
+            raise ValueError(f"{name} of shape {(B,)} is ambiguous here (B = total_tokens = {B} but not every "
+                             f"sequence has one token): pass one value per sequence as [B] with B != total_tokens, "
+                             f"or per-token values as [1, total_tokens]")
+        return t
+    if tuple(t.shape) not in ((N,), (1, N)):
+        expected = f"{(B,)} (per sequence) or {(N,)} (per token)" if per_sequence else f"{(N,)}"
+        raise ValueError(f"{name} must have shape {expected} with packed sequences (cu_seqlens: B = {B}, "
+                         f"total_tokens = {N}), got {tuple(t.shape)}")
+    return packing.pad(t.reshape(N), fill)
+
+
+def packed_grpo_inputs(packing: Packing, mask, advantages, logp_old=None, logp_ref=None, logp_sampling=None,
+                       entropy=None, rollout_weights=None, logp=None):
+    """The packed per-token GRPO inputs ([N] each; advantages and rollout_weights [B] or [N]) laid out as
+    the padded [B, T] batch they stand for (lvrpo_fast.packing), in the argument order; mask padded with
+    False (None: every token counts). Shapes are checked here, the rest by check_grpo_inputs."""
+    if mask is None:
+        mask = torch.ones(packing.total, dtype=torch.bool, device=packing.cu_seqlens.device)
+    mask = _packed_per_token("mask", mask, packing, False)  # 0 / False past each sequence's end
+    if mask.dtype != torch.bool:
+        mask = mask != 0
+    return (mask, _packed_per_token("advantages", advantages, packing, True),
+            *(_packed_per_token(name, t, packing, False) for name, t in
+              (("logp_old", logp_old), ("logp_ref", logp_ref), ("logp_sampling", logp_sampling),
+               ("entropy", entropy))),
+            _packed_per_token("rollout_weights", rollout_weights, packing, True),
+            _packed_per_token("logp", logp, packing, False))
+
+
+def packed_rows(name: str, t, cu_seqlens, trailing: int = 0) -> Packing:
+    """Checks a packed input `name` [N, ...] (or verl's [1, N, ...]; `trailing` dimensions after N) against
+    cu_seqlens; returns the Packing."""
+    _tensor(name, t)
+    dims = t.dim() - trailing
+    if dims not in (1, 2) or (dims == 2 and t.shape[0] != 1):
+        raise ValueError(f"{name} must be [total_tokens{', D' if trailing else ''}] (or [1, total_tokens"
+                         f"{', D' if trailing else ''}]) with cu_seqlens (packed sequences), got {tuple(t.shape)}")
+    return check_cu_seqlens(cu_seqlens, t.shape[dims - 1], t.device)
+
+
+def packed_linear_grpo_loss_inputs(hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref,
+                                   rollout_weights, temperature, options: GRPOOptions, cu_seqlens, *,
+                                   logp_sampling=None, head_dtype=None):
+    """The entry rule of fused_linear_grpo_loss on packed sequences: hidden [N, D], targets / mask and the
+    per-token inputs [N], advantages and rollout_weights [B] or [N], cu_seqlens [B + 1]. Returns (hidden,
+    weight, bias, temperature, head_dtype, packing, targets, mask, advantages, logp_old, logp_ref,
+    logp_sampling, rollout_weights), the per-token inputs as the padded [B, T] batch (lvrpo_fast.packing);
+    hidden stays packed."""
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
+        got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+        raise ValueError(f"hidden must be a 2-D tensor [total_tokens, D] with cu_seqlens (packed sequences), got {got}")
+    mask, temperature = check_linear_inputs(hidden, weight, targets, bias=bias, mask=mask, temperature=temperature)
+    packing = check_cu_seqlens(cu_seqlens, hidden.shape[0], hidden.device)
+    mask, advantages, logp_old, logp_ref, logp_sampling, _, rollout_weights, _ = packed_grpo_inputs(
+        packing, mask, advantages, logp_old, logp_ref, logp_sampling, None, rollout_weights)
+    targets = packing.pad(targets)
+    mask = check_grpo_inputs(targets, advantages, mask, logp_old=logp_old, logp_ref=logp_ref,
+                             logp_sampling=logp_sampling, rollout_weights=rollout_weights, options=options,
+                             need_logp=False)
+    if head_dtype is None:
+        hidden, weight, bias = head_autocast(hidden, weight, bias)
+    else:
+        head_dtype = check_head_dtype(head_dtype, hidden.dtype)
+    return (hidden, weight, bias, temperature, head_dtype, packing, targets, mask, advantages, logp_old, logp_ref,
+            logp_sampling, rollout_weights)
 
 
 def check_grpo_inputs(logp, advantages, mask, *, logp_old=None, logp_ref=None, logp_sampling=None, entropy=None,

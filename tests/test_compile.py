@@ -124,7 +124,7 @@ def test_custom_ops_pass_opcheck():
                                                   options=GRPOOptions(loss_type="bnpo"), batch_invariant=invariant))
         torch.library.opcheck(library.op("linear_grpo_loss"),
                               (hidden, weight, None, data["targets"], data["mask"], data["rewards"], None, None, None,
-                               None, None, True, True, False), scalars,
+                               None, None, None, True, True, False), scalars,
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     # TRL's options: the high-entropy mask's two passes, a narrower head, the off-policy mask's tensor
     scalars, _ = LOSS.encode(LinearLossParams(backend="cpp", temperature=1.0, need_entropy=True,
@@ -133,5 +133,17 @@ def test_custom_ops_pass_opcheck():
                                                   entropy_agg="token_mean", off_policy_mask_threshold=0.0)))
     torch.library.opcheck(library.op("linear_grpo_loss"),
                           (hidden, weight, None, data["targets"], data["mask"], data["rewards"], None, None,
-                           data["logp_ref"], None, None, True, True, False), scalars,
+                           data["logp_ref"], None, None, None, True, True, False), scalars,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    # Packed sequences: hidden [N, D] (the padded batch's first rows of each sequence), the rest padded
+    B, T = data["mask"].shape
+    lengths = torch.tensor([T - b % 3 for b in range(B)])
+    mask = data["mask"] & (torch.arange(T) < lengths[:, None])
+    cu_seqlens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+    packed = data["hidden"].detach()[torch.arange(T) < lengths[:, None]].requires_grad_()
+    scalars, _ = LOSS.encode(LinearLossParams(backend="cpp", temperature=1.0, need_entropy=False, head_dtype="",
+                                              options=GRPOOptions(importance_sampling_level="sequence")))
+    torch.library.opcheck(library.op("linear_grpo_loss"),
+                          (packed, weight, None, data["targets"], mask, data["rewards"], None, None, None, None,
+                           None, cu_seqlens, True, True, False), scalars,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

@@ -47,11 +47,11 @@ class KernelBackend:
 
     def linear_grpo_loss_impl(self, hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref,
                               rollout_weights, temperature, return_entropy, options, *, logp_sampling=None,
-                              head_dtype=None, return_stats=False):
+                              head_dtype=None, return_stats=False, packing=None):
         return linear_grpo_loss_with(self.name, hidden, weight, targets, mask, advantages, bias, logp_old,
                                      logp_ref, rollout_weights, temperature, return_entropy, options,
                                      logp_sampling=logp_sampling, head_dtype=head_dtype, return_stats=return_stats,
-                                     batch_invariant=self.batch_invariant)
+                                     batch_invariant=self.batch_invariant, packing=packing)
 
     def __repr__(self):
         return f"KernelBackend({self.name}{', batch_invariant' if self.batch_invariant else ''})"

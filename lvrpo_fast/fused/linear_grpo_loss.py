@@ -73,6 +73,7 @@ from .. import backends, validate
 from ..chunking import HeadGrads, Logits, rows_per_chunk, sequence_chunks
 from ..contract import NSTATS, STAT_LOSS, token_loss_params
 from ..options import GRPOOptions
+from ..packing import Packing
 from . import library
 from .grpo_loss import (as_float32, entropy_bonus, entropy_grad, entropy_scales, high_entropy_threshold, kept_tokens,
                         metrics_from_stats, per_token, row_scales)
@@ -139,16 +140,18 @@ class _Head:
 
 def forward(prims, hidden, weight, bias, targets, mask, advantages, logp_old, logp_ref, logp_sampling,
             rollout_weights, temperature, need_entropy, options, need_h, need_w, need_b, head_dtype=None,
-            batch_invariant=False):
+            batch_invariant=False, packing=None):
     """(loss, per-sequence stats [B, NSTATS], (grad_hidden, grad_weight, grad_bias)), chunk by chunk.
 
     hidden [B, T, D], targets [B, T] int64 (masked ids replaced), mask [B, T] bool, advantages [B] or
     [B, T] and the per-token [B, T] inputs in float32; the gradients are None where not needed.
+    packing (lvrpo_fast.packing.Packing): hidden (and its gradient) is packed [N, D], every other input
+    the padded [B, T] batch; each chunk of the padded batch's sequences reads its packed rows.
     batch_invariant: the log-probabilities and entropies are those of the forward-only op in the same
     mode, bit for bit (the same chunking.Logits tiles and statistics launch), each sequence's statistics
     depend on that sequence and the batch's normalizers alone, and the loss sums them in an order that
     does not depend on theirs."""
-    B, T, D = hidden.shape
+    (B, T), D = mask.shape, hidden.shape[-1]
     V = weight.shape[0]
     need_grad = need_h or need_w or need_b
     params = token_loss_params(options)
@@ -157,21 +160,24 @@ def forward(prims, hidden, weight, bias, targets, mask, advantages, logp_old, lo
     # An empty batch (B = 0 or T = 0) has no token: no chunk, loss 0, zero gradients.
     budget = rows_per_chunk(V, head.bytes_per_row_element(), hidden.device, D)
     chunks = sequence_chunks(mask, budget) if B * T else []
-    flat_hidden = hidden.view(B * T, D)
+    # Each chunk's rows of hidden: those of the padded batch, or of the packed one (the same rows in order).
+    hidden_chunks = chunks if packing is None else [packing.rows(c) for c in chunks]
+    flat_hidden = hidden.view(-1, D)
     flat_targets = targets.view(B * T)
-    grads = HeadGrads(hidden, weight, need_h, need_w, need_b, chunks)
+    grads = HeadGrads(hidden, weight, need_h, need_w, need_b, hidden_chunks)
     stats = torch.zeros((B, NSTATS), dtype=torch.float32, device=hidden.device)  # B = 0: no chunk at all
     # The batch-invariant tiles read hidden's rows themselves, so they need them in the head's dtype.
     tile_hidden = head.rows(flat_hidden) if batch_invariant and head.mixed else flat_hidden
-    tiles = [Logits(chunks, tile_hidden, head.weight, head.bias, batch_invariant)]  # one per pass over the plan
+    tiles = [Logits(hidden_chunks, tile_hidden, head.weight, head.bias, batch_invariant)]  # one per pass over the plan
     f32 = dict(dtype=torch.float32, device=hidden.device)
     logp = torch.zeros(B * T, **f32)  # masked rows: 0, never computed
     entropy = torch.zeros(B * T, **f32) if need_entropy else None
 
-    def chunk_stats(c):
-        """The chunk's logits (left in the tile) and its rows' (logp, lse, entropy), written into the batch's."""
-        rows = head.rows(c.take(flat_hidden))
-        logits = tiles[0].of(c, rows)
+    def chunk_stats(c, h):
+        """The chunk's logits (left in the tile) and its rows' (logp, lse, entropy), written into the batch's;
+        h: the chunk's rows of hidden."""
+        rows = head.rows(h.take(flat_hidden))
+        logits = tiles[0].of(h, rows)
         lp, lse, ent = prims.logits_stats(logits, c.take(flat_targets), temperature, need_entropy, batch_invariant)
         c.put_(logp, lp)
         if need_entropy:
@@ -183,7 +189,7 @@ def forward(prims, hidden, weight, bias, targets, mask, advantages, logp_old, lo
         # Pass 1: every row's statistics before any gradient; the tile keeps the last computed chunk's logits.
         for i, c in enumerate(chunks):
             if c.size:
-                logits, rows, lse, ent = chunk_stats(c)
+                logits, rows, lse, ent = chunk_stats(c, hidden_chunks[i])
                 first_pass[i] = (lse, ent)
                 resident = (i, logits, rows)
         threshold = high_entropy_threshold(entropy.view(B, T), mask, options)
@@ -191,7 +197,7 @@ def forward(prims, hidden, weight, bias, targets, mask, advantages, logp_old, lo
             # Tiles are cut from the plan in order, once per Logits: the second pass recomputes them all.
             logits = rows = resident = tiles[0] = None
             if need_grad:
-                tiles[0] = Logits(chunks, tile_hidden, head.weight, head.bias, batch_invariant)
+                tiles[0] = Logits(hidden_chunks, tile_hidden, head.weight, head.bias, batch_invariant)
         elif resident is not None:
             order = [resident[0]] + [i for i in range(len(chunks)) if i != resident[0]]
     ent_scale = None
@@ -199,7 +205,7 @@ def forward(prims, hidden, weight, bias, targets, mask, advantages, logp_old, lo
         ent_scale = entropy_scales(kept_tokens(None if entropy is None else entropy.view(B, T), mask, threshold),
                                    scale, options)
     for i in order:
-        c = chunks[i]
+        c, h = chunks[i], hidden_chunks[i]
         s0, s1 = c.start // T, c.end // T
         logits = rows = lse = ent = None
         if c.size:
@@ -209,10 +215,10 @@ def forward(prims, hidden, weight, bias, targets, mask, advantages, logp_old, lo
                     if resident is not None and i == resident[0]:
                         logits, rows = resident[1], resident[2]
                     else:
-                        rows = head.rows(c.take(flat_hidden))
-                        logits = tiles[0].of(c, rows)
+                        rows = head.rows(h.take(flat_hidden))
+                        logits = tiles[0].of(h, rows)
             else:
-                logits, rows, lse, ent = chunk_stats(c)
+                logits, rows, lse, ent = chunk_stats(c, h)
         chunk_entropy = None if entropy is None else entropy[c.start:c.end].view(s1 - s0, T)
         chunk_stats_, grad_logp = prims.grpo_token_loss(
             logp[c.start:c.end].view(s1 - s0, T), _slice(logp_old, s0, s1), _slice(logp_ref, s0, s1),
@@ -227,7 +233,7 @@ def forward(prims, hidden, weight, bias, targets, mask, advantages, logp_old, lo
                 grad_ent = rel.take(entropy_grad(kept, ent_scale[s0:s1], options).reshape(-1))
             prims.logits_grad_(logits, c.take(flat_targets), lse, None if grad_ent is None else ent,
                                rel.take(grad_logp.reshape(-1)), grad_ent, temperature)
-            head.backward_(grads, c, logits, rows)
+            head.backward_(grads, h, logits, rows)
     total = order_free_sum if batch_invariant else torch.sum
     loss = total(stats[:, STAT_LOSS])
     if ent_scale is not None:
@@ -239,7 +245,7 @@ def forward(prims, hidden, weight, bias, targets, mask, advantages, logp_old, lo
 # The custom ops
 # ------------------------------------------------------------------------------------------------------
 def _op(hidden, weight, bias, targets, mask, advantages, logp_old, logp_ref, logp_sampling, rollout_weights,
-        num_items_tensor, need_h, need_w, need_b, **scalars):
+        num_items_tensor, cu_seqlens, need_h, need_w, need_b, **scalars):
     p = _CODEC.decode(scalars, num_items_tensor)
     validate.check_target_range(targets, weight.shape[0], mask)
     with validate.autocast_off(hidden.device):
@@ -247,14 +253,15 @@ def _op(hidden, weight, bias, targets, mask, advantages, logp_old, logp_ref, log
             backends.primitives(p.backend), hidden, weight, bias, targets, mask, as_float32(advantages),
             as_float32(logp_old), as_float32(logp_ref), as_float32(logp_sampling),
             per_token(rollout_weights, mask.shape), p.temperature, p.need_entropy, p.options, need_h, need_w, need_b,
-            head_dtype=getattr(torch, p.head_dtype) if p.head_dtype else None, batch_invariant=p.batch_invariant)
+            head_dtype=getattr(torch, p.head_dtype) if p.head_dtype else None, batch_invariant=p.batch_invariant,
+            packing=None if cu_seqlens is None else Packing.of(cu_seqlens))
     return (loss, stats, hidden.new_empty(0) if gh is None else gh, weight.new_empty(0) if gw is None else gw,
             weight.new_empty(0) if gb is None else gb)
 
 
 def _fake(hidden, weight, bias, targets, mask, advantages, logp_old, logp_ref, logp_sampling, rollout_weights,
-          num_items_tensor, need_h, need_w, need_b, **scalars):
-    B = hidden.shape[0]
+          num_items_tensor, cu_seqlens, need_h, need_w, need_b, **scalars):
+    B = mask.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     return (hidden.new_empty((), **f32), hidden.new_empty((B, NSTATS), **f32),
             torch.empty_like(hidden) if need_h else hidden.new_empty(0),
@@ -277,11 +284,11 @@ class ScaleParams:
     backend: str
 
 
-_N_TENSORS = 14  # the leading arguments of the op's schema below
+_N_TENSORS = 15  # the leading arguments of the op's schema below
 library.define("linear_grpo_loss",
                "Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor mask, Tensor advantages, "
                "Tensor? logp_old, Tensor? logp_ref, Tensor? logp_sampling, Tensor? rollout_weights, "
-               "Tensor? num_items_tensor, bool need_h, bool need_w, bool need_b", _CODEC,
+               "Tensor? num_items_tensor, Tensor? cu_seqlens, bool need_h, bool need_w, bool need_b", _CODEC,
                "(Tensor, Tensor, Tensor, Tensor, Tensor)", _op, _fake)
 library.define("scale_", "Tensor(a!)[] tensors, Tensor factor", library.ParamsCodec(ScaleParams), "()", _scale,
                _scale_fake)
@@ -322,8 +329,9 @@ library.register_autograd("linear_grpo_loss", _backward, _setup_context)
 
 def linear_grpo_loss_with(backend: str, hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref,
                           rollout_weights, temperature, return_entropy, options: GRPOOptions, *, logp_sampling=None,
-                          head_dtype=None, return_stats=False, batch_invariant: bool = False):
-    """Backend entry (validated inputs): hidden [B, T, D], targets / mask [B, T], advantages [B] or [B, T].
+                          head_dtype=None, return_stats=False, batch_invariant: bool = False, packing=None):
+    """Backend entry (validated inputs): hidden [B, T, D], targets / mask [B, T], advantages [B] or [B, T];
+    with packing (lvrpo_fast.packing.Packing) hidden is packed [N, D], the rest padded [B, T].
     Returns (loss 0-dim float32, metrics), and the per-sequence statistics [B, NSTATS] when return_stats."""
     need_entropy = bool(return_entropy) or options.needs_entropy
     params = LinearLossParams(backend=backend, temperature=float(temperature), need_entropy=need_entropy,
@@ -336,6 +344,6 @@ def linear_grpo_loss_with(backend: str, hidden, weight, targets, mask, advantage
     loss, stats, _, _, _ = library.op("linear_grpo_loss")(
         hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
         validate.safe_targets(targets, mask).contiguous(), mask, advantages, logp_old, logp_ref, logp_sampling,
-        rollout_weights, num_items, *need, **scalars)
+        rollout_weights, num_items, None if packing is None else packing.cu_seqlens, *need, **scalars)
     metrics = metrics_from_stats(stats, options, need_entropy)
     return (loss, metrics, stats) if return_stats else (loss, metrics)

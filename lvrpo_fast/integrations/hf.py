@@ -16,13 +16,31 @@ Supported logit transforms: a multiplicative logit scale (Cohere's ``logit_scale
 ``logits_scaling`` divisor, Falcon-H1's ``lm_head_multiplier``) is folded into the returned hidden
 states and bias, so ``hidden @ weight.T + bias`` equals the model's logits. Not supported: final-logit
 soft-capping (Gemma 2), which is not linear in the hidden states: a ValueError, never wrong numbers.
+
+FSDP2 (``fully_shard``): a sharded model holds each parameter as a DTensor shard outside its FSDP unit's
+forward. Called outside the root's forward, :func:`completion_hidden_states` runs its work *inside*
+it (through the root module's call, its forward swapped for that one call), so FSDP2 gathers the root
+unit's parameters (the embeddings, the final norm, the LM head) as in any forward, returns the head's
+gathered weight, and reduce-scatters its gradient in the backward with the root's other gradients (the
+root unit keeps its parameters gathered from its forward to its backward). The LM head must therefore
+belong to the root unit, as the transformer-layer wrap policies of accelerate and verl leave it; a head
+with a unit of its own (``fully_shard(model.lm_head)``) is refused with a ValueError. Called inside the
+root's forward (a patched forward, as lvrpo_fast.integrations.trl does), it reads the gathered
+parameters directly.
 """
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+try:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without torch.distributed: nothing is sharded (isinstance(x, ()) is False)
+    FSDPModule = DTensor = ()
 
 from ..logprobs import fused_linear_logprobs
 
@@ -76,6 +94,55 @@ def lm_head_parameters(model):
     return head.weight, getattr(head, "bias", None)
 
 
+# Set while completion_hidden_states runs inside an FSDP2 root's forward that it started itself.
+_IN_ROOT_FORWARD = contextvars.ContextVar("lvrpo_fast_hf_in_root_forward", default=False)
+
+
+def _fsdp2_root(model):
+    """The FSDP2 root module (model, or the transformers model under its PEFT wrapper) whose forward gathers
+    the LM head's weight when that weight is a shard now; None when the weight is a whole tensor (no FSDP2,
+    or inside the root's forward). Raises for a head with an FSDP unit of its own."""
+    head = _unwrap(model).get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if isinstance(head, FSDPModule):
+        raise ValueError("the LM head has an FSDP2 unit of its own (fully_shard(lm_head)); lvrpo_fast reads its weight "
+                         "outside that unit's forward, so the unit would never gather it: leave the head in the "
+                         "root unit (fully_shard the decoder layers and the whole model, as accelerate's and verl's "
+                         "transformer wrap policies do)")
+    if not isinstance(weight, DTensor) or _IN_ROOT_FORWARD.get():
+        return None
+    for candidate in (model, _unwrap(model)):
+        if isinstance(candidate, FSDPModule):
+            return candidate
+    return None
+
+
+def _inside_root_forward(root, compute):
+    """compute() run as root's forward (one call through root's __call__, so FSDP2's hooks gather the root
+    unit's parameters before it and register the gradients' reduction after it)."""
+    def forward(*args, **kwargs):
+        token = _IN_ROOT_FORWARD.set(True)
+        try:
+            heads = compute()
+        finally:
+            _IN_ROOT_FORWARD.reset(token)
+        # Tensors FSDP2 hooks its backward onto; hidden is a slice of the backbone's output, copied so
+        # that no view of a hooked output escapes (an in-place op on one would drop FSDP2's hook).
+        return heads.hidden.clone(), heads.weight, heads.bias
+
+    had_own = "forward" in root.__dict__
+    previous = root.__dict__.get("forward")
+    root.forward = forward
+    try:
+        hidden, weight, bias = root()
+    finally:
+        if had_own:
+            root.forward = previous
+        else:
+            del root.forward
+    return LMHeadInputs(hidden, weight, bias)
+
+
 def completion_hidden_states(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                              logits_to_keep: Optional[int] = None, **model_kwargs) -> LMHeadInputs:
     """The LM head's inputs for the tokens of `input_ids` a model would score, without the logits.
@@ -91,7 +158,12 @@ def completion_hidden_states(model, input_ids: torch.Tensor, attention_mask: Opt
     Returns:
         LMHeadInputs with hidden [B, K, D] = the final-norm hidden states at positions L-K-1 .. L-2
         (each predicting the next token), in the head weight's dtype, times the model's logit scale.
+        Under FSDP2 the weight is the head's gathered [V, D] weight (see the module docstring).
     """
+    root = _fsdp2_root(model)
+    if root is not None:
+        return _inside_root_forward(root, lambda: completion_hidden_states(
+            model, input_ids, attention_mask, logits_to_keep, **model_kwargs))
     inner = _unwrap(model)
     backbone = getattr(inner, "base_model", None)
     if backbone is None or backbone is inner:

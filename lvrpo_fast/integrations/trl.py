@@ -208,7 +208,9 @@ class LVRPOGRPOTrainer(_GRPOTrainer):
         sharded = sharded_parameters(self)
         if sharded:
             raise ValueError(f"LVRPOGRPOTrainer does not support {sharded}: the fused head reads the LM head's "
-                             "weight whole, which a sharded model does not hold; use DDP, or trl.GRPOTrainer")
+                             "weight whole, which a sharded model does not hold outside its forward (the FSDP2 path "
+                             "of lvrpo_fast.integrations.hf is not yet tested in TRL's trainer, which runs FSDP on "
+                             "GPUs only); use DDP, or trl.GRPOTrainer")
         _logit_scale(self.model.config)  # soft-capping refused now, not at the first step
         from accelerate.utils import is_peft_model
 
