@@ -10,12 +10,15 @@ from typing import Optional
 import torch
 
 from . import dispatch, validate
+from . import vocab_parallel as tp
+from .vocab_parallel import VocabParallel
 
 
 def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                           bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
                           return_entropy: bool = False, mask: Optional[torch.Tensor] = None,
-                          backend: Optional[str] = None, batch_invariant: Optional[bool] = None):
+                          backend: Optional[str] = None, batch_invariant: Optional[bool] = None,
+                          vocab_parallel: Optional[VocabParallel] = None):
     """Per-token log-probabilities (and entropy) of `targets` under softmax((hidden @ weight.T + bias) / temperature).
 
     Args:
@@ -35,6 +38,14 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
             fused_linear_grpo_loss computes in the same mode, on the triton and cpp backends (the
             reference is exempt). None (default): the environment variable LVRPO_BATCH_INVARIANT,
             else off. Its cost and what it needs of the BLAS: README, "Batch-invariant mode".
+        vocab_parallel: a lvrpo_fast.VocabParallel when the head is split over the vocabulary across
+            the ranks of a process group (tensor parallelism): weight [V_local, D] and bias [V_local]
+            are this rank's contiguous shard, hidden / targets (global ids) / mask the same on every
+            rank, and every rank calls the op (it is collective, see lvrpo_fast/vocab_parallel.py).
+            The outputs are the whole head's, the same bits on every rank; grad_weight / grad_bias are
+            the shard's; grad_hidden is summed over the group when vocab_parallel.reduce_grad_hidden
+            (default) and is this rank's partial sum otherwise. A DTensor weight sharded with
+            (Shard(0),) over a 1-D mesh takes this path by itself.
 
     Returns:
         logp [...] float32 (float64 for float64 inputs), and entropy [...] if return_entropy.
@@ -43,9 +54,17 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         Under torch.autocast the head computes in autocast's dtype (lvrpo_fast.validate.head_autocast).
         The full [N, V] logits are never allocated by the kernel backends.
     """
+    weight, bias, vocab_parallel = tp.head_shards(weight, bias, vocab_parallel)
     hidden, weight, targets, bias, mask, temperature, return_entropy = validate.linear_logprobs_inputs(
         hidden, weight, targets, bias, mask, temperature, return_entropy)
+    partition = None
+    if vocab_parallel is not None:
+        live = targets.numel() if mask is None else int(mask.sum())
+        need_h = torch.is_grad_enabled() and hidden.requires_grad
+        partition = tp.resolve(vocab_parallel, weight.shape[0], hidden.device,
+                               (targets.numel(), hidden.shape[-1], live, int(need_h)))
     impl = dispatch.select(backend, hidden.device, hidden.dtype, dispatch.batch_invariant(batch_invariant))
     with validate.autocast_off(hidden.device):
-        logp, entropy = impl.logprobs_impl(hidden, weight, targets, bias, temperature, return_entropy, mask)
+        logp, entropy = impl.logprobs_impl(hidden, weight, targets, bias, temperature, return_entropy, mask,
+                                           vocab_parallel=partition)
     return (logp, entropy) if return_entropy else logp
