@@ -236,6 +236,14 @@ def e2e_line(row):
             f"the start)")
 
 
+def vocab_parallel_line(row):
+    """One run of benchmarks/test_bench_vocab_parallel.py (the slowest rank's time, the largest peak)."""
+    return (f"{row['impl']:13s} {row['world']} process(es), {row['tokens']} live tokens, D={row['hidden']}, "
+            f"V={row['vocab']} ({row['local_vocab']} per rank): fwd+bwd {row['median_s'] * 1e3:.1f} ms, "
+            f"peak extra {row['peak_extra_bytes'] / MiB:.1f} MiB per rank, loss {row['loss']:.6f}, "
+            f"load {row['load_average'][0]:.1f}")
+
+
 def e2e(data):
     rows = [b["extra_info"] for b in data["benchmarks"] if b["extra_info"].get("e2e")]
     return (["## TRL's GRPOTrainer end to end", ""] + [f"- {e2e_line(r)}" for r in rows] + [""]) if rows else []

@@ -9,8 +9,12 @@ Shards are unequal (and on 4 ranks one holds 4 of the 37 ids, so most rows' targ
 one case puts every target in the first shard, so the other ranks hold no target of any row.
 """
 import os
+import re
 import socket
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -252,3 +256,28 @@ def test_vocab_parallel_equals_one_process(world, backend, case):
     assert (backend, case) in merged, f"the {world}-process run did not reach this case: {error!r}"
     bad = merged[(backend, case)]
     assert not bad, "\n".join(bad)
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "vocab_parallel.py"
+
+
+def _printed_numbers(command):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith(("loss", "grad norms"))]
+    assert len(lines) == 2, done.stdout
+    return lines, [float(x.rstrip(",")) for x in re.findall(r"-?\d+\.\d+,?", " ".join(lines))]
+
+
+def test_readme_torchrun_example_prints_the_one_process_loss():
+    """examples/vocab_parallel.py (README, "Vocab-parallel heads"), under torchrun with 2 gloo processes,
+    prints the loss, the ratio metric and the gradient norms of the one-process run on the whole head."""
+    one, one_values = _printed_numbers([sys.executable, str(EXAMPLE)])
+    two, two_values = _printed_numbers([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                        "--nproc_per_node=2", str(EXAMPLE)])
+    assert len(one_values) == len(two_values) == 4, (one, two)
+    # Printed to 6 places: the loss matched to the last printed digit here, but float32 rounding of the
+    # two runs may straddle a rounding boundary on another machine, so the last digit may differ by 1.
+    for a, b in zip(one_values, two_values):
+        assert abs(a - b) <= 1.5e-6 + 1e-5 * abs(a), (one, two)
