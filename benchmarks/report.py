@@ -28,7 +28,7 @@ def load(path):
     rows = []
     for bench in data["benchmarks"]:
         info = dict(bench["extra_info"])
-        if info.get("paired") or info.get("e2e"):  # see targets() and e2e()
+        if info.get("paired") or info.get("e2e") or info.get("vocab_parallel"):  # their own sections below
             continue
         if info.get("median_s") is None and bench.get("stats"):
             info["median_s"] = bench["stats"]["median"]
@@ -249,6 +249,12 @@ def e2e(data):
     return (["## TRL's GRPOTrainer end to end", ""] + [f"- {e2e_line(r)}" for r in rows] + [""]) if rows else []
 
 
+def vocab_parallel(data):
+    rows = [b["extra_info"] for b in data["benchmarks"] if b["extra_info"].get("vocab_parallel")]
+    return (["## Vocab-parallel head (gloo), fused linear GRPO loss forward + backward", ""]
+            + [f"- {vocab_parallel_line(r)}" for r in rows] + [""]) if rows else []
+
+
 def skipped(data):
     reasons = OrderedDict()
     for entry in data.get("lvrpo_skipped", []):
@@ -320,7 +326,7 @@ def main(argv=None):
     png_path = args.png or args.json.with_suffix(".png")
     lines = header(data)
     figure = [f"![time and memory by N]({png_path.name})", ""] if cases else []  # an end-to-end run has none
-    lines += figure + targets(data, rows) + tables(cases) + e2e(data) + skipped(data)
+    lines += figure + targets(data, rows) + tables(cases) + e2e(data) + vocab_parallel(data) + skipped(data)
     if args.notes:
         lines += ["## Notes", "", args.notes.read_text().strip(), ""]
     md_path.write_text("\n".join(lines))

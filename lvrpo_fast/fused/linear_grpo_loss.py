@@ -60,6 +60,11 @@ mask the second pass recomputes every chunk's tiles (the tiles are cut from the 
 all but the last. With a mixed-precision head the tiles read a copy of hidden rounded to head_dtype
 (N D bytes of it more).
 
+Vocab-parallel heads (lvrpo_fast/vocab_parallel.py): the same loop on this rank's shard with the
+shard's primitives; the per-token statistics, hence the loss, the metrics and d(loss)/d(logp), are the
+whole head's on every rank, and each rank forms its shard's dlogits in the forward as above (6 N
+V_local D), so the design is unchanged. Chunks are sized by the widest shard (one plan on every rank).
+
 One custom op, ``lvrpo_fast::linear_grpo_loss`` (lvrpo_fast.fused.library), returning the loss, the
 statistics and the three gradients; its registered backward scales them with ``lvrpo_fast::scale_``.
 """

@@ -28,6 +28,12 @@ fixed launch configuration. Chunks are whole tiles (C rounded down to a multiple
 a budget under R rows of logits is exceeded), so it adds the gathered hidden rows (C D s), 8 N bytes
 of row indices and at most R - 1 padded rows of GEMM per call.
 
+Vocab-parallel heads (lvrpo_fast/vocab_parallel.py): weight is this rank's shard, the primitives are
+the shard's (vocab_parallel.ShardPrimitives: one all-gather of the row statistics per chunk, the
+backward's tile turned into this shard's columns of the gradient), chunks are sized by the widest
+shard so every rank runs the same plan, and grad_hidden is summed over the group unless the caller
+reduces it. The Partition reaches the ops as an integer key (LogprobsParams.vocab_parallel).
+
 Two custom ops (lvrpo_fast.fused.library): ``lvrpo_fast::linear_logprobs`` (forward) and
 ``lvrpo_fast::linear_logprobs_backward``, tied together by torch.library.register_autograd.
 """
