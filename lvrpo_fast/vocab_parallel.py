@@ -255,7 +255,6 @@ def combine(partition: Partition, targets: torch.Tensor, logp: torch.Tensor, lse
         terms = torch.where(weights > 0, weights * (lses - g[:, 2]), torch.zeros_like(weights))
         ent = total - terms.sum(0)
         ent = torch.where(ent < 0, torch.zeros_like(ent), ent)
-        ent = torch.where(torch.isnan(total), total, ent)
         ent = ent.float()
     return lp.float(), total.float(), ent
 
