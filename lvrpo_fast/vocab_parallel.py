@@ -135,12 +135,13 @@ def resolve(spec: VocabParallel, local_size: int, device: torch.device, consiste
     rank = dist.get_rank(group)
     if rank < 0:
         raise ValueError("vocab_parallel: this process is not a member of vocab_parallel.group")
-    for name in ("vocab_start", "vocab_size"):
-        value = getattr(spec, name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-            raise ValueError(f"vocab_parallel.{name} must be a non-negative int or None, got {value!r}")
-    mine = [local_size, -1 if spec.vocab_start is None else spec.vocab_start,
-            -1 if spec.vocab_size is None else spec.vocab_size, int(spec.reduce_grad_hidden), *consistency]
+    # A bad value on one rank is raised after the all-gather, on every rank, so none is left waiting.
+    bad = [f"vocab_parallel.{name} must be a non-negative int or None, got {getattr(spec, name)!r}"
+           for name in ("vocab_start", "vocab_size") if getattr(spec, name) is not None and
+           (not isinstance(getattr(spec, name), int) or isinstance(getattr(spec, name), bool) or getattr(spec, name) < 0)]
+    mine = [local_size, -1 if spec.vocab_start is None or bad else spec.vocab_start,
+            -1 if spec.vocab_size is None or bad else spec.vocab_size, int(spec.reduce_grad_hidden), int(bool(bad)),
+            *consistency]
     # The group's backend decides the device (NCCL needs CUDA tensors, gloo takes CPU ones).
     local = torch.tensor(mine, dtype=torch.int64, device=device)
     table = torch.empty(world * len(mine), dtype=torch.int64, device=device)
@@ -148,9 +149,12 @@ def resolve(spec: VocabParallel, local_size: int, device: torch.device, consiste
     rows = table.view(world, len(mine)).tolist()
     sizes = tuple(r[0] for r in rows)
     given_starts = [r[1] for r in rows]
-    if any(r[4:] != rows[0][4:] for r in rows):
+    if bad or any(r[4] for r in rows):
+        raise ValueError("; ".join(bad) if bad else
+                         f"vocab_parallel: bad arguments on rank(s) {[i for i, r in enumerate(rows) if r[4]]}")
+    if any(r[5:] != rows[0][5:] for r in rows):
         raise ValueError("vocab_parallel: the ranks of the group called the op with different inputs "
-                         f"(rows, live rows, gradient flags per rank: {[r[4:] for r in rows]}); every rank "
+                         f"(rows, live rows, gradient flags per rank: {[r[5:] for r in rows]}); every rank "
                          "must pass the same hidden shape, targets and mask")
     if any(r[3] != rows[0][3] for r in rows):
         raise ValueError("vocab_parallel.reduce_grad_hidden differs between the ranks of the group")

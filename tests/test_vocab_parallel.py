@@ -236,7 +236,10 @@ def _case(name, backend, world, rank, sizes):
         targets = data["targets"].clamp(min=0)
         for label, kwargs in (("mask", {"mask": mask}),
                               ("vocab_start", {"vocab_parallel": lvrpo_fast.VocabParallel(vocab_start=sl.start + 1)}),
-                              ("vocab_size", {"vocab_parallel": lvrpo_fast.VocabParallel(vocab_size=V + 1)})):
+                              ("vocab_size", {"vocab_parallel": lvrpo_fast.VocabParallel(vocab_size=V + 1)}),
+                              ("negative vocab_start on one rank",
+                               {"vocab_parallel": lvrpo_fast.VocabParallel(vocab_start=-1 if rank == world - 1
+                                                                           else None)})):
             kwargs = {"vocab_parallel": vp, **kwargs}
             try:
                 lvrpo_fast.fused_linear_logprobs(data["hidden"], data["weight"][sl], targets, backend=backend, **kwargs)
