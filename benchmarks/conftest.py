@@ -82,6 +82,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
                                        for (m, k, n, dt), v in CEILINGS.items()}
     output_json["lvrpo_skipped"] = list(harness.SESSION["skipped"])
     output_json["lvrpo_e2e"] = list(harness.SESSION.get("e2e", []))
+    output_json["lvrpo_vocab_parallel"] = list(harness.SESSION.get("vocab_parallel", []))
     output_json["lvrpo_targets"] = TARGETS.get(harness.SHAPE_SET, [])
 
 
@@ -102,6 +103,8 @@ def _ratios(results):
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for row in harness.SESSION.get("e2e", []):
         terminalreporter.write_line("end to end: " + report.e2e_line(row))
+    for row in harness.SESSION.get("vocab_parallel", []):
+        terminalreporter.write_line("vocab-parallel: " + report.vocab_parallel_line(row))
     results = harness.SESSION["results"]
     if not results and not harness.SESSION["paired"]:
         return

@@ -28,7 +28,7 @@ def load(path):
     rows = []
     for bench in data["benchmarks"]:
         info = dict(bench["extra_info"])
-        if info.get("paired") or info.get("e2e"):  # see targets() and e2e()
+        if info.get("paired") or info.get("e2e") or info.get("vocab_parallel"):  # their own sections below
             continue
         if info.get("median_s") is None and bench.get("stats"):
             info["median_s"] = bench["stats"]["median"]
@@ -236,9 +236,23 @@ def e2e_line(row):
             f"the start)")
 
 
+def vocab_parallel_line(row):
+    """One run of benchmarks/test_bench_vocab_parallel.py (the slowest rank's time, the largest peak)."""
+    return (f"{row['impl']:13s} {row['world']} process(es), {row['tokens']} live tokens, D={row['hidden']}, "
+            f"V={row['vocab']} ({row['local_vocab']} per rank): fwd+bwd {row['median_s'] * 1e3:.1f} ms, "
+            f"peak extra {row['peak_extra_bytes'] / MiB:.1f} MiB per rank, loss {row['loss']:.6f}, "
+            f"load {row['load_average'][0]:.1f}")
+
+
 def e2e(data):
     rows = [b["extra_info"] for b in data["benchmarks"] if b["extra_info"].get("e2e")]
     return (["## TRL's GRPOTrainer end to end", ""] + [f"- {e2e_line(r)}" for r in rows] + [""]) if rows else []
+
+
+def vocab_parallel(data):
+    rows = [b["extra_info"] for b in data["benchmarks"] if b["extra_info"].get("vocab_parallel")]
+    return (["## Vocab-parallel head (gloo), fused linear GRPO loss forward + backward", ""]
+            + [f"- {vocab_parallel_line(r)}" for r in rows] + [""]) if rows else []
 
 
 def skipped(data):
@@ -312,7 +326,7 @@ def main(argv=None):
     png_path = args.png or args.json.with_suffix(".png")
     lines = header(data)
     figure = [f"![time and memory by N]({png_path.name})", ""] if cases else []  # an end-to-end run has none
-    lines += figure + targets(data, rows) + tables(cases) + e2e(data) + skipped(data)
+    lines += figure + targets(data, rows) + tables(cases) + e2e(data) + vocab_parallel(data) + skipped(data)
     if args.notes:
         lines += ["## Notes", "", args.notes.read_text().strip(), ""]
     md_path.write_text("\n".join(lines))

@@ -171,8 +171,10 @@ void stats_rows(const scalar_t* logits, const int64_t* targets, int64_t begin, i
       s += block_s;
       u += block_u;
     }
+    // -1: the target is not in this tile (a vocab-parallel shard that does not hold it); its logp is
+    // undefined, NaN, so that a caller who reads it anyway cannot get a finite wrong number.
     const int64_t t = targets[r];
-    TORCH_CHECK(t >= 0 && t < V, "targets[", r, "] = ", t, " is outside [0, ", V, ")");
+    TORCH_CHECK(t >= -1 && t < V, "targets[", r, "] = ", t, " is outside [0, ", V, ") and is not -1");
     if (has_nan) {
       const float nan = std::numeric_limits<float>::quiet_NaN();
       lse[r] = logp[r] = nan;
@@ -180,7 +182,8 @@ void stats_rows(const scalar_t* logits, const int64_t* targets, int64_t begin, i
       continue;
     }
     const double log_s = std::log(s);
-    const double lp = (static_cast<double>(static_cast<float>(row[t])) - m) * inv_t - log_s;
+    const double lp = t < 0 ? std::numeric_limits<double>::quiet_NaN()
+                            : (static_cast<double>(static_cast<float>(row[t])) - m) * inv_t - log_s;
     lse[r] = static_cast<float>(static_cast<double>(m) * inv_t + log_s);
     // logp <= 0 and entropy >= 0 hold exactly; the comparisons (not std::min / max) keep a NaN.
     logp[r] = static_cast<float>(lp > 0.0 ? 0.0 : lp);
@@ -198,8 +201,8 @@ void grad_rows(scalar_t* logits, const int64_t* targets, const float* lse, const
   float buffer[kBlock];
   for (int64_t r = begin; r < end; ++r) {
     scalar_t* row = logits + r * V;
-    const int64_t t = targets[r];
-    TORCH_CHECK(t >= 0 && t < V, "targets[", r, "] = ", t, " is outside [0, ", V, ")");
+    const int64_t t = targets[r];  // -1: not in this tile, no one-hot term (see stats_rows)
+    TORCH_CHECK(t >= -1 && t < V, "targets[", r, "] = ", t, " is outside [0, ", V, ") and is not -1");
     const float g_logp = grad_logp[r];
     const float g_ent = grad_entropy == nullptr ? 0.0f : grad_entropy[r];
     if (g_logp == 0.0f && g_ent == 0.0f) {  // masked rows: exactly zero, whatever the logits hold
@@ -208,7 +211,7 @@ void grad_rows(scalar_t* logits, const int64_t* targets, const float* lse, const
     }
     const float H = entropy == nullptr ? 0.0f : entropy[r];
     const bool with_entropy = grad_entropy != nullptr;
-    const float z_target = rounded(static_cast<float>(row[t]) * inv_t);
+    const float z_target = t < 0 ? 0.0f : rounded(static_cast<float>(row[t]) * inv_t);
     for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
       const int64_t n = std::min(kBlock, V - b0);
       if constexpr (std::is_same_v<scalar_t, float>) {
@@ -219,6 +222,7 @@ void grad_rows(scalar_t* logits, const int64_t* targets, const float* lse, const
         narrow(buffer, row + b0, n);
       }
     }
+    if (t < 0) continue;
     // The target's own term, from its logit read before the row was overwritten, in double:
     // g_logp (1 - p) cancels when p -> 1.
     const double log_p = static_cast<double>(z_target) - lse[r];

@@ -154,7 +154,8 @@ def logits_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float
     """Per-row log-prob of the target, log-sum-exp and (optionally) entropy of softmax(logits / T).
 
     logits [C, V] float16/bfloat16/float32 (rows may be strided, V contiguous); targets [C] int64
-    in [0, V). Returns (logp [C], lse [C], entropy [C] or None), float32, logp <= 0, entropy >= 0.
+    in [0, V), or -1 for a row whose target is not in this tile (a vocab-parallel shard): its logp is
+    NaN (the masked load below), its lse and entropy those of the tile. Returns (logp [C], lse [C], entropy [C] or None), float32, logp <= 0, entropy >= 0.
     One program per row, its blocks of V in order: a row's results never depend on the other rows.
     batch_invariant: the fixed launch configuration even under LVRPO_AUTOTUNE=1, whose choice (per
     process, per entropy flag) would set the lanes' summation order.
@@ -178,7 +179,7 @@ def logits_grad_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
     """Overwrites logits [C, V] in place with d(loss)/d(logits), in logits' dtype.
 
     d = (grad_logp * (onehot(target) - p) - grad_entropy * p * (log p + entropy)) / T, p = softmax(logits / T).
-    targets [C] int64; lse, grad_logp [C] float32 (lse from logits_stats on the same tile);
+    targets [C] int64 (-1: the target is not in this tile, no one-hot term); lse, grad_logp [C] float32;
     entropy, grad_entropy [C] float32, or both None when the entropy gets no gradient.
     """
     _check_tile(logits, targets, temperature)

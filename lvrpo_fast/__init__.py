@@ -9,6 +9,7 @@ Public API (each takes `backend=` "auto" | "triton" | "cpp" | "reference"; see l
     FusedLinearGRPOLoss     the same as an nn.Module, with Liger-Kernel's interface
     GRPOOptions             the loss options, validated
     SequenceStats           the per-sequence statistics behind the metrics (return_sequence_stats=True)
+    VocabParallel           a head split over the vocabulary across tensor-parallel ranks (vocab_parallel=)
 The eager PyTorch reference of the same math is lvrpo_fast.reference; the math is docs/math.md and
 the layers of the package are described in docs/architecture.md.
 """
@@ -21,6 +22,7 @@ from .logprobs import fused_linear_logprobs
 from .modules import FusedLinearGRPOLoss
 from .options import GRPOOptions
 from .process_advantages import process_advantages
+from .vocab_parallel import VocabParallel
 
 __version__ = "0.1.0"
 
@@ -33,5 +35,6 @@ __all__ = [
     "GRPOOptions",
     "process_advantages",
     "SequenceStats",
+    "VocabParallel",
     "reference",
 ]

@@ -166,8 +166,9 @@ class Primitives(Protocol):
     def logits_stats(self, logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool,
                      batch_invariant: bool = False) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """logits [C, V] float16/bfloat16/float32 (the LM head's output, bias included, before the
-        temperature), targets [C] int64 in [0, V). Returns float32 [C] tensors (logp, lse, entropy or
-        None): logp = z[target] - lse, lse = logsumexp(z), entropy = lse - sum softmax(z) z, z = logits / T,
+        temperature), targets [C] int64 in [0, V), or -1 where the row's target is not in this tile
+        (a vocab-parallel shard that does not hold it: that row's logp is NaN, its lse and entropy are
+        the tile's). Returns float32 [C] tensors (logp, lse, entropy or None): logp = z[target] - lse, lse = logsumexp(z), entropy = lse - sum softmax(z) z, z = logits / T,
         computed blockwise over V with an online max so nothing of size [C, V] is allocated. A NaN or
         inf logit gives a non-finite row, never a finite wrong one. A row's results depend on that row
         alone (not on C, its place or the thread count) and logp does not depend on with_entropy;
@@ -178,7 +179,9 @@ class Primitives(Protocol):
                      entropy: Optional[torch.Tensor], grad_logp: torch.Tensor, grad_entropy: Optional[torch.Tensor],
                      temperature: float) -> None:
         """Overwrites logits [C, V] in place with d(loss)/d(logits) =
-        (grad_logp * (onehot(target) - p) - grad_entropy * p * (log p + entropy)) / T, p = softmax(z).
+        (grad_logp * (onehot(target) - p) - grad_entropy * p * (log p + entropy)) / T, p = softmax(z)
+        (target -1: no one-hot term; lse and entropy may be those of a wider row than the tile's, the
+        vocab-parallel case, where p = exp(z - lse) sums to less than 1 over the tile).
         entropy and grad_entropy are None together when the entropy gets no gradient."""
 
     def grpo_token_loss(self, logp: torch.Tensor, logp_old: Optional[torch.Tensor], logp_ref: Optional[torch.Tensor],

@@ -8,8 +8,10 @@ from typing import Optional
 import torch
 
 from . import dispatch, validate
+from . import vocab_parallel as tp
 from .contract import SequenceStats
 from .options import GRPOOptions
+from .vocab_parallel import VocabParallel
 
 
 def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -20,6 +22,7 @@ def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: 
                            return_entropy: bool = False, head_dtype: Optional[torch.dtype] = None,
                            backend: Optional[str] = None, return_sequence_stats: bool = False,
                            batch_invariant: Optional[bool] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                           vocab_parallel: Optional[VocabParallel] = None,
                            **options):
     """The GRPO loss straight from hidden states and the LM head, never building the [B*T, V] logits.
 
@@ -59,6 +62,16 @@ def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: 
             same batch padded to the longest sequence: no normalizer reads the padded length
             (dr_grpo divides by max_completion_length). The head reads hidden's rows in place, gathering
             only the unmasked rows of chunks with masked tokens (lvrpo_fast.packing).
+        vocab_parallel: a lvrpo_fast.VocabParallel when the head is split over the vocabulary across the
+            ranks of a process group (tensor parallelism): weight / bias are this rank's contiguous shard
+            [V_local, D] / [V_local], every other input is the same on every rank, and every rank calls
+            the op (collective). Loss, metrics and statistics are the whole head's, the same bits on
+            every rank, and the gradients are still formed in the forward (6 N V_local D per rank);
+            grad_weight / grad_bias are the shard's, grad_hidden is summed over the group when
+            vocab_parallel.reduce_grad_hidden (default) and this rank's partial sum otherwise. A DTensor weight sharded with
+            (Shard(0),) over a 1-D mesh takes it with vocab_parallel=VocabParallel() (explicit: an
+            FSDP2 shard has the same layout and is refused without it).
+            lvrpo_fast/vocab_parallel.py has the design.
         **options: the GRPO options (lvrpo_fast.GRPOOptions). With top_entropy_quantile < 1 the
             high-entropy mask needs every token's entropy before any gradient can be formed: see
             lvrpo_fast/fused/linear_grpo_loss.py for the extra forward pass it costs.
@@ -72,6 +85,7 @@ def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: 
         in place between forward and backward raises autograd's error.
     """
     opts = GRPOOptions.from_kwargs(**options)
+    weight, bias, vocab_parallel = tp.head_shards(weight, bias, vocab_parallel)
     packing = None
     if cu_seqlens is None:
         hidden, weight, bias, mask, temperature, head_dtype = validate.linear_grpo_loss_inputs(
@@ -82,10 +96,17 @@ def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: 
          logp_sampling, rollout_weights) = validate.packed_linear_grpo_loss_inputs(
             hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref, rollout_weights, temperature, opts,
             cu_seqlens, logp_sampling=logp_sampling, head_dtype=head_dtype)
+    partition = None
+    if vocab_parallel is not None:
+        grad_on = torch.is_grad_enabled()
+        needs = tuple(int(grad_on and t is not None and t.requires_grad) for t in (hidden, weight, bias))
+        partition = tp.resolve(vocab_parallel, weight.shape[0], hidden.device,
+                               (*targets.shape, hidden.shape[-1], int(mask.sum()), *needs))
     impl = dispatch.select(backend, hidden.device, hidden.dtype, dispatch.batch_invariant(batch_invariant))
     with validate.autocast_off(hidden.device):
         out = impl.linear_grpo_loss_impl(hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref,
                                          rollout_weights, temperature, bool(return_entropy), opts,
                                          logp_sampling=logp_sampling, head_dtype=head_dtype,
-                                         return_stats=return_sequence_stats, packing=packing)
+                                         return_stats=return_sequence_stats, packing=packing,
+                                         vocab_parallel=partition)
     return out if not return_sequence_stats else (out[0], out[1], SequenceStats.from_columns(out[2]))

@@ -10,13 +10,15 @@ from typing import Optional
 import torch
 
 from . import dispatch, validate
+from . import vocab_parallel as tp
+from .vocab_parallel import VocabParallel
 
 
 def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                           bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
                           return_entropy: bool = False, mask: Optional[torch.Tensor] = None,
                           backend: Optional[str] = None, batch_invariant: Optional[bool] = None,
-                          cu_seqlens: Optional[torch.Tensor] = None):
+                          cu_seqlens: Optional[torch.Tensor] = None, vocab_parallel: Optional[VocabParallel] = None):
     """Per-token log-probabilities (and entropy) of `targets` under softmax((hidden @ weight.T + bias) / temperature).
 
     Args:
@@ -39,6 +41,15 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         cu_seqlens: [B + 1] int32 / int64 bounds of packed sequences, hidden then [N, D] (or [1, N, D]),
             N = cu_seqlens[-1]: checked only, since every row is computed on its own whatever sequence
             it belongs to (packed rows need nothing else).
+        vocab_parallel: a lvrpo_fast.VocabParallel when the head is split over the vocabulary across
+            the ranks of a process group (tensor parallelism): weight [V_local, D] and bias [V_local]
+            are this rank's contiguous shard, hidden / targets (global ids) / mask the same on every
+            rank, and every rank calls the op (it is collective, see lvrpo_fast/vocab_parallel.py).
+            The outputs are the whole head's, the same bits on every rank; grad_weight / grad_bias are
+            the shard's; grad_hidden is summed over the group when vocab_parallel.reduce_grad_hidden
+            (default) and is this rank's partial sum otherwise. A DTensor weight sharded with
+            (Shard(0),) over a 1-D mesh takes it with vocab_parallel=VocabParallel() (explicit: an
+            FSDP2 shard has the same layout and is refused without it).
 
     Returns:
         logp [...] float32 (float64 for float64 inputs), and entropy [...] if return_entropy.
@@ -47,11 +58,19 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         Under torch.autocast the head computes in autocast's dtype (lvrpo_fast.validate.head_autocast).
         The full [N, V] logits are never allocated by the kernel backends.
     """
+    weight, bias, vocab_parallel = tp.head_shards(weight, bias, vocab_parallel)
     if cu_seqlens is not None:
         validate.packed_rows("hidden", hidden, cu_seqlens, trailing=1)
     hidden, weight, targets, bias, mask, temperature, return_entropy = validate.linear_logprobs_inputs(
         hidden, weight, targets, bias, mask, temperature, return_entropy)
+    partition = None
+    if vocab_parallel is not None:
+        live = targets.numel() if mask is None else int(mask.sum())
+        need_h = torch.is_grad_enabled() and hidden.requires_grad
+        partition = tp.resolve(vocab_parallel, weight.shape[0], hidden.device,
+                               (targets.numel(), hidden.shape[-1], live, int(need_h)))
     impl = dispatch.select(backend, hidden.device, hidden.dtype, dispatch.batch_invariant(batch_invariant))
     with validate.autocast_off(hidden.device):
-        logp, entropy = impl.logprobs_impl(hidden, weight, targets, bias, temperature, return_entropy, mask)
+        logp, entropy = impl.logprobs_impl(hidden, weight, targets, bias, temperature, return_entropy, mask,
+                                           vocab_parallel=partition)
     return (logp, entropy) if return_entropy else logp

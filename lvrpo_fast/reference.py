@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import validate
+from . import vocab_parallel as tp
 from .contract import (LOG_RATIO_CLAMP, NSTATS, STAT_CLIP_HIGH, STAT_CLIP_LOW, STAT_CLIP_REGION, STAT_COUNT,
                        STAT_ENTROPY, STAT_ENTROPY_KEPT, STAT_KEPT, STAT_KL, STAT_LOSS, STAT_RATIO, STAT_SEQ_CLIP_HIGH,
                        STAT_SEQ_CLIP_LOW, STAT_SEQ_WEIGHT, STAT_WEIGHT, VESPO_LAMBDA_MIN, VESPO_LOG_W_MIN,
@@ -45,10 +46,18 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------
 # 1. Per-token log-probabilities and entropy
 # ----------------------------------------------------------------------------------------------
-def _row_stats(hidden, weight, targets, bias, temperature, return_entropy):
+def _head(hidden, weight, bias, partition):
+    """The logits [n, V] of hidden [n, D] in the input dtype, as an eager LM head; a vocab-parallel head
+    (partition) all-gathers its shards' logits (lvrpo_fast.vocab_parallel.gathered_logits)."""
+    if partition is None:
+        return F.linear(hidden, weight, bias)
+    return tp.gathered_logits(hidden, weight, bias, partition)
+
+
+def _row_stats(hidden, weight, targets, bias, temperature, return_entropy, partition=None):
     """Every row of hidden [n, D] through the head: (logp [n], entropy [n] or None) in the compute dtype."""
     compute = _compute_dtype(hidden.dtype)
-    logits = F.linear(hidden, weight, bias)  # [n, V] in the input dtype, as an eager LM head
+    logits = _head(hidden, weight, bias, partition)
     z = logits.to(compute) / temperature
     lse = torch.logsumexp(z, dim=-1)
     logp = z.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1) - lse
@@ -56,20 +65,22 @@ def _row_stats(hidden, weight, targets, bias, temperature, return_entropy):
     return logp, entropy
 
 
-def logprobs_impl(hidden, weight, targets, bias, temperature, return_entropy, mask):
+def logprobs_impl(hidden, weight, targets, bias, temperature, return_entropy, mask, *, vocab_parallel=None):
     """hidden [..., D], weight [V, D], targets [...] int, bias [V]|None, mask [...] bool|None.
 
     Returns (logp [...], entropy [...] or None) in float32 (float64 for float64 inputs). Masked rows
-    are never computed: they get 0 and no gradient, whatever hidden holds there."""
-    validate.check_target_range(targets, weight.shape[0], mask)
+    are never computed: they get 0 and no gradient, whatever hidden holds there. vocab_parallel: a
+    lvrpo_fast.vocab_parallel.Partition (weight and bias this rank's shards), the logits gathered."""
+    validate.check_target_range(targets, weight.shape[0] if vocab_parallel is None else vocab_parallel.vocab_size,
+                                mask)
     shape = targets.shape
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     if mask is None:
-        logp, entropy = _row_stats(hidden, weight, targets, bias, temperature, return_entropy)
+        logp, entropy = _row_stats(hidden, weight, targets, bias, temperature, return_entropy, vocab_parallel)
     else:
         live = mask.reshape(-1).nonzero().squeeze(1)
         logp_live, entropy_live = _row_stats(hidden.index_select(0, live), weight, targets.index_select(0, live),
-                                             bias, temperature, return_entropy)
+                                             bias, temperature, return_entropy, vocab_parallel)
         zeros = torch.zeros(targets.shape[0], dtype=_compute_dtype(hidden.dtype), device=hidden.device)
         logp = zeros.index_put((live,), logp_live)
         entropy = zeros.index_put((live,), entropy_live) if return_entropy else None
@@ -410,11 +421,12 @@ def grpo_loss(logp, advantages, mask, *, logp_old=None, logp_ref=None, logp_samp
 
 def linear_grpo_loss_impl(hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref,
                           rollout_weights, temperature, return_entropy, options: GRPOOptions, *,
-                          logp_sampling=None, head_dtype=None, return_stats=False, packing=None):
+                          logp_sampling=None, head_dtype=None, return_stats=False, packing=None,
+                          vocab_parallel=None):
     """hidden [B, T, D], weight [V, D], targets [B, T], mask [B, T] bool, advantages [B] or [B, T].
     head_dtype: the dtype the logits are formed in (None: the inputs'); see fused_linear_grpo_loss.
     packing (lvrpo_fast.packing.Packing): hidden is packed [N, D], the other inputs padded [B, T]; the
-    oracle pads hidden (differentiably) and computes the padded batch."""
+    oracle pads hidden (differentiably) and computes the padded batch. vocab_parallel: as in logprobs_impl."""
     need_entropy = return_entropy or options.needs_entropy
     if packing is not None:
         hidden = packing.pad(hidden)
@@ -422,9 +434,10 @@ def linear_grpo_loss_impl(hidden, weight, targets, mask, advantages, bias, logp_
         # Operands rounded to head_dtype, the product rounded to it, the statistics in float32 or
         # wider; autograd then forms the gradients through the rounding casts in the inputs' dtype.
         logp, entropy = _rounded_head_logprobs(hidden, weight, targets, bias, temperature, need_entropy, mask,
-                                               head_dtype)
+                                               head_dtype, vocab_parallel)
     else:
-        logp, entropy = logprobs_impl(hidden, weight, targets, bias, temperature, need_entropy, mask)
+        logp, entropy = logprobs_impl(hidden, weight, targets, bias, temperature, need_entropy, mask,
+                                      vocab_parallel=vocab_parallel)
     return grpo_loss_impl(logp, advantages, mask, logp_old, logp_ref, entropy, rollout_weights, options,
                           logp_sampling=logp_sampling, return_stats=return_stats)
 
@@ -442,7 +455,8 @@ class _RoundTo(torch.autograd.Function):
         return grad, None
 
 
-def _rounded_head_logprobs(hidden, weight, targets, bias, temperature, need_entropy, mask, head_dtype):
+def _rounded_head_logprobs(hidden, weight, targets, bias, temperature, need_entropy, mask, head_dtype,
+                           partition=None):
     """logprobs_impl with the logits formed in head_dtype from operands rounded to it (TRL's chunked head
     under autocast), the gradients flowing back in the inputs' dtype."""
     h = _RoundTo.apply(hidden, head_dtype)
@@ -450,7 +464,7 @@ def _rounded_head_logprobs(hidden, weight, targets, bias, temperature, need_entr
     b = None if bias is None else _RoundTo.apply(bias, head_dtype)
     live = mask.reshape(-1).nonzero().squeeze(1)
     flat = h.reshape(-1, h.shape[-1]).index_select(0, live)
-    logits = _RoundTo.apply(F.linear(flat, w, b), head_dtype)  # the product rounded as a head_dtype tile
+    logits = _RoundTo.apply(_head(flat, w, b, partition), head_dtype)  # the product rounded as a head_dtype tile
     z = logits.to(_compute_dtype(hidden.dtype)) / temperature
     lse = torch.logsumexp(z, dim=-1)
     lp = z.gather(-1, targets.reshape(-1).index_select(0, live).long().unsqueeze(-1)).squeeze(-1) - lse

@@ -23,7 +23,7 @@ PACKAGE_DIRS = {"lvrpo_fast": ROOT / "lvrpo_fast", "lvrpo_fast.kernels": ROOT / 
 # Lower layers first. A module may import modules of its own layer or below, never above.
 LAYERS = [
     ("contract", ["lvrpo_fast.contract", "lvrpo_fast.options", "lvrpo_fast.chunking", "lvrpo_fast.packing", "lvrpo_fast.testing",
-                  "lvrpo_fast.csrc", "lvrpo_fast.backends"]),
+                  "lvrpo_fast.csrc", "lvrpo_fast.backends", "lvrpo_fast.vocab_parallel"]),
     ("kernels and checks", ["lvrpo_fast.kernels", "lvrpo_fast.kernels.*", "lvrpo_fast.validate"]),
     ("backends and the oracle", ["lvrpo_fast.backends.triton", "lvrpo_fast.backends.cpp", "lvrpo_fast.reference"]),
     ("fused autograd", ["lvrpo_fast.fused", "lvrpo_fast.fused.*"]),

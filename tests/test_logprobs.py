@@ -392,6 +392,45 @@ def test_primitives_on_random_tiles(kernel_backend, dtype, C, V, temperature):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_primitives_target_outside_the_tile(kernel_backend, dtype):
+    """Target -1: the row's target lies in another vocab-parallel shard. The statistics give NaN for its
+    logp and the tile's own lse and entropy; the gradient, given the whole row's lse and entropy, is
+    the whole row's gradient restricted to the tile's columns (no one-hot term where the target is
+    elsewhere)."""
+    name, dev = kernel_backend
+    prims = backend_module(name)
+    C, V, split, temperature = 6, 1023, 400, 0.7
+    tile = random_tile(C, V, dtype, dev)
+    targets = torch.randint(0, V, (C,), device=dev)
+    targets[0], targets[1] = 3, V - 1  # one row on each side at least
+    truth_logp, truth_lse, truth_ent = truth_stats(tile, targets, temperature)
+    lse, ent = truth_lse.float(), truth_ent.float()
+    grad_logp, grad_entropy = torch.randn(C, device=dev), torch.randn(C, device=dev)
+    truth_g = truth_grad(tile, targets, temperature, grad_logp, grad_entropy)
+    ref_g = reference_grad_fp32(tile, targets, temperature, lse, ent, grad_logp, grad_entropy)
+    for lo, hi in ((0, split), (split, V)):
+        shard = tile[:, lo:hi].contiguous()
+        inside = (targets >= lo) & (targets < hi)
+        local = torch.where(inside, targets - lo, torch.full_like(targets, -1))
+        logp, shard_lse, shard_ent = prims.logits_stats(shard, local, temperature, True)
+        in_range = prims.logits_stats(shard, local.clamp(min=0), temperature, True)
+        assert torch.isnan(logp[~inside]).all()
+        assert torch.equal(logp[inside], in_range[0][inside])
+        assert torch.equal(shard_lse, in_range[1]) and torch.equal(shard_ent, in_range[2])
+        for with_entropy in (True, False):
+            g = shard.clone()
+            prims.logits_grad_(g, local, lse, ent if with_entropy else None, grad_logp,
+                               grad_entropy if with_entropy else None, temperature)
+            if with_entropy:
+                assert_close_to_truth(g, ref_g[:, lo:hi], truth_g[:, lo:hi], dtype,
+                                      f"{name} logits_grad_ of columns [{lo}, {hi})")
+            else:
+                full = truth_grad(tile, targets, temperature, grad_logp, None)[:, lo:hi]
+                full_ref = reference_grad_fp32(tile, targets, temperature, lse, None, grad_logp, None)[:, lo:hi]
+                assert_close_to_truth(g, full_ref, full, dtype, f"{name} logits_grad_ of columns [{lo}, {hi})")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_primitives_huge_logits_no_cancellation(kernel_backend, dtype, temperature):
     """Rows around +-1e4 (entropy O(1)) and rows spread over +-1e4 (near one-hot).

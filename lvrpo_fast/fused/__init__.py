@@ -28,9 +28,9 @@ class KernelBackend:
         self.name = name
         self.batch_invariant = batch_invariant
 
-    def logprobs_impl(self, hidden, weight, targets, bias, temperature, return_entropy, mask):
+    def logprobs_impl(self, hidden, weight, targets, bias, temperature, return_entropy, mask, *, vocab_parallel=None):
         return linear_logprobs(self.name, hidden, weight, targets, bias, temperature, return_entropy, mask,
-                               self.batch_invariant)
+                               self.batch_invariant, vocab_parallel)
 
     def advantages_impl(self, rewards, group_size, scale, eps, leave_one_out):
         return group_advantages_with(self.name, rewards, group_size, scale, eps, leave_one_out)
@@ -47,11 +47,13 @@ class KernelBackend:
 
     def linear_grpo_loss_impl(self, hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref,
                               rollout_weights, temperature, return_entropy, options, *, logp_sampling=None,
-                              head_dtype=None, return_stats=False, packing=None):
+                              head_dtype=None, return_stats=False, packing=None,
+                              vocab_parallel=None):
         return linear_grpo_loss_with(self.name, hidden, weight, targets, mask, advantages, bias, logp_old,
                                      logp_ref, rollout_weights, temperature, return_entropy, options,
                                      logp_sampling=logp_sampling, head_dtype=head_dtype, return_stats=return_stats,
-                                     batch_invariant=self.batch_invariant, packing=packing)
+                                     batch_invariant=self.batch_invariant, packing=packing,
+                                     vocab_parallel=vocab_parallel)
 
     def __repr__(self):
         return f"KernelBackend({self.name}{', batch_invariant' if self.batch_invariant else ''})"

@@ -17,6 +17,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from .. import backends, vocab_parallel
 from ..options import OPTION_FIELDS, GRPOOptions
 
 NAMESPACE = "lvrpo_fast"
@@ -124,6 +125,17 @@ def refuse_double_backward(op_name: str, backend: str) -> None:
             f"{op_name}: double backward (torch.autograd.grad(..., create_graph=True), gradient penalties) is "
             f"not supported by the {backend} backend, whose gradients come from hand-written kernels; use "
             f"backend='reference' for second-order gradients")
+
+
+def primitives(backend: str, vocab_parallel_key: int):
+    """(the backend's row primitives, the vocab-parallel Partition or None) for an op's scalars: with a
+    partition (registered by the public op, lvrpo_fast.vocab_parallel: a schema cannot carry a process
+    group, so the op receives its integer key), the primitives of this rank's vocabulary shard."""
+    prims = backends.primitives(backend)
+    partition = vocab_parallel.lookup(vocab_parallel_key)
+    if partition is None:
+        return prims, None
+    return vocab_parallel.ShardPrimitives(prims, partition), partition
 
 
 def empty() -> torch.Tensor:

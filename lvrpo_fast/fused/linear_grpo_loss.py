@@ -60,6 +60,11 @@ mask the second pass recomputes every chunk's tiles (the tiles are cut from the 
 all but the last. With a mixed-precision head the tiles read a copy of hidden rounded to head_dtype
 (N D bytes of it more).
 
+Vocab-parallel heads (lvrpo_fast/vocab_parallel.py): the same loop on this rank's shard with the
+shard's primitives; the per-token statistics, hence the loss, the metrics and d(loss)/d(logp), are the
+whole head's on every rank, and each rank forms its shard's dlogits in the forward as above (6 N
+V_local D), so the design is unchanged. Chunks are sized by the widest shard (one plan on every rank).
+
 One custom op, ``lvrpo_fast::linear_grpo_loss`` (lvrpo_fast.fused.library), returning the loss, the
 statistics and the three gradients; its registered backward scales them with ``lvrpo_fast::scale_``.
 """
@@ -70,6 +75,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import backends, validate
+from .. import vocab_parallel as tp
 from ..chunking import HeadGrads, Logits, rows_per_chunk, sequence_chunks
 from ..contract import NSTATS, STAT_LOSS, token_loss_params
 from ..options import GRPOOptions
@@ -90,6 +96,7 @@ class LinearLossParams:
     head_dtype: str
     options: GRPOOptions
     batch_invariant: bool = False
+    vocab_parallel: int = 0  # the key of a lvrpo_fast.vocab_parallel.Partition, 0: the whole head
 
 
 _CODEC = library.ParamsCodec(LinearLossParams)
@@ -140,7 +147,7 @@ class _Head:
 
 def forward(prims, hidden, weight, bias, targets, mask, advantages, logp_old, logp_ref, logp_sampling,
             rollout_weights, temperature, need_entropy, options, need_h, need_w, need_b, head_dtype=None,
-            batch_invariant=False, packing=None):
+            batch_invariant=False, packing=None, plan_vocab=None):
     """(loss, per-sequence stats [B, NSTATS], (grad_hidden, grad_weight, grad_bias)), chunk by chunk.
 
     hidden [B, T, D], targets [B, T] int64 (masked ids replaced), mask [B, T] bool, advantages [B] or
@@ -150,7 +157,8 @@ def forward(prims, hidden, weight, bias, targets, mask, advantages, logp_old, lo
     batch_invariant: the log-probabilities and entropies are those of the forward-only op in the same
     mode, bit for bit (the same chunking.Logits tiles and statistics launch), each sequence's statistics
     depend on that sequence and the batch's normalizers alone, and the loss sums them in an order that
-    does not depend on theirs."""
+    does not depend on theirs. plan_vocab: the vocabulary size the chunks are sized by (default
+    weight's V; a vocab-parallel shard passes the widest shard's, so every rank runs the same plan)."""
     (B, T), D = mask.shape, hidden.shape[-1]
     V = weight.shape[0]
     need_grad = need_h or need_w or need_b
@@ -158,7 +166,7 @@ def forward(prims, hidden, weight, bias, targets, mask, advantages, logp_old, lo
     scale = row_scales(mask, options)
     head = _Head(weight, bias, head_dtype)
     # An empty batch (B = 0 or T = 0) has no token: no chunk, loss 0, zero gradients.
-    budget = rows_per_chunk(V, head.bytes_per_row_element(), hidden.device, D)
+    budget = rows_per_chunk(plan_vocab or V, head.bytes_per_row_element(), hidden.device, D)
     chunks = sequence_chunks(mask, budget) if B * T else []
     # Each chunk's rows of hidden: those of the padded batch, or of the packed one (the same rows in order).
     hidden_chunks = chunks if packing is None else [packing.rows(c) for c in chunks]
@@ -247,14 +255,17 @@ def forward(prims, hidden, weight, bias, targets, mask, advantages, logp_old, lo
 def _op(hidden, weight, bias, targets, mask, advantages, logp_old, logp_ref, logp_sampling, rollout_weights,
         num_items_tensor, cu_seqlens, need_h, need_w, need_b, **scalars):
     p = _CODEC.decode(scalars, num_items_tensor)
-    validate.check_target_range(targets, weight.shape[0], mask)
+    prims, partition = library.primitives(p.backend, p.vocab_parallel)
+    validate.check_target_range(targets, weight.shape[0] if partition is None else partition.vocab_size, mask)
     with validate.autocast_off(hidden.device):
         loss, stats, (gh, gw, gb) = forward(
-            backends.primitives(p.backend), hidden, weight, bias, targets, mask, as_float32(advantages),
+            prims, hidden, weight, bias, targets, mask, as_float32(advantages),
             as_float32(logp_old), as_float32(logp_ref), as_float32(logp_sampling),
             per_token(rollout_weights, mask.shape), p.temperature, p.need_entropy, p.options, need_h, need_w, need_b,
             head_dtype=getattr(torch, p.head_dtype) if p.head_dtype else None, batch_invariant=p.batch_invariant,
-            packing=None if cu_seqlens is None else Packing.of(cu_seqlens))
+            packing=None if cu_seqlens is None else Packing.of(cu_seqlens),
+            plan_vocab=None if partition is None else partition.max_local_size)
+    tp.reduce_grad_hidden_(partition, gh)
     return (loss, stats, hidden.new_empty(0) if gh is None else gh, weight.new_empty(0) if gw is None else gw,
             weight.new_empty(0) if gb is None else gb)
 
@@ -329,14 +340,18 @@ library.register_autograd("linear_grpo_loss", _backward, _setup_context)
 
 def linear_grpo_loss_with(backend: str, hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref,
                           rollout_weights, temperature, return_entropy, options: GRPOOptions, *, logp_sampling=None,
-                          head_dtype=None, return_stats=False, batch_invariant: bool = False, packing=None):
+                          head_dtype=None, return_stats=False, batch_invariant: bool = False, packing=None,
+                          vocab_parallel=None):
     """Backend entry (validated inputs): hidden [B, T, D], targets / mask [B, T], advantages [B] or [B, T];
     with packing (lvrpo_fast.packing.Packing) hidden is packed [N, D], the rest padded [B, T].
-    Returns (loss 0-dim float32, metrics), and the per-sequence statistics [B, NSTATS] when return_stats."""
+    Returns (loss 0-dim float32, metrics), and the per-sequence statistics [B, NSTATS] when return_stats.
+    vocab_parallel: a resolved lvrpo_fast.vocab_parallel.Partition (weight and bias are then this
+    rank's shards; loss, metrics and statistics are the whole head's, the same on every rank) or None."""
     need_entropy = bool(return_entropy) or options.needs_entropy
     params = LinearLossParams(backend=backend, temperature=float(temperature), need_entropy=need_entropy,
                               head_dtype="" if head_dtype is None else str(head_dtype).replace("torch.", ""),
-                              options=options, batch_invariant=bool(batch_invariant))
+                              options=options, batch_invariant=bool(batch_invariant),
+                              vocab_parallel=0 if vocab_parallel is None else tp.register(vocab_parallel))
     scalars, num_items = _CODEC.encode(params)
     grad_on = torch.is_grad_enabled()
     need = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]

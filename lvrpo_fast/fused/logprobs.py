@@ -28,6 +28,12 @@ fixed launch configuration. Chunks are whole tiles (C rounded down to a multiple
 a budget under R rows of logits is exceeded), so it adds the gathered hidden rows (C D s), 8 N bytes
 of row indices and at most R - 1 padded rows of GEMM per call.
 
+Vocab-parallel heads (lvrpo_fast/vocab_parallel.py): weight is this rank's shard, the primitives are
+the shard's (vocab_parallel.ShardPrimitives: one all-gather of the row statistics per chunk, the
+backward's tile turned into this shard's columns of the gradient), chunks are sized by the widest
+shard so every rank runs the same plan, and grad_hidden is summed over the group unless the caller
+reduces it. The Partition reaches the ops as an integer key (LogprobsParams.vocab_parallel).
+
 Two custom ops (lvrpo_fast.fused.library): ``lvrpo_fast::linear_logprobs`` (forward) and
 ``lvrpo_fast::linear_logprobs_backward``, tied together by torch.library.register_autograd.
 """
@@ -38,7 +44,8 @@ from typing import Optional
 
 import torch
 
-from .. import backends, validate
+from .. import validate
+from .. import vocab_parallel as tp
 from ..chunking import HeadGrads, Logits, invariant_chunk_rows, row_chunks, rows_per_chunk, skips_rows
 from . import library
 
@@ -51,25 +58,29 @@ class LogprobsParams:
     temperature: float
     return_entropy: bool
     batch_invariant: bool = False
+    vocab_parallel: int = 0  # the key of a lvrpo_fast.vocab_parallel.Partition, 0: the whole head
 
 
 _CODEC = library.ParamsCodec(LogprobsParams)
 
 
-def _plan(hidden, weight, bias, mask, batch_invariant):
-    """The chunks of rows to compute (only mask's true rows) and their logits (chunking.Logits)."""
-    rows = rows_per_chunk(weight.shape[0], hidden.element_size(), hidden.device, weight.shape[1])
+def _plan(hidden, weight, bias, mask, batch_invariant, plan_vocab=None):
+    """The chunks of rows to compute (only mask's true rows) and their logits (chunking.Logits).
+    plan_vocab: the vocabulary size the chunk rows are sized by (default weight's V; a vocab-parallel
+    shard passes the widest shard's, so that every rank runs the same plan)."""
+    rows = rows_per_chunk(plan_vocab or weight.shape[0], hidden.element_size(), hidden.device, weight.shape[1])
     if batch_invariant:
         rows = invariant_chunk_rows(rows, hidden.device)
     chunks = row_chunks(hidden.shape[0], rows, mask)
     return chunks, Logits(chunks, hidden, weight, bias, batch_invariant)
 
 
-def forward(prims, hidden, weight, bias, targets, mask, temperature, return_entropy, batch_invariant=False):
+def forward(prims, hidden, weight, bias, targets, mask, temperature, return_entropy, batch_invariant=False,
+            plan_vocab=None):
     """logp, lse [N] float32 and entropy [N] float32 or None: 2 N V D FLOPs (N: the unmasked rows),
     one [C, V] tile alive at a time. Masked rows are 0 in all three."""
     N = hidden.shape[0]
-    chunks, head = _plan(hidden, weight, bias, mask, batch_invariant)
+    chunks, head = _plan(hidden, weight, bias, mask, batch_invariant, plan_vocab)
     new = torch.zeros if skips_rows(chunks, N) else torch.empty  # rows never computed stay 0
     logp = new(N, dtype=torch.float32, device=hidden.device)
     lse = new(N, dtype=torch.float32, device=hidden.device)
@@ -85,11 +96,11 @@ def forward(prims, hidden, weight, bias, targets, mask, temperature, return_entr
 
 
 def backward(prims, hidden, weight, bias, targets, mask, lse, entropy, grad_logp, grad_entropy, temperature,
-             need_h, need_w, need_b, batch_invariant=False):
+             need_h, need_w, need_b, batch_invariant=False, plan_vocab=None):
     """(grad_hidden, grad_weight, grad_bias), None where not needed: the tile of each chunk recomputed
     (2 C V D, the forward's bits in either mode), turned into d(loss)/d(logits) in place, and taken back
     through the head (4 C V D)."""
-    chunks, head = _plan(hidden, weight, bias, mask, batch_invariant)
+    chunks, head = _plan(hidden, weight, bias, mask, batch_invariant, plan_vocab)
     grads = HeadGrads(hidden, weight, need_h, need_w, need_b, chunks)
     for c in chunks:
         h = c.take(hidden)
@@ -112,12 +123,15 @@ def _flat(hidden, targets, mask):
 def _forward_op(hidden, weight, bias, targets, mask, **scalars):
     """hidden [..., D], targets [...], mask [...] -> logp, lse, entropy [...] (entropy [0] when not asked)."""
     p = _CODEC.decode(scalars)
-    validate.check_target_range(targets, weight.shape[0], mask)  # reported at the caller's indices
+    prims, partition = library.primitives(p.backend, p.vocab_parallel)
+    vocab = weight.shape[0] if partition is None else partition.vocab_size
+    validate.check_target_range(targets, vocab, mask)  # reported at the caller's indices
     shape = targets.shape
     flat_hidden, flat_targets, flat_mask = _flat(hidden, targets, mask)
     with validate.autocast_off(hidden.device):
-        logp, lse, entropy = forward(backends.primitives(p.backend), flat_hidden, weight, bias, flat_targets,
-                                     flat_mask, p.temperature, p.return_entropy, p.batch_invariant)
+        logp, lse, entropy = forward(prims, flat_hidden, weight, bias, flat_targets, flat_mask, p.temperature,
+                                     p.return_entropy, p.batch_invariant,
+                                     None if partition is None else partition.max_local_size)
     return (logp.view(shape), lse.view(shape),
             entropy.view(shape) if entropy is not None else hidden.new_empty(0, dtype=torch.float32))
 
@@ -132,13 +146,15 @@ def _forward_fake(hidden, weight, bias, targets, mask, **scalars):
 def _backward_op(hidden, weight, bias, targets, mask, lse, entropy, grad_logp, grad_entropy, need_h, need_w, need_b,
                  **scalars):
     p = _CODEC.decode(scalars)
+    prims, partition = library.primitives(p.backend, p.vocab_parallel)
     flat_hidden, flat_targets, flat_mask = _flat(hidden, targets, mask)
     has_entropy = grad_entropy is not None
     with validate.autocast_off(hidden.device):
-        gh, gw, gb = backward(backends.primitives(p.backend), flat_hidden, weight, bias, flat_targets, flat_mask,
+        gh, gw, gb = backward(prims, flat_hidden, weight, bias, flat_targets, flat_mask,
                               lse.reshape(-1), entropy.reshape(-1) if has_entropy else None, grad_logp.reshape(-1),
                               grad_entropy.reshape(-1) if has_entropy else None, p.temperature, need_h, need_w,
-                              need_b, p.batch_invariant)
+                              need_b, p.batch_invariant, None if partition is None else partition.max_local_size)
+    tp.reduce_grad_hidden_(partition, gh)
     return (hidden.new_empty(0) if gh is None else gh.view(hidden.shape), weight.new_empty(0) if gw is None else gw,
             weight.new_empty(0) if gb is None else gb)
 
@@ -192,12 +208,14 @@ library.register_autograd("linear_logprobs", _backward, _setup_context)
 
 
 def linear_logprobs(backend: str, hidden, weight, targets, bias, temperature, return_entropy, mask,
-                    batch_invariant: bool = False):
+                    batch_invariant: bool = False, vocab_parallel=None):
     """Backend entry (validated inputs): hidden [..., D], weight [V, D], targets [...], bias [V] | None,
     mask [...] bool | None -> (logp [...] float32, entropy [...] float32 or None). batch_invariant: a
-    row's results do not depend on the other rows (chunking.Logits)."""
+    row's results do not depend on the other rows (chunking.Logits). vocab_parallel: a resolved
+    lvrpo_fast.vocab_parallel.Partition (weight and bias are then this rank's shards) or None."""
     params = LogprobsParams(backend=backend, temperature=float(temperature), return_entropy=bool(return_entropy),
-                            batch_invariant=bool(batch_invariant))
+                            batch_invariant=bool(batch_invariant),
+                            vocab_parallel=0 if vocab_parallel is None else tp.register(vocab_parallel))
     scalars, _ = _CODEC.encode(params)
     logp, _, entropy = library.op("linear_logprobs")(
         hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),

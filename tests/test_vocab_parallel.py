@@ -1,0 +1,346 @@
+"""Vocab-parallel heads (lvrpo_fast.VocabParallel) against the single-process op on the whole head.
+
+2 and 4 gloo processes on the CPU, one spawn per world size: each process runs every case on every
+backend (cpp, reference, triton under the interpreter) with its shard of the head, computes the
+single-process float64 truth and float32 reference on the whole head itself, and checks the loss,
+metrics, log-probabilities, entropy and gradients (hidden, its weight shard, its bias shard) with
+lvrpo_fast.testing's rule; the parent asserts on the outcomes, one test per (world, backend, case).
+Shards are unequal (and on 4 ranks one holds 4 of the 37 ids, so most rows' targets lie elsewhere);
+one case puts every target in the first shard, so the other ranks hold no target of any row.
+"""
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+import lvrpo_fast
+from lvrpo_fast import reference
+from lvrpo_fast.testing import compare_results, failures
+
+import test_linear_grpo_loss as linear_cases
+
+BACKENDS = ("cpp", "reference", "triton")
+B, G, T, D, V = 6, 3, 5, 16, 37
+SHARDS = {2: (20, 17), 4: (11, 4, 13, 9)}
+
+# The loss cases of tests/test_linear_grpo_loss.py (every loss type, GSPO, KL estimators, the entropy
+# bonus and the high-entropy mask, temperature, bias, rollout weights, masked tokens).
+LOSS_CASES = tuple(linear_cases.CASES)
+# name -> (bias, temperature, entropy, mask)
+LOGPROB_CASES = {
+    "plain": (False, 1.0, False, False),
+    "bias_temperature_entropy_mask": (True, 0.7, True, True),
+    "entropy_mask": (False, 1.3, True, True),
+}
+EXTRA_CASES = ("targets_in_first_shard", "partial_grad_hidden", "nan_in_one_shard", "dtensor_head",
+               "bfloat16_logprobs", "batch_invariant_rows", "inconsistent_calls_raise")
+ALL_CASES = tuple(f"loss-{c}" for c in LOSS_CASES) + tuple(f"logprobs-{c}" for c in LOGPROB_CASES) + EXTRA_CASES
+# The interpreted Triton kernels are the slow part: on 4 processes (sharing the CI machine's cores) they
+# run every case but the loss cases other than these, which cover the clip family, GSPO with the KL
+# and the entropy bonus, vespo, and the high-entropy mask's two passes. All loss cases run on 2.
+TRITON_4_LOSS_CASES = ("loss-grpo", "loss-gspo_k3_bias_kl_entropy", "loss-vespo_weights",
+                       "loss-entropy_mask_token_mean")
+
+
+def cases(world, backend):
+    if backend == "triton" and world == 4:
+        return tuple(c for c in ALL_CASES if not c.startswith("loss-") or c in TRITON_4_LOSS_CASES)
+    return ALL_CASES
+
+
+def _rng(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _shard(partition_sizes, rank):
+    start = sum(partition_sizes[:rank])
+    return slice(start, start + partition_sizes[rank])
+
+
+def _leaf(t, dtype=torch.float32):
+    return None if t is None else t.detach().to(dtype).clone().requires_grad_()
+
+
+def _grads(leaves):
+    return {name: (None if t is None else t.grad) for name, t in leaves.items()}
+
+
+def _loss_run(backend, data, options, extras, dtype, sl=None, vp=None):
+    """fused_linear_grpo_loss with hidden / weight / bias in dtype (weight and bias sliced to `sl`)."""
+    cut = (lambda t: t) if sl is None else (lambda t: None if t is None else t[sl])
+    leaves = {"hidden": _leaf(data["hidden"], dtype), "weight": _leaf(cut(data["weight"]), dtype),
+              "bias": _leaf(cut(data["bias"]), dtype)}
+    kwargs = {} if vp is None else {"vocab_parallel": vp}
+    loss, metrics = lvrpo_fast.fused_linear_grpo_loss(
+        leaves["hidden"], leaves["weight"], data["targets"], data["mask"], data["advantages"], bias=leaves["bias"],
+        logp_old=data["logp_old"], logp_ref=data["logp_ref"], logp_sampling=data["logp_sampling"],
+        rollout_weights=data["rollout_weights"], temperature=extras.get("temperature", 1.0),
+        return_entropy=extras.get("return_entropy", False), backend=backend, **options, **kwargs)
+    loss.backward()
+    return {"loss": loss.detach(), "metrics": {k: v for k, v in metrics.items()}, "grads": _grads(leaves)}
+
+
+def _logprobs_run(backend, data, bias, temperature, entropy, mask, dtype, sl=None, vp=None):
+    cut = (lambda t: t) if sl is None else (lambda t: None if t is None else t[sl])
+    leaves = {"hidden": _leaf(data["hidden"], dtype), "weight": _leaf(cut(data["weight"]), dtype),
+              "bias": _leaf(cut(data["bias"]) if bias else None, dtype)}
+    kwargs = {} if vp is None else {"vocab_parallel": vp}
+    out = lvrpo_fast.fused_linear_logprobs(leaves["hidden"], leaves["weight"], data["targets"], bias=leaves["bias"],
+                                           temperature=temperature, return_entropy=entropy,
+                                           mask=data["mask"] if mask else None, backend=backend, **kwargs)
+    logp, ent = out if entropy else (out, None)
+    total = (logp * data["grad_logp"]).sum() + ((ent * data["grad_entropy"]).sum() if entropy else 0)
+    total.backward()
+    result = {"logp": logp.detach(), "grads": _grads(leaves)}
+    if entropy:
+        result["entropy"] = ent.detach()
+    return result
+
+
+def _sliced(result, sl):
+    """The whole-head result with the weight and bias gradients cut to this rank's shard."""
+    grads = dict(result["grads"])
+    for name in ("weight", "bias"):
+        if grads[name] is not None:
+            grads[name] = grads[name][sl]
+    return {**result, "grads": grads}
+
+
+def _compare(tp_result, whole, truth, dtype, sl):
+    return [str(o) for o in failures(compare_results(tp_result, _sliced(whole, sl), _sliced(truth, sl), dtype))]
+
+
+def _logprob_data(seed, masked=True):
+    g = _rng(seed)
+    data = {"hidden": torch.randn(B, T, D, generator=g), "weight": torch.randn(V, D, generator=g) * 0.6,
+            "bias": torch.randn(V, generator=g) * 0.5, "targets": torch.randint(0, V, (B, T), generator=g),
+            "mask": torch.rand(B, T, generator=g) > 0.3, "grad_logp": torch.randn(B, T, generator=g),
+            "grad_entropy": torch.randn(B, T, generator=g)}
+    data["mask"][0, 0] = True
+    data["targets"] = torch.where(data["mask"], data["targets"], torch.full_like(data["targets"], -100))
+    if not masked:
+        data["targets"] = data["targets"].clamp(min=0)
+    return data
+
+
+def _case(name, backend, world, rank, sizes):
+    """Failure strings ([] when every output matches) of one case on this rank."""
+    sl = _shard(sizes, rank)
+    vp = lvrpo_fast.VocabParallel()
+    seed = 1000 + ALL_CASES.index(name)
+    if name.startswith("loss-"):
+        options, extras = linear_cases.CASES[name[5:]]
+        data = linear_cases.make_inputs(B, T, D, V, group_size=G, bias=extras.get("bias", False),
+                                        weights=extras.get("weights"), sampling=extras.get("sampling", False),
+                                        temperature=extras.get("temperature", 1.0), generator=_rng(seed))
+        tp_result = _loss_run(backend, data, options, extras, torch.float32, sl, vp)
+        whole = _loss_run("reference", data, options, extras, torch.float32)
+        truth = _loss_run("reference", data, options, extras, torch.float64)
+        return _compare(tp_result, whole, truth, torch.float32, sl)
+    if name.startswith("logprobs-") or name in ("targets_in_first_shard", "partial_grad_hidden", "bfloat16_logprobs"):
+        bias, temperature, entropy, mask = LOGPROB_CASES.get(name[9:], (True, 0.8, True, True))
+        data = _logprob_data(seed, masked=mask)
+        dtype = torch.bfloat16 if name == "bfloat16_logprobs" else torch.float32
+        if name == "targets_in_first_shard":
+            data["targets"] = torch.where(data["mask"], data["targets"] % sizes[0], data["targets"])
+        if name == "partial_grad_hidden":
+            vp = lvrpo_fast.VocabParallel(reduce_grad_hidden=False)
+        tp_result = _logprobs_run(backend, data, bias, temperature, entropy, mask, dtype, sl, vp)
+        if name == "partial_grad_hidden":  # each rank holds its share; their sum is the gradient
+            partial = tp_result["grads"]["hidden"].clone()
+            dist.all_reduce(partial)
+            tp_result["grads"]["hidden"] = partial
+        whole = _logprobs_run("reference", data, bias, temperature, entropy, mask, dtype)
+        truth = _logprobs_run("reference", data, bias, temperature, entropy, mask, torch.float64)
+        return _compare(tp_result, whole, truth, dtype, sl)
+    if name == "nan_in_one_shard":
+        # A NaN in the last rank's shard only: every row's logits hold it, so every rank must return NaN
+        # log-probabilities, entropies and loss (no rank may keep a finite value).
+        data = _logprob_data(seed)
+        data["weight"][V - 1, 3] = float("nan")
+        out = _logprobs_run(backend, data, True, 0.8, True, True, torch.float32, sl, vp)
+        live = data["mask"]
+        bad = []
+        if not torch.isnan(out["logp"][live]).all() or not torch.isnan(out["entropy"][live]).all():
+            bad.append(f"rank {rank}: finite log-prob or entropy with a NaN logit in rank {world - 1}'s shard")
+        if not (out["logp"][~live] == 0).all():
+            bad.append(f"rank {rank}: masked positions are not 0")
+        options, extras = linear_cases.CASES["grpo"]
+        loss_data = linear_cases.make_inputs(B, T, D, V, group_size=G, generator=_rng(seed))
+        loss_data["weight"][V - 1, 3] = float("nan")
+        loss = _loss_run(backend, loss_data, options, extras, torch.float32, sl, vp)["loss"]
+        if not torch.isnan(loss):
+            bad.append(f"rank {rank}: loss {float(loss)} is finite with a NaN logit in another shard")
+        return bad
+    if name == "dtensor_head":
+        mesh = init_device_mesh("cpu", (world,))
+        options, extras = linear_cases.CASES["gspo_k3_bias_kl_entropy"]
+        data = linear_cases.make_inputs(B, T, D, V, group_size=G, bias=True, weights="token", generator=_rng(seed))
+        weight = distribute_tensor(data["weight"].clone(), mesh, [Shard(0)]).requires_grad_()
+        bias = distribute_tensor(data["bias"].clone(), mesh, [Shard(0)]).requires_grad_()
+        hidden = _leaf(data["hidden"])
+        try:  # a DTensor head without vocab_parallel: refused (an FSDP2 shard has the same layout)
+            lvrpo_fast.fused_linear_logprobs(hidden, weight, data["targets"].clamp(min=0), backend=backend)
+            bad = ["a Shard(0) DTensor weight without vocab_parallel was accepted"]
+        except ValueError as error:
+            bad = [] if "FSDP2" in str(error) else [f"unclear error for a DTensor weight without vocab_parallel: {error}"]
+        loss, metrics = lvrpo_fast.fused_linear_grpo_loss(
+            hidden, weight, data["targets"], data["mask"], data["advantages"], bias=bias, logp_old=data["logp_old"],
+            logp_ref=data["logp_ref"], rollout_weights=data["rollout_weights"],
+            temperature=extras["temperature"], backend=backend, vocab_parallel=lvrpo_fast.VocabParallel(),
+            **options)
+        loss.backward()
+        sizes = [t.numel() for t in torch.arange(V).chunk(world)]  # DTensor's Shard(0) split
+        sl = _shard(sizes, rank)
+        tp_result = {"loss": loss.detach(), "metrics": metrics,
+                     "grads": {"hidden": hidden.grad, "weight": weight.grad.to_local(), "bias": bias.grad.to_local()}}
+        whole = _loss_run("reference", data, options, extras, torch.float32)
+        truth = _loss_run("reference", data, options, extras, torch.float64)
+        bad += _compare(tp_result, whole, truth, torch.float32, sl)
+        if tuple(weight.grad.placements) != (Shard(0),):
+            bad.append(f"the DTensor weight's gradient has placements {weight.grad.placements}")
+        replicated = distribute_tensor(data["weight"].clone(), mesh, [Replicate()])
+        try:
+            lvrpo_fast.fused_linear_logprobs(hidden, replicated, data["targets"].clamp(min=0), backend=backend,
+                                             vocab_parallel=lvrpo_fast.VocabParallel())
+            bad.append("a Replicate() DTensor weight was accepted")
+        except ValueError as error:
+            if "Shard(0)" not in str(error):
+                bad.append(f"unclear error for a Replicate() DTensor weight: {error}")
+        return bad
+    if name == "batch_invariant_rows":
+        # A row's log-probability and entropy have the same bits whatever else is in the call, across
+        # ranks too (the all-gathered statistics are combined row by row in rank order).
+        if backend == "reference":
+            return []  # exempt from the batch-invariant mode, as on one process
+        data = _logprob_data(seed, masked=False)
+        shard = data["weight"][sl]
+        whole = lvrpo_fast.fused_linear_logprobs(data["hidden"], shard, data["targets"], temperature=0.8,
+                                                 return_entropy=True, backend=backend, batch_invariant=True,
+                                                 vocab_parallel=vp)
+        few = lvrpo_fast.fused_linear_logprobs(data["hidden"][2:4, 1:], shard, data["targets"][2:4, 1:],
+                                               temperature=0.8, return_entropy=True, backend=backend,
+                                               batch_invariant=True, vocab_parallel=vp)
+        same = all(torch.equal(a[2:4, 1:], b) for a, b in zip(whole, few))
+        return [] if same else [f"rank {rank}: rows changed bits with the batch around them"]
+    if name == "inconsistent_calls_raise":
+        # Calls that would run different chunk plans (and hang in a collective) raise on every rank.
+        data = _logprob_data(seed)
+        bad = []
+        mask = data["mask"].clone()
+        if rank == 0:
+            mask[-1, -1] = not bool(mask[-1, -1])
+        targets = data["targets"].clamp(min=0)
+        for label, kwargs in (("mask", {"mask": mask}),
+                              ("vocab_start", {"vocab_parallel": lvrpo_fast.VocabParallel(vocab_start=sl.start + 1)}),
+                              ("vocab_size", {"vocab_parallel": lvrpo_fast.VocabParallel(vocab_size=V + 1)}),
+                              ("negative vocab_start on one rank",
+                               {"vocab_parallel": lvrpo_fast.VocabParallel(vocab_start=-1 if rank == world - 1
+                                                                           else None)})):
+            kwargs = {"vocab_parallel": vp, **kwargs}
+            try:
+                lvrpo_fast.fused_linear_logprobs(data["hidden"], data["weight"][sl], targets, backend=backend, **kwargs)
+                bad.append(f"rank {rank}: an inconsistent {label} was accepted")
+            except ValueError as error:
+                if "vocab_parallel" not in str(error):
+                    bad.append(f"rank {rank}: the error for an inconsistent {label} does not say what: {error}")
+        return bad
+    raise AssertionError(name)
+
+
+def _worker(rank, world, port, out_dir):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    outcomes = {}
+    try:
+        for backend in BACKENDS:
+            for name in cases(world, backend):
+                try:
+                    outcomes[(backend, name)] = _case(name, backend, world, rank, SHARDS[world])
+                except Exception as error:  # reported per case by the parent; the other ranks raise too
+                    outcomes[(backend, name)] = [f"rank {rank}: {type(error).__name__}: {error}"]
+                    raise
+    finally:
+        torch.save(outcomes, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_RUNS = {}
+
+
+def _outcomes(world):
+    """{(backend, case): [failure strings of every rank]} of one spawn of `world` processes."""
+    if world not in _RUNS:
+        with tempfile.TemporaryDirectory() as out_dir:
+            error = None
+            try:
+                mp.spawn(_worker, args=(world, _free_port(), out_dir), nprocs=world, join=True)
+            except Exception as e:  # the per-case outcomes saved before the failure still say where
+                error = e
+            merged = {}
+            for rank in range(world):
+                path = os.path.join(out_dir, f"rank{rank}.pt")
+                for key, bad in (torch.load(path) if os.path.exists(path) else {}).items():
+                    merged.setdefault(key, []).extend(bad)
+            _RUNS[world] = (merged, error)
+    return _RUNS[world]
+
+
+@pytest.mark.parametrize("world, backend, case", [(w, b, c) for w in sorted(SHARDS) for b in BACKENDS
+                                                   for c in cases(w, b)])
+def test_vocab_parallel_equals_one_process(world, backend, case):
+    merged, error = _outcomes(world)
+    assert (backend, case) in merged, f"the {world}-process run did not reach this case: {error!r}"
+    bad = merged[(backend, case)]
+    assert not bad, "\n".join(bad)
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "vocab_parallel.py"
+
+
+def _printed_numbers(command):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith(("loss", "grad norms"))]
+    assert len(lines) == 2, done.stdout
+    return lines, [float(x.rstrip(",")) for x in re.findall(r"-?\d+\.\d+,?", " ".join(lines))]
+
+
+def test_readme_torchrun_example_prints_the_one_process_loss():
+    """examples/vocab_parallel.py (README, "Vocab-parallel heads"), under torchrun with 2 gloo processes,
+    prints the loss, the ratio metric and the gradient norms of the one-process run on the whole head."""
+    one, one_values = _printed_numbers([sys.executable, str(EXAMPLE)])
+    two, two_values = _printed_numbers([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                        "--nproc_per_node=2", str(EXAMPLE)])
+    assert len(one_values) == len(two_values) == 4, (one, two)
+    # Printed to 6 places: the loss matched to the last printed digit here, but float32 rounding of the
+    # two runs may straddle a rounding boundary on another machine, so the last digit may differ by 1.
+    for a, b in zip(one_values, two_values):
+        assert abs(a - b) <= 1.5e-6 + 1e-5 * abs(a), (one, two)
+
+
+def test_vocab_parallel_refuses_without_a_process_group_or_with_a_wrong_type():
+    hidden, weight, targets = torch.randn(2, 4), torch.randn(5, 4), torch.zeros(2, dtype=torch.long)
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        lvrpo_fast.fused_linear_logprobs(hidden, weight, targets, vocab_parallel=lvrpo_fast.VocabParallel())
+    with pytest.raises(TypeError, match="VocabParallel"):
+        lvrpo_fast.fused_linear_logprobs(hidden, weight, targets, vocab_parallel=object())
