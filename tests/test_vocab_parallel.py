@@ -42,7 +42,7 @@ LOGPROB_CASES = {
     "bias_temperature_entropy_mask": (True, 0.7, True, True),
     "entropy_mask": (False, 1.3, True, True),
 }
-EXTRA_CASES = ("targets_in_first_shard", "partial_grad_hidden", "nan_in_one_shard", "dtensor_head",
+EXTRA_CASES = ("targets_in_first_shard", "partial_grad_hidden", "nan_in_one_shard", "dtensor_head", "packed_loss",
                "bfloat16_logprobs", "batch_invariant_rows", "inconsistent_calls_raise")
 ALL_CASES = tuple(f"loss-{c}" for c in LOSS_CASES) + tuple(f"logprobs-{c}" for c in LOGPROB_CASES) + EXTRA_CASES
 # The interpreted Triton kernels are the slow part: on 4 processes (sharing the CI machine's cores) they
@@ -75,12 +75,15 @@ def _grads(leaves):
     return {name: (None if t is None else t.grad) for name, t in leaves.items()}
 
 
-def _loss_run(backend, data, options, extras, dtype, sl=None, vp=None):
-    """fused_linear_grpo_loss with hidden / weight / bias in dtype (weight and bias sliced to `sl`)."""
+def _loss_run(backend, data, options, extras, dtype, sl=None, vp=None, cu_seqlens=None):
+    """fused_linear_grpo_loss with hidden / weight / bias in dtype (weight and bias sliced to `sl`);
+    packed inputs with cu_seqlens."""
     cut = (lambda t: t) if sl is None else (lambda t: None if t is None else t[sl])
     leaves = {"hidden": _leaf(data["hidden"], dtype), "weight": _leaf(cut(data["weight"]), dtype),
               "bias": _leaf(cut(data["bias"]), dtype)}
     kwargs = {} if vp is None else {"vocab_parallel": vp}
+    if cu_seqlens is not None:
+        kwargs["cu_seqlens"] = cu_seqlens
     loss, metrics = lvrpo_fast.fused_linear_grpo_loss(
         leaves["hidden"], leaves["weight"], data["targets"], data["mask"], data["advantages"], bias=leaves["bias"],
         logp_old=data["logp_old"], logp_ref=data["logp_ref"], logp_sampling=data["logp_sampling"],
@@ -163,6 +166,21 @@ def _case(name, backend, world, rank, sizes):
         whole = _logprobs_run("reference", data, bias, temperature, entropy, mask, dtype)
         truth = _logprobs_run("reference", data, bias, temperature, entropy, mask, torch.float64)
         return _compare(tp_result, whole, truth, dtype, sl)
+    if name == "packed_loss":
+        # Packed sequences (cu_seqlens; an empty and a one-token sequence) on a vocab-parallel head equal
+        # the single-process op on the whole head and the padded batch.
+        from test_packed import pack
+
+        options, extras = linear_cases.CASES["gspo_k3_bias_kl_entropy"]
+        data = linear_cases.make_inputs(B, T, D, V, group_size=G, bias=True, weights="token", generator=_rng(seed))
+        packed, padded, cu = pack(data, [3, 0, 1, T, 2, T])
+        tp_result = _loss_run(backend, packed, options, extras, torch.float32, sl, vp, cu_seqlens=cu)
+        whole = _loss_run("reference", padded, options, extras, torch.float32)
+        truth = _loss_run("reference", padded, options, extras, torch.float64)
+        valid = torch.arange(T) < torch.tensor([3, 0, 1, T, 2, T])[:, None]
+        for run in (whole, truth):  # the padded batch's gradient at the packed rows
+            run["grads"]["hidden"] = run["grads"]["hidden"][valid]
+        return _compare(tp_result, whole, truth, torch.float32, sl)
     if name == "nan_in_one_shard":
         # A NaN in the last rank's shard only: every row's logits hold it, so every rank must return NaN
         # log-probabilities, entropies and loss (no rank may keep a finite value).
