@@ -64,7 +64,8 @@ TERMINAL = ("ok", "check_failed", "skipped", "failed")
 # are for the kernels the interpreter cannot judge.
 KERNEL_TESTS = ("tests/test_logprobs.py", "tests/test_linear_grpo_loss.py", "tests/test_grpo_loss.py",
                 "tests/test_advantages.py", "tests/test_sm90_compile.py", "tests/test_property.py",
-                "tests/test_modules.py", "tests/test_batch_invariant.py")
+                "tests/test_modules.py", "tests/test_batch_invariant.py", "tests/test_process_advantages.py",
+                "tests/test_packed.py")
 FINGERPRINTED = ("lvrpo_fast", "kernels", "csrc", "benchmarks", "tests")
 SOURCE_SUFFIXES = (".py", ".cpp", ".h", ".sh", ".md")
 STOP_S = 20  # the kernel tests' time to stop after SIGINT
