@@ -84,18 +84,19 @@ def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: 
         First-order gradients only on the kernel backends (create_graph=True raises); an input changed
         in place between forward and backward raises autograd's error.
     """
-    opts = GRPOOptions.from_kwargs(**options)
-    weight, bias, vocab_parallel = tp.head_shards(weight, bias, vocab_parallel)
-    packing = None
-    if cu_seqlens is None:
-        hidden, weight, bias, mask, temperature, head_dtype = validate.linear_grpo_loss_inputs(
-            hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref, rollout_weights, temperature, opts,
-            logp_sampling=logp_sampling, head_dtype=head_dtype)
-    else:
-        (hidden, weight, bias, temperature, head_dtype, packing, targets, mask, advantages, logp_old, logp_ref,
-         logp_sampling, rollout_weights) = validate.packed_linear_grpo_loss_inputs(
-            hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref, rollout_weights, temperature, opts,
-            cu_seqlens, logp_sampling=logp_sampling, head_dtype=head_dtype)
+    with tp.failing_together(vocab_parallel, hidden, "linear_grpo_loss"):
+        opts = GRPOOptions.from_kwargs(**options)
+        weight, bias, vocab_parallel = tp.head_shards(weight, bias, vocab_parallel)
+        packing = None
+        if cu_seqlens is None:
+            hidden, weight, bias, mask, temperature, head_dtype = validate.linear_grpo_loss_inputs(
+                hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref, rollout_weights, temperature,
+                opts, logp_sampling=logp_sampling, head_dtype=head_dtype)
+        else:
+            (hidden, weight, bias, temperature, head_dtype, packing, targets, mask, advantages, logp_old, logp_ref,
+             logp_sampling, rollout_weights) = validate.packed_linear_grpo_loss_inputs(
+                hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref, rollout_weights, temperature,
+                opts, cu_seqlens, logp_sampling=logp_sampling, head_dtype=head_dtype)
     partition = None
     if vocab_parallel is not None:
         grad_on = torch.is_grad_enabled()

@@ -58,11 +58,12 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         Under torch.autocast the head computes in autocast's dtype (lvrpo_fast.validate.head_autocast).
         The full [N, V] logits are never allocated by the kernel backends.
     """
-    weight, bias, vocab_parallel = tp.head_shards(weight, bias, vocab_parallel)
-    if cu_seqlens is not None:
-        validate.packed_rows("hidden", hidden, cu_seqlens, trailing=1)
-    hidden, weight, targets, bias, mask, temperature, return_entropy = validate.linear_logprobs_inputs(
-        hidden, weight, targets, bias, mask, temperature, return_entropy)
+    with tp.failing_together(vocab_parallel, hidden, "logprobs"):
+        weight, bias, vocab_parallel = tp.head_shards(weight, bias, vocab_parallel)
+        if cu_seqlens is not None:
+            validate.packed_rows("hidden", hidden, cu_seqlens, trailing=1)
+        hidden, weight, targets, bias, mask, temperature, return_entropy = validate.linear_logprobs_inputs(
+            hidden, weight, targets, bias, mask, temperature, return_entropy)
     partition = None
     if vocab_parallel is not None:
         live = targets.numel() if mask is None else int(mask.sum())

@@ -35,6 +35,7 @@ oracle) and the fused ops can both use it.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
@@ -151,7 +152,8 @@ def resolve(spec: VocabParallel, local_size: int, device: torch.device, consiste
     given_starts = [r[1] for r in rows]
     if bad or any(r[4] for r in rows):
         raise ValueError("; ".join(bad) if bad else
-                         f"vocab_parallel: bad arguments on rank(s) {[i for i, r in enumerate(rows) if r[4]]}")
+                         f"vocab_parallel: rank(s) {[i for i, r in enumerate(rows) if r[4]]} refused their inputs "
+                         "or vocab_parallel arguments (see the error raised there); every rank stops")
     if any(r[5:] != rows[0][5:] for r in rows):
         raise ValueError("vocab_parallel: the ranks of the group called the op with different inputs "
                          f"(rows, live rows, gradient flags per rank: {[r[5:] for r in rows]}); every rank "
@@ -175,6 +177,30 @@ def resolve(spec: VocabParallel, local_size: int, device: torch.device, consiste
         raise ValueError(f"vocab_parallel.vocab_size {sorted(given_v)} does not match the shards' total {total} "
                          f"(shard sizes {list(sizes)})")
     return Partition(group, starts, sizes, rank, total, bool(spec.reduce_grad_hidden))
+
+
+CONSISTENCY_WIDTH = {"logprobs": 4, "linear_grpo_loss": 7}  # len(consistency) each public op passes to resolve
+
+
+@contextlib.contextmanager
+def failing_together(spec, like, op: str):
+    """The input checks a rank runs before :func:`resolve`: if they raise on this rank, it still joins
+    resolve's all-gather, flagged as failed (so the other ranks raise there instead of waiting in it
+    forever), then raises its own error. spec: the op's vocab_parallel argument; like: a tensor on the
+    device the group's collectives take; op: a key of CONSISTENCY_WIDTH."""
+    try:
+        yield
+    except Exception:
+        if isinstance(spec, VocabParallel) and dist.is_available() and dist.is_initialized():
+            try:
+                device = like.device if isinstance(like, torch.Tensor) else torch.device("cpu")
+                local = torch.tensor([0, -1, -1, int(spec.reduce_grad_hidden), 1] + [0] * CONSISTENCY_WIDTH[op],
+                                     dtype=torch.int64, device=device)
+                table = torch.empty(dist.get_world_size(spec.group) * local.numel(), dtype=torch.int64, device=device)
+                _all_gather(table, local, group=spec.group)
+            except Exception:  # noqa: BLE001 (this rank's own error, raised below, is the one to report)
+                pass
+        raise
 
 
 # --- DTensor heads ---------------------------------------------------------------------------------

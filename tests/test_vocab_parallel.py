@@ -8,6 +8,7 @@ lvrpo_fast.testing's rule; the parent asserts on the outcomes, one test per (wor
 Shards are unequal (and on 4 ranks one holds 4 of the 37 ids, so most rows' targets lie elsewhere);
 one case puts every target in the first shard, so the other ranks hold no target of any row.
 """
+import datetime
 import os
 import re
 import socket
@@ -272,6 +273,25 @@ def _case(name, backend, world, rank, sizes):
             except ValueError as error:
                 if "vocab_parallel" not in str(error):
                     bad.append(f"rank {rank}: the error for an inconsistent {label} does not say what: {error}")
+        # An input refused on one rank only (before the collective check): that rank raises its own error
+        # and every other rank raises too, instead of waiting in the check's all-gather.
+        last = rank == world - 1
+        hidden = data["hidden"][..., :-1] if last else data["hidden"]
+        try:
+            lvrpo_fast.fused_linear_logprobs(hidden, data["weight"][sl], targets, backend=backend, vocab_parallel=vp)
+            bad.append(f"rank {rank}: a hidden size refused on rank {world - 1} was accepted")
+        except ValueError as error:
+            if ("hidden" if last else "refused their inputs") not in str(error):
+                bad.append(f"rank {rank}: unclear error for a hidden size refused on one rank: {error}")
+        options, extras = linear_cases.CASES["grpo"]
+        loss_data = linear_cases.make_inputs(B, T, D, V, group_size=G, generator=_rng(seed))
+        try:
+            _loss_run(backend, loss_data, {**options, "loss_type": "nope" if rank == 0 else options["loss_type"]},
+                      extras, torch.float32, sl, vp)
+            bad.append(f"rank {rank}: a loss_type refused on rank 0 was accepted")
+        except ValueError as error:
+            if ("loss_type" if rank == 0 else "refused their inputs") not in str(error):
+                bad.append(f"rank {rank}: unclear error for a loss_type refused on one rank: {error}")
         return bad
     raise AssertionError(name)
 
@@ -279,7 +299,9 @@ def _case(name, backend, world, rank, sizes):
 def _worker(rank, world, port, out_dir):
     os.environ.setdefault("TRITON_INTERPRET", "1")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # A collective some rank never joins fails after the timeout instead of hanging the suite.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=int(os.environ.get("LVRPO_TEST_GLOO_TIMEOUT", "300"))))
     outcomes = {}
     try:
         for backend in BACKENDS:
