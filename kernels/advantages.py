@@ -36,50 +36,60 @@ def _batch_std_kernel(rewards_ptr, std_ptr, B, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _group_advantages_kernel(rewards_ptr, std_ptr, out_ptr, G, eps, loo_factor,
-                             SCALE: tl.constexpr, BLOCK: tl.constexpr):
-    """out[g*G:(g+1)*G] for group g = program id. SCALE: 0 none, 1 group std, 2 batch std (std_ptr)."""
-    base = tl.program_id(0).to(tl.int64) * G
+def normalize_run(rewards_ptr, std_ptr, out_ptr, first, count, eps, factor, SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    """out[first:first + count] = the normalized rewards of one group, rewards[first:first + count]
+    (count >= 1): (r - mean) * factor / (std + eps), factor the leave-one-out factor (1 without it).
+    SCALE: 0 none, 1 the group's std, 2 the batch's (std_ptr[0]). Three passes over the run: mean with
+    min / max / NaN count, squared deviations (SCALE 1), write. Used by the group advantages (runs of G)
+    and the process advantages' step normalization (runs of S_g, kernels/process_advantages.py)."""
+    n = count.to(tl.float32)
     total = tl.zeros([BLOCK], dtype=tl.float32)
     hi = tl.full([BLOCK], float("-inf"), tl.float32)
     lo = tl.full([BLOCK], float("inf"), tl.float32)
     nans = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, G, BLOCK):
+    for start in range(0, count, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        in_group = offs < G
-        r = tl.load(rewards_ptr + base + offs, mask=in_group, other=0.0)
+        inside = offs < count
+        r = tl.load(rewards_ptr + first + offs, mask=inside, other=0.0)
         total += r
-        hi = tl.maximum(hi, tl.where(in_group, r, float("-inf")))
-        lo = tl.minimum(lo, tl.where(in_group, r, float("inf")))
+        hi = tl.maximum(hi, tl.where(inside, r, float("-inf")))
+        lo = tl.minimum(lo, tl.where(inside, r, float("inf")))
         nans += (r != r).to(tl.float32)
-    mean = tl.sum(total, axis=0) / G
+    mean = tl.sum(total, axis=0) / n
     # Equality is decided on the rewards themselves, not on a computed std: a group of equal
-    # rewards gets exactly 0 even with eps = 0, where (r - mu) / std would be 0 / 0. The minimum and
-    # maximum skip a NaN, so a NaN is counted apart: a group with one is never "equal", and its NaN
-    # mean reaches every advantage of the group (never a 0 for its mates).
+    # rewards (a run of one included) gets exactly 0 even with eps = 0, where (r - mu) / std would be
+    # 0 / 0. The minimum and maximum skip a NaN, so a NaN is counted apart: a group with one is never
+    # "equal", and its NaN mean reaches every advantage of the group (never a 0 for its mates).
     equal = (tl.max(hi, axis=0) == tl.min(lo, axis=0)) & (tl.sum(nans, axis=0) == 0)
     if SCALE == 1:
         sq = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, G, BLOCK):
+        for start in range(0, count, BLOCK):
             offs = start + tl.arange(0, BLOCK)
-            in_group = offs < G
-            r = tl.load(rewards_ptr + base + offs, mask=in_group, other=0.0)
-            dev = tl.where(in_group, r - mean, 0.0)
+            inside = offs < count
+            r = tl.load(rewards_ptr + first + offs, mask=inside, other=0.0)
+            dev = tl.where(inside, r - mean, 0.0)
             sq += dev * dev
-        denom = tl.sqrt(tl.sum(sq, axis=0) / (G - 1)) + eps
+        denom = tl.sqrt(tl.sum(sq, axis=0) / tl.maximum(n - 1.0, 1.0)) + eps
     elif SCALE == 2:
         denom = tl.load(std_ptr) + eps
     else:
         denom = 1.0
     # An equal group must not divide by a zero denominator even in lanes that are discarded.
     denom = tl.where(equal, 1.0, denom)
-    for start in range(0, G, BLOCK):
+    for start in range(0, count, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        in_group = offs < G
-        r = tl.load(rewards_ptr + base + offs, mask=in_group, other=0.0)
-        # leave-one-out: r - mean(others) = G / (G - 1) * (r - mu), loo_factor is 1 otherwise
-        adv = ((r - mean) * loo_factor) / denom
-        tl.store(out_ptr + base + offs, tl.where(equal, 0.0, adv), mask=in_group)
+        inside = offs < count
+        r = tl.load(rewards_ptr + first + offs, mask=inside, other=0.0)
+        adv = ((r - mean) * factor) / denom
+        tl.store(out_ptr + first + offs, tl.where(equal, 0.0, adv), mask=inside)
+
+
+@triton.jit
+def _group_advantages_kernel(rewards_ptr, std_ptr, out_ptr, G, eps, loo_factor,
+                             SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    """out[g*G:(g+1)*G] for group g = program id. SCALE: 0 none, 1 group std, 2 batch std (std_ptr).
+    loo_factor: G / (G - 1) with leave-one-out (r - mean(others) = G / (G - 1) (r - mu)), else 1."""
+    normalize_run(rewards_ptr, std_ptr, out_ptr, tl.program_id(0).to(tl.int64) * G, G, eps, loo_factor, SCALE, BLOCK)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str, eps: float,

@@ -1,9 +1,9 @@
 """Process-reward advantages (docs/math.md section 11): packed step rewards -> per-token advantages [B, T].
 
 Two kernels. The first normalizes the step rewards, one program per group: the group's steps are
-contiguous in the packed arrays (step_offsets[g G] .. step_offsets[(g + 1) G]), so it is the group
-advantage kernel's three passes (mean with min / max / NaN count, squared deviations, write) over a
-run of S_g steps whose length is read from the offsets. scale="batch" reads the std of all S steps
+contiguous in the packed arrays (step_offsets[g G] .. step_offsets[(g + 1) G]), so it runs the group
+advantages' normalize_run (mean with min / max / NaN count, squared deviations, write) over a run of
+S_g steps whose length is read from the offsets. scale="batch" reads the std of all S steps
 from the group advantages' one-program batch kernel. The second writes the tokens, one program per
 (sequence, block of tokens): each token sums the normalized rewards of its sequence's steps that end
 at or after it, a loop over the sequence's few steps, so every token is written exactly once and no
@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from . import autotune
-from .advantages import SCALES, _batch_std_kernel
+from .advantages import SCALES, _batch_std_kernel, normalize_run
 
 
 @triton.jit
@@ -30,50 +30,14 @@ def _normalize_steps_kernel(rewards_ptr, offsets_ptr, std_ptr, out_ptr, G, eps,
     g = tl.program_id(0).to(tl.int64)
     first = tl.load(offsets_ptr + g * G)
     count = tl.load(offsets_ptr + (g + 1) * G) - first  # S_g >= 1
-    total = tl.zeros([BLOCK], dtype=tl.float32)
-    hi = tl.full([BLOCK], float("-inf"), tl.float32)
-    lo = tl.full([BLOCK], float("inf"), tl.float32)
-    nans = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, count, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        inside = offs < count
-        r = tl.load(rewards_ptr + first + offs, mask=inside, other=0.0)
-        total += r
-        hi = tl.maximum(hi, tl.where(inside, r, float("-inf")))
-        lo = tl.minimum(lo, tl.where(inside, r, float("inf")))
-        nans += (r != r).to(tl.float32)
-    n = count.to(tl.float32)
-    mean = tl.sum(total, axis=0) / n
-    # As in kernels/advantages.py: equality on the rewards themselves (a group of one step included),
-    # a NaN counted apart so that it is never "equal" and reaches every step of the group.
-    equal = (tl.max(hi, axis=0) == tl.min(lo, axis=0)) & (tl.sum(nans, axis=0) == 0)
-    if SCALE == 1:
-        sq = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, count, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            inside = offs < count
-            r = tl.load(rewards_ptr + first + offs, mask=inside, other=0.0)
-            dev = tl.where(inside, r - mean, 0.0)
-            sq += dev * dev
-        denom = tl.sqrt(tl.sum(sq, axis=0) / tl.maximum(n - 1.0, 1.0)) + eps
-    elif SCALE == 2:
-        denom = tl.load(std_ptr) + eps
-    else:
-        denom = 1.0
     if LEAVE_ONE_OUT:
-        # r - mean(the other S_g - 1 steps) = S_g / (S_g - 1) (r - mu)
+        # r - mean(the other S_g - 1 steps) = S_g / (S_g - 1) (r - mu); a group of one step is an equal
+        # group (normalize_run writes 0 and divides by nothing), kept off 0 / 0 here too
+        n = count.to(tl.float32)
         factor = n / tl.maximum(n - 1.0, 1.0)
     else:
         factor = 1.0
-    # A group of one step is an equal group: its divisors above are kept off 0 (no 0 / 0 even in a lane
-    # that is discarded), and an equal group divides by nothing at all.
-    denom = tl.where(equal, 1.0, denom)
-    for start in range(0, count, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        inside = offs < count
-        r = tl.load(rewards_ptr + first + offs, mask=inside, other=0.0)
-        adv = ((r - mean) * factor) / denom
-        tl.store(out_ptr + first + offs, tl.where(equal, 0.0, adv), mask=inside)
+    normalize_run(rewards_ptr, std_ptr, out_ptr, first, count, eps, factor, SCALE, BLOCK)
 
 
 @triton.jit

@@ -332,20 +332,31 @@ def check_advantage_inputs(rewards, group_size, scale, eps, leave_one_out) -> Tu
     _tensor("rewards", rewards, floating=True)
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D [B], got shape {tuple(rewards.shape)}")
+    group_size = _group_size(group_size, rewards.shape[0], f"the number of rewards B={rewards.shape[0]}")
+    return group_size, _normalization(scale, eps, leave_one_out)
+
+
+def _group_size(group_size, count: int, counted: str) -> int:
+    """group_size as an int >= 2 dividing `count` (described by `counted` in the error)."""
     if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
         raise TypeError(f"group_size must be an int, got {group_size!r}")
     group_size = int(group_size)
     if group_size < 2:
         raise ValueError(f"group_size must be >= 2 (a group needs a baseline), got {group_size}")
-    if rewards.shape[0] % group_size != 0:
-        raise ValueError(f"group_size={group_size} must divide the number of rewards B={rewards.shape[0]}")
+    if count % group_size != 0:
+        raise ValueError(f"group_size={group_size} must divide {counted}")
+    return group_size
+
+
+def _normalization(scale, eps, leave_one_out) -> float:
+    """Checks the group normalization's options (scale, eps, leave_one_out); returns eps as a float."""
     if scale not in ADVANTAGE_SCALES:
         raise ValueError(f"scale must be one of {ADVANTAGE_SCALES}, got {scale!r}")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     if not isinstance(leave_one_out, bool):
         raise TypeError(f"leave_one_out must be a bool, got {leave_one_out!r}")
-    return group_size, float(eps)
+    return float(eps)
 
 
 def check_process_inputs(step_rewards, step_ends, step_offsets, group_size, seq_len, scale, eps, leave_one_out,
@@ -366,22 +377,10 @@ def check_process_inputs(step_rewards, step_ends, step_offsets, group_size, seq_
     if step_offsets.shape[0] < 1:
         raise ValueError("step_offsets must have shape [B + 1] (B + 1 >= 1), got shape (0,)")
     B = step_offsets.shape[0] - 1
-    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
-        raise TypeError(f"group_size must be an int, got {group_size!r}")
-    group_size = int(group_size)
-    if group_size < 2:
-        raise ValueError(f"group_size must be >= 2 (a group needs a baseline), got {group_size}")
-    if B % group_size != 0:
-        raise ValueError(f"group_size={group_size} must divide the number of sequences B={B} "
-                         f"(step_offsets has B + 1 = {B + 1} entries)")
+    group_size = _group_size(group_size, B, f"the number of sequences B={B} (step_offsets has B + 1 = {B + 1} entries)")
     if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral) or seq_len < 0:
         raise ValueError(f"seq_len must be an integer >= 0 (T, the completion positions), got {seq_len!r}")
-    if scale not in ADVANTAGE_SCALES:
-        raise ValueError(f"scale must be one of {ADVANTAGE_SCALES}, got {scale!r}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    if not isinstance(leave_one_out, bool):
-        raise TypeError(f"leave_one_out must be a bool, got {leave_one_out!r}")
+    eps = _normalization(scale, eps, leave_one_out)
     if (outcome_advantages is None) != (outcome_weight is None):
         given = "outcome_advantages" if outcome_weight is None else "outcome_weight"
         missing = "outcome_weight" if outcome_weight is None else "outcome_advantages"
