@@ -58,7 +58,7 @@ import torch
 from ..linear_grpo_loss import fused_linear_grpo_loss
 from ..logprobs import fused_linear_logprobs
 from ..options import GRPOOptions
-from .hf import _logit_scale, completion_hidden_states
+from .hf import _logit_scale, completion_hidden_states, inside_root_forward
 
 try:
     from trl import GRPOTrainer as _GRPOTrainer
@@ -159,8 +159,9 @@ def _add_head_inputs_forward(model) -> None:
         logits_to_keep = kwargs.pop(_HEAD_KEYWORD, None)
         if logits_to_keep is None:
             return original(*args, **kwargs)
-        heads = completion_hidden_states(model, kwargs.pop("input_ids"), kwargs.pop("attention_mask", None),
-                                         logits_to_keep, **kwargs)
+        with inside_root_forward():  # this is the model's forward: FSDP2 has gathered its root unit
+            heads = completion_hidden_states(model, kwargs.pop("input_ids"), kwargs.pop("attention_mask", None),
+                                             logits_to_keep, **kwargs)
         return heads.hidden, heads.weight, heads.bias  # a tuple, which DDP walks for its tensors
 
     model.forward = forward
