@@ -1,5 +1,7 @@
 """FSDP2 (fully_shard) on 2 gloo processes on the CPU: a tiny Qwen2 sharded over the data-parallel mesh,
 its GRPO loss through lvrpo_fast.integrations.hf and the fused op, against the same model unsharded.
+The LM head sits in each place FSDP2 can put it (CASES): in the root unit, in a unit of its own, in a
+unit it shares with the tied input embedding, and in the root unit of a model sharded as one unit.
 
 Each rank takes its own batch; FSDP2 averages the gradients over the ranks (reduce-scatter), so each
 parameter's gathered gradient must equal the mean of the unsharded model's gradients on the two
@@ -67,17 +69,36 @@ def unsharded(tied: bool, dtype: torch.dtype, backend: str):
     return 0.5 * (losses[0].detach() + losses[1].detach()), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+# (how the model is wrapped, tied embeddings): where FSDP2 puts the LM head (see shard()).
+CASES = (("layers", False), ("layers", True), ("head_unit", False), ("embed_head_unit", True), ("one_unit", False))
+
+
+def shard(model, wrap: str) -> None:
+    """fully_shard the model: "layers" each decoder layer, then the root (the head in the root unit, as
+    accelerate's and verl's transformer wrap policies leave a tied one); "head_unit" also the LM head on
+    its own before the root (verl's policy for an untied head); "embed_head_unit" the tied input
+    embedding and head as one unit; "one_unit" the root alone (every parameter in the root unit)."""
+    from torch.distributed.fsdp import fully_shard
+
+    if wrap != "one_unit":
+        for layer in model.model.layers:
+            fully_shard(layer)
+    if wrap == "head_unit":
+        fully_shard(model.lm_head)
+    elif wrap == "embed_head_unit":
+        fully_shard([model.model.embed_tokens, model.lm_head])
+    fully_shard(model)
+
+
 def worker(rank: int, store: str, out: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     torch.set_num_threads(1)
     results = {}
-    for tied in (False, True):
+    for wrap, tied in CASES:
         model = build(tied)
-        for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+        shard(model, wrap)
         with torch.no_grad():  # an old-policy pass first: the root's forward, no backward after it
             logp = completion_logprobs_of(model, rank, "cpp")
         loss = loss_of(model, rank, "cpp")
@@ -85,19 +106,22 @@ def worker(rank: int, store: str, out: str) -> None:
         total = loss.detach().clone()
         dist.all_reduce(total)
         grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
-        results[tied] = {"loss": total / 2, "grads": grads, "logp": logp,
-                         "sharded": all(type(p).__name__ == "DTensor" for p in model.parameters())}
-    # A head with an FSDP2 unit of its own is refused, naming what to do.
+        # A second step: between its forward and backward the module holds FSDP2's gathered head, which
+        # FSDP2 must not have hooked (a hook on this tensor, reused every step, would stay and pile up).
+        second = loss_of(model, rank, "cpp")
+        head = model.lm_head.weight
+        gathered_head = (type(head).__name__, len(head._backward_hooks or {}))
+        second.backward()
+        results[wrap, tied] = {"loss": total / 2, "grads": grads, "logp": logp, "gathered_head": gathered_head,
+                               "sharded": all(type(p).__name__ == "DTensor" for p in model.parameters())}
+    # A sharded head in a model that is not itself an FSDP2 module is refused, naming what to do.
     model = build(False)
-    for layer in model.model.layers:
-        fully_shard(layer)
     fully_shard(model.lm_head)
-    fully_shard(model)
     try:
         loss_of(model, rank, "cpp")
-        results["own_unit_error"] = ""
+        results["no_root_error"] = ""
     except ValueError as exc:
-        results["own_unit_error"] = str(exc)
+        results["no_root_error"] = str(exc)
     dist.destroy_process_group()
     if rank == 0:
         torch.save(results, out)

@@ -138,27 +138,36 @@ def test_integration_registry():
 
 def test_fsdp2_sharded_model_matches_unsharded(tmp_path):
     """FSDP2 on 2 gloo processes: the log-probabilities of a no-grad pass and the fused GRPO loss of a
-    fully_shard-ed tiny Qwen2 (untied and tied head, the head in the root unit) give the unsharded model's,
-    and so does every parameter's gradient (FSDP2's reduce-scattered mean over the ranks against the mean
-    of the unsharded gradients on the two batches), judged by the three-number rule against the float64
-    unsharded run; a head with an FSDP2 unit of its own is refused (tests/fsdp2_run.py)."""
+    fully_shard-ed tiny Qwen2 give the unsharded model's, and so does every parameter's gradient (FSDP2's
+    reduce-scattered mean over the ranks against the mean of the unsharded gradients on the two batches),
+    judged by the three-number rule against the float64 unsharded run, wherever FSDP2 puts the LM head:
+    in the root unit (untied and tied), in a unit of its own (untied), in a unit with the tied input
+    embedding, in a model sharded as one unit (whose root stays gathered after the no-grad pass). The
+    gathered head carries no FSDP2 hook between forward and backward; a sharded head in a model that is
+    not an FSDP2 module is refused (tests/fsdp2_run.py)."""
     import fsdp2_run
 
     out = str(tmp_path / "fsdp2.pt")
     fsdp2_run.run(out)
     results = torch.load(out, weights_only=False)
+    unsharded = {}
     for tied in (False, True):
-        sharded = results[tied]
-        assert sharded["sharded"], "fully_shard left a parameter unsharded"
         truth_loss, truth = fsdp2_run.unsharded(tied, torch.float64, "reference")
         ref_loss, ref = fsdp2_run.unsharded(tied, torch.float32, "reference")
-        assert_close_to_truth(sharded["loss"], ref_loss, truth_loss, torch.float32, f"loss tied={tied}")
         with torch.no_grad():
             logp_truth = fsdp2_run.completion_logprobs_of(fsdp2_run.build(tied).double(), 0, "reference")
             logp_ref = fsdp2_run.completion_logprobs_of(fsdp2_run.build(tied), 0, "reference")
-        assert_close_to_truth(sharded["logp"], logp_ref, logp_truth, torch.float32, f"logp tied={tied}")
+        unsharded[tied] = truth_loss, truth, ref_loss, ref, logp_truth, logp_ref
+    for wrap, tied in fsdp2_run.CASES:
+        case = f"{wrap} tied={tied}"
+        sharded = results[wrap, tied]
+        truth_loss, truth, ref_loss, ref, logp_truth, logp_ref = unsharded[tied]
+        assert sharded["sharded"], f"{case}: fully_shard left a parameter unsharded"
+        assert sharded["gathered_head"] == ("Parameter", 0), f"{case}: {sharded['gathered_head']}"
+        assert_close_to_truth(sharded["loss"], ref_loss, truth_loss, torch.float32, f"loss {case}")
+        assert_close_to_truth(sharded["logp"], logp_ref, logp_truth, torch.float32, f"logp {case}")
         assert set(sharded["grads"]) == set(truth)
         for name, grad in truth.items():
             assert grad.abs().max() > 0, name
-            assert_close_to_truth(sharded["grads"][name], ref[name], grad, torch.float32, f"{name} tied={tied}")
-    assert "unit of its own" in results["own_unit_error"], results["own_unit_error"]
+            assert_close_to_truth(sharded["grads"][name], ref[name], grad, torch.float32, f"{name} {case}")
+    assert "fully_shard the model itself" in results["no_root_error"], results["no_root_error"]

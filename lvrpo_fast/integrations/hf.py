@@ -18,18 +18,24 @@ states and bias, so ``hidden @ weight.T + bias`` equals the model's logits. Not 
 soft-capping (Gemma 2), which is not linear in the hidden states: a ValueError, never wrong numbers.
 
 FSDP2 (``fully_shard``): a sharded model holds each parameter as a DTensor shard outside its FSDP unit's
-forward. Called outside the root's forward, :func:`completion_hidden_states` runs its work *inside*
-it (through the root module's call, its forward swapped for that one call), so FSDP2 gathers the root
-unit's parameters (the embeddings, the final norm, the LM head) as in any forward, returns the head's
-gathered weight, and reduce-scatters its gradient in the backward with the root's other gradients (the
-root unit keeps its parameters gathered from its forward to its backward). The LM head must therefore
-belong to the root unit, as the transformer-layer wrap policies of accelerate and verl leave it; a head
-with a unit of its own (``fully_shard(model.lm_head)``) is refused with a ValueError. Called inside the
-root's forward (a patched forward, as lvrpo_fast.integrations.trl does), it reads the gathered
-parameters directly.
+forward. Called outside the root's forward, :func:`completion_hidden_states` runs its work *inside* it
+(through the root module's call, its forward swapped for that one call), so FSDP2 gathers the root
+unit's parameters (the embeddings, the final norm, an LM head left in the root unit) as in any forward
+and registers its backward hooks; the root unit keeps its parameters gathered from its forward to its
+backward, which reduce-scatters their gradients. An LM head with an FSDP2 unit of its own
+(``fully_shard(model.lm_head)`` before ``fully_shard(model)``, or a unit grouping it with the input
+embedding, ``fully_shard([model.model.embed_tokens, model.lm_head])`` for tied weights) is gathered by
+that unit's ``unshard()`` and, like the root, stays gathered until its post-backward, which FSDP2 runs
+at the end of the backward (its root's final callback) and which reduce-scatters its gradient. Either
+way the returned weight (and bias) is the gathered ``[V, D]`` tensor, as an alias (no copy) whose
+gradient reaches FSDP2's unsharded parameter. Inside a root forward that lvrpo_fast runs itself (the
+root call above, or a patched forward run within :func:`inside_root_forward`, as
+lvrpo_fast.integrations.trl's is) it reads the gathered parameters directly. A head with an FSDP2 unit
+in a model that is not itself an FSDP2 module is refused with a ValueError.
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 from dataclasses import dataclass
 from typing import Optional
@@ -94,38 +100,83 @@ def lm_head_parameters(model):
     return head.weight, getattr(head, "bias", None)
 
 
-# Set while completion_hidden_states runs inside an FSDP2 root's forward that it started itself.
+# Set inside an FSDP2 root's forward that lvrpo_fast runs itself, and by inside_root_forward().
 _IN_ROOT_FORWARD = contextvars.ContextVar("lvrpo_fast_hf_in_root_forward", default=False)
 
 
+@contextlib.contextmanager
+def inside_root_forward():
+    """Marks code running inside the FSDP2 root's forward (a patched forward, as lvrpo_fast.integrations.trl
+    has): completion_hidden_states then reads the parameters the root has gathered instead of calling it."""
+    token = _IN_ROOT_FORWARD.set(True)
+    try:
+        yield
+    finally:
+        _IN_ROOT_FORWARD.reset(token)
+
+
+def _is_fsdp2(model) -> bool:
+    """Whether FSDP2 manages the model or its LM head (fully_shard made one of them an FSDPModule)."""
+    inner = _unwrap(model)
+    return any(isinstance(m, FSDPModule) for m in (model, inner, inner.get_output_embeddings()))
+
+
 def _fsdp2_root(model):
-    """The FSDP2 root module (model, or the transformers model under its PEFT wrapper) whose forward gathers
-    the LM head's weight when that weight is a shard now; None when the weight is a whole tensor (no FSDP2,
-    or inside the root's forward). Raises for a head with an FSDP unit of its own."""
-    head = _unwrap(model).get_output_embeddings()
-    weight = getattr(head, "weight", None)
-    if isinstance(head, FSDPModule):
-        raise ValueError("the LM head has an FSDP2 unit of its own (fully_shard(lm_head)); lvrpo_fast reads its weight "
-                         "outside that unit's forward, so the unit would never gather it: leave the head in the "
-                         "root unit (fully_shard the decoder layers and the whole model, as accelerate's and verl's "
-                         "transformer wrap policies do)")
-    if not isinstance(weight, DTensor) or _IN_ROOT_FORWARD.get():
+    """The FSDP2 root module (model, or the transformers model under its PEFT wrapper) to run the work
+    inside, or None (no FSDP2, or already inside the root's forward). Raises for an LM head with an FSDP2
+    unit in a model that is not itself an FSDP2 module."""
+    if _IN_ROOT_FORWARD.get():
         return None
     for candidate in (model, _unwrap(model)):
         if isinstance(candidate, FSDPModule):
             return candidate
+    if isinstance(_unwrap(model).get_output_embeddings(), FSDPModule):
+        raise ValueError(f"the LM head has an FSDP2 unit but {type(model).__name__} is not an FSDP2 module: "
+                         "lvrpo_fast runs the backbone and gathers the head inside the model's root unit's forward, "
+                         "so fully_shard the model itself too (after its decoder layers and the head), or call from "
+                         "inside your FSDP2 root's forward within lvrpo_fast.integrations.hf.inside_root_forward()")
     return None
 
 
-def _inside_root_forward(root, compute):
+class _Alias(torch.autograd.Function):
+    """x itself (the same storage, no copy) as a new autograd node whose gradient is passed through.
+
+    FSDP2 hooks its pre-backward on the tensors a unit's forward returns; on the gathered parameter itself
+    (a leaf FSDP2 reuses in every step) that hook would stay and pile up, one more each step."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def _alias(t):
+    return None if t is None else _Alias.apply(t)
+
+
+def _gathered_head(model):
+    """(weight [V, D], bias [V] or None) of the LM head, whole; called inside the root's forward (see the
+    module docstring). A head with an FSDP2 unit is gathered by that unit's unshard() (a no-op when it is
+    already), which keeps it gathered until the unit's post-backward reduce-scatters its gradients. Under
+    FSDP2, aliases of the gathered parameters; otherwise the parameters themselves."""
+    head = _unwrap(model).get_output_embeddings()
+    if isinstance(head, FSDPModule):
+        head.unshard()
+    weight, bias = lm_head_parameters(model)
+    if not _is_fsdp2(model):
+        return weight, bias
+    return _alias(weight), _alias(bias)
+
+
+def _run_inside_root_forward(root, model, compute):
     """compute() run as root's forward (one call through root's __call__, so FSDP2's hooks gather the root
     unit's parameters before it and register the gradients' reduction after it)."""
     def forward(*args, **kwargs):
-        token = _IN_ROOT_FORWARD.set(True)
-        try:
+        with inside_root_forward():
             heads = compute()
-        finally:
-            _IN_ROOT_FORWARD.reset(token)
         # Tensors FSDP2 hooks its backward onto; hidden is a slice of the backbone's output, copied so
         # that no view of a hooked output escapes (an in-place op on one would drop FSDP2's hook).
         return heads.hidden.clone(), heads.weight, heads.bias
@@ -140,6 +191,12 @@ def _inside_root_forward(root, compute):
             root.forward = previous
         else:
             del root.forward
+    head = _unwrap(model).get_output_embeddings()
+    if isinstance(head, FSDPModule):
+        # A unit grouping the head with a module the backbone ran (the tied input embedding) has its
+        # forward completed by the root's post-forward, which reshards it: gathered again (the alias
+        # shares its storage), a no-op for a head with a unit of its own, still gathered.
+        head.unshard()
     return LMHeadInputs(hidden, weight, bias)
 
 
@@ -162,7 +219,7 @@ def completion_hidden_states(model, input_ids: torch.Tensor, attention_mask: Opt
     """
     root = _fsdp2_root(model)
     if root is not None:
-        return _inside_root_forward(root, lambda: completion_hidden_states(
+        return _run_inside_root_forward(root, model, lambda: completion_hidden_states(
             model, input_ids, attention_mask, logits_to_keep, **model_kwargs))
     inner = _unwrap(model)
     backbone = getattr(inner, "base_model", None)
@@ -180,7 +237,7 @@ def completion_hidden_states(model, input_ids: torch.Tensor, attention_mask: Opt
     outputs = backbone(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
     last = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
     hidden = last[:, L - logits_to_keep - 1: L - 1]
-    weight, bias = lm_head_parameters(model)
+    weight, bias = _gathered_head(model)
     hidden = hidden.to(device=weight.device, dtype=weight.dtype)
     scale = _logit_scale(inner.config)
     if scale != 1.0:

@@ -34,10 +34,11 @@ Every GRPOConfig option TRL 1.16's _compute_loss reads is honoured with TRL's nu
                                          -> TRL's own code, unchanged
 Refused when the trainer is constructed, each naming the GRPOConfig option (they would change the
 numbers or fail later): a MoE router auxiliary loss (router_aux_loss_coef != 0 on a model with
-output_router_logits), final-logit soft-capping, parameters sharded by FSDP or DeepSpeed ZeRO-3 (not
-supported: the fused head reads the LM head's weight whole), vespo with a vLLM clip range excluding 1 (TRL then
-adds padding positions' clipped ratios to VESPO's weight), and any option value lvrpo_fast's
-GRPOOptions refuses (negative epsilons, a top_entropy_quantile outside [0, 1], ...).
+output_router_logits), final-logit soft-capping, parameters sharded by FSDP or DeepSpeed ZeRO-3
+(untested: accelerate runs FSDP only on accelerators, with use_cpu it trains with DDP), vespo with a
+vLLM clip range excluding 1 (TRL then adds padding positions' clipped ratios to VESPO's weight), and
+any option value lvrpo_fast's GRPOOptions refuses (negative epsilons, a top_entropy_quantile outside
+[0, 1], ...).
 Logged metrics: TRL's own, with TRL's values on any number of processes (the per-sequence statistics
 of the loss are reduced across processes exactly as TRL reduces its tensors): kl, entropy,
 clip_ratio/{low_mean, high_mean, region_mean, low_min, high_max} (sequence means at the sequence
@@ -58,7 +59,7 @@ import torch
 from ..linear_grpo_loss import fused_linear_grpo_loss
 from ..logprobs import fused_linear_logprobs
 from ..options import GRPOOptions
-from .hf import _logit_scale, completion_hidden_states
+from .hf import _logit_scale, completion_hidden_states, inside_root_forward
 
 try:
     from trl import GRPOTrainer as _GRPOTrainer
@@ -159,8 +160,9 @@ def _add_head_inputs_forward(model) -> None:
         logits_to_keep = kwargs.pop(_HEAD_KEYWORD, None)
         if logits_to_keep is None:
             return original(*args, **kwargs)
-        heads = completion_hidden_states(model, kwargs.pop("input_ids"), kwargs.pop("attention_mask", None),
-                                         logits_to_keep, **kwargs)
+        with inside_root_forward():  # this is the model's forward: FSDP2 has gathered its root unit
+            heads = completion_hidden_states(model, kwargs.pop("input_ids"), kwargs.pop("attention_mask", None),
+                                             logits_to_keep, **kwargs)
         return heads.hidden, heads.weight, heads.bias  # a tuple, which DDP walks for its tensors
 
     model.forward = forward
@@ -207,10 +209,10 @@ class LVRPOGRPOTrainer(_GRPOTrainer):
                              f"(router_aux_loss_coef={self.router_aux_loss_coef}); set it to 0 or use trl.GRPOTrainer")
         sharded = sharded_parameters(self)
         if sharded:
-            raise ValueError(f"LVRPOGRPOTrainer does not support {sharded}: the fused head reads the LM head's "
-                             "weight whole, which a sharded model does not hold outside its forward (the FSDP2 path "
-                             "of lvrpo_fast.integrations.hf is not yet tested in TRL's trainer, which runs FSDP on "
-                             "GPUs only); use DDP, or trl.GRPOTrainer")
+            raise ValueError(f"LVRPOGRPOTrainer does not support {sharded}: untested. lvrpo_fast.integrations.hf "
+                             "gathers an FSDP2 model's LM head (tested on CPU processes), but accelerate runs FSDP "
+                             "only on accelerators (with use_cpu it ignores the FSDP plugin and trains with DDP), so "
+                             "this trainer has not been run with sharded parameters; use DDP, or trl.GRPOTrainer")
         _logit_scale(self.model.config)  # soft-capping refused now, not at the first step
         from accelerate.utils import is_peft_model
 
