@@ -25,7 +25,6 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 import lvrpo_fast
-from lvrpo_fast import reference
 from lvrpo_fast.testing import compare_results, failures
 
 import test_linear_grpo_loss as linear_cases

@@ -40,7 +40,6 @@ Two custom ops (lvrpo_fast.fused.library): ``lvrpo_fast::linear_logprobs`` (forw
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
