@@ -23,6 +23,8 @@ Batch-invariant mode (issue 19): the Triton and C++ backends with batch_invarian
 their own (test_logprobs_batch_invariant: time, memory, TFLOP/s, checked against the reference) and as
 the mode's cost, each call timed alternately with the default mode's on the same inputs
 (test_logprobs_batch_invariant_cost: the median of the per-pair time ratios, invariant / default).
+test_logprobs_vocab_blocks_cost: the layout that also gives the same bits at every tensor-parallel
+degree (vocab_block = V / 8 on the whole head) against the batch-invariant mode alone, paired.
 """
 import pytest
 import torch
@@ -37,6 +39,8 @@ IMPLS = ("reference", "compiled", "triton", "cpp", "trl", "liger", "cce", "flash
 KERNEL_IMPLS = ("triton", "cpp")
 # Pairs of the mode's cost rows: a cost of ~5% is within one pair's noise on a shared machine.
 COST_PAIRS = 9
+# The vocabulary blocks of the TP-degree-invariant layout: V / 8, one block per shard at TP = 8.
+VOCAB_BLOCKS = 8
 VARIANTS = [{"mode": mode, "entropy": entropy} for mode in ("fwd", "fwd+bwd") for entropy in (False, True)]
 LOGIT_STD = 3.0
 
@@ -60,13 +64,19 @@ def make_set(shape, dtype, device):
     }
 
 
-def logprobs_fn(impl, entropy, device, invariant=False):
+def logprobs_fn(impl, entropy, device, invariant=False, vocab_blocks=False):
     """(hidden [N, D], weight [V, D], targets [N]) -> (logp [N], entropy [N] or None) of one implementation
-    (invariant: the kernel backends' batch-invariant mode)."""
+    (invariant: the kernel backends' batch-invariant mode; vocab_blocks: with it, the whole head as a
+    degree-1 VocabParallel of VOCAB_BLOCKS blocks, the layout that is bitwise the same at any TP degree)."""
     if impl in ("reference", "triton", "cpp"):
         def fn(h, w, t):
+            extra = {}
+            if vocab_blocks:
+                V = w.shape[0]
+                extra["vocab_parallel"] = lvrpo_fast.VocabParallel(vocab_size=V, vocab_block=-(-V // VOCAB_BLOCKS))
             out = lvrpo_fast.fused_linear_logprobs(h, w, t, return_entropy=entropy, backend=impl,
-                                                   batch_invariant=invariant if impl != "reference" else None)
+                                                   batch_invariant=invariant if impl != "reference" else None,
+                                                   **extra)
             return out if entropy else (out, None)
         return fn
     if impl == "compiled":
@@ -126,18 +136,19 @@ def make_call(fn, mode):
     return call
 
 
-def case_fields(shape, impl, mode, entropy, dtype, device, invariant=False):
+def case_fields(shape, impl, mode, entropy, dtype, device, invariant=False, vocab_blocks=False):
     """The harness.Case fields of one implementation, mode ("fwd" | "fwd+bwd") and entropy flag
-    (invariant: the batch-invariant mode of a kernel backend)."""
+    (invariant: the batch-invariant mode of a kernel backend; vocab_blocks: see logprobs_fn)."""
     if impl in ("triton", "cpp"):
         harness.lvrpo_backend(impl, dtype)
-    fn = logprobs_fn(impl, entropy, device, invariant)
+    fn = logprobs_fn(impl, entropy, device, invariant, vocab_blocks)
     checked = ("logp", "entropy")
     if mode == "fwd+bwd" and impl != "cce":
         # CCE drops small softmax entries from its gradient by design (filter_eps): forward compared only.
         checked += ("grad_hidden", "grad_weight")
     return dict(
-        case=f"logprobs {mode}{' entropy' if entropy else ''}{' batch-invariant' if invariant else ''}", op="logprobs",
+        case=f"logprobs {mode}{' entropy' if entropy else ''}{' batch-invariant' if invariant else ''}"
+             f"{' vocab blocks' if vocab_blocks else ''}", op="logprobs",
         impl=impl, shape=shape, dtype=dtype,
         make_set=lambda: make_set(shape, dtype, device),
         call=make_call(fn, mode),
@@ -161,4 +172,15 @@ def test_logprobs_batch_invariant_cost(bench, shape, impl, mode, entropy):
     cases = {label: harness.Case(**case_fields(shape, impl, mode, entropy, bench.dtype, bench.device, invariant))
              for label, invariant in (("batch_invariant", True), ("default", False))}
     bench.paired(cases, name=f"logprobs {mode}{' entropy' if entropy else ''} batch-invariant cost ({impl})",
+                 min_pairs=COST_PAIRS)
+
+
+@pytest.mark.bench_op("logprobs", impls=KERNEL_IMPLS, variants=VARIANTS)
+def test_logprobs_vocab_blocks_cost(bench, shape, impl, mode, entropy):
+    """The TP-degree-invariant layout (batch-invariant mode with VocabParallel(vocab_block=V / 8) on the
+    whole head: per-block GEMMs and statistics combined in block order) over the batch-invariant mode
+    alone, call by call on the same inputs (Bench.paired)."""
+    cases = {label: harness.Case(**case_fields(shape, impl, mode, entropy, bench.dtype, bench.device, True, blocks))
+             for label, blocks in (("vocab_blocks", True), ("batch_invariant", False))}
+    bench.paired(cases, name=f"logprobs {mode}{' entropy' if entropy else ''} vocab-blocks cost ({impl})",
                  min_pairs=COST_PAIRS)

@@ -142,10 +142,10 @@ int64_t row_grain(int64_t vocab) { return std::max<int64_t>(1, (int64_t{1} << 15
 
 template <typename scalar_t>
 void stats_rows(const scalar_t* logits, const int64_t* targets, int64_t begin, int64_t end, int64_t V,
-                float inv_t, float* logp, float* lse, float* entropy) {
+                int64_t row_stride, float inv_t, float* logp, float* lse, float* entropy) {
   float buffer[kBlock];
   for (int64_t r = begin; r < end; ++r) {
-    const scalar_t* row = logits + r * V;
+    const scalar_t* row = logits + r * row_stride;
     // Online log-sum-exp: running maximum m of the raw logits x, with d = (x - m) / T,
     // S = sum exp(d) and U = sum exp(d) d, in double across blocks. -inf is the identity of the maximum.
     // lse = m / T + log S, entropy = log S - U / S (two terms >= 0: nothing of size m / T cancels).
@@ -232,12 +232,21 @@ void grad_rows(scalar_t* logits, const int64_t* targets, const float* lse, const
   }
 }
 
-void check_tile(const at::Tensor& logits, const at::Tensor& targets, double temperature) {
+// strided_rows: the rows may lie further apart than V (a block of a wider tile's columns), V contiguous.
+void check_tile(const at::Tensor& logits, const at::Tensor& targets, double temperature, bool strided_rows = false) {
   TORCH_CHECK(logits.dim() == 2, "logits must be a 2-D [C, V] tile, got shape ", logits.sizes());
   const auto dtype = logits.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
               "logits must be float32, float16 or bfloat16, got ", dtype);
-  check_tensor(logits, "logits", logits.sizes());
+  if (strided_rows) {
+    TORCH_CHECK(logits.device().is_cpu(), "logits must be a CPU tensor, got one on ", logits.device());
+    TORCH_CHECK(logits.size(1) <= 1 || logits.stride(1) == 1, "logits must be contiguous along V, got strides ",
+                logits.strides());
+    TORCH_CHECK(logits.size(0) <= 1 || logits.stride(0) >= logits.size(1), "logits' rows must not overlap, got strides ",
+                logits.strides());
+  } else {
+    check_tensor(logits, "logits", logits.sizes());
+  }
   TORCH_CHECK(logits.size(1) > 0, "logits must have at least one column (V >= 1)");
   check_tensor(targets, "targets", {logits.size(0)}, at::kLong);
   TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "temperature must be > 0, got ", temperature);
@@ -253,8 +262,8 @@ void check_tile(const at::Tensor& logits, const at::Tensor& targets, double temp
 std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> logits_stats(const at::Tensor& logits,
                                                                            const at::Tensor& targets,
                                                                            double temperature, bool with_entropy) {
-  check_tile(logits, targets, temperature);
-  const int64_t C = logits.size(0), V = logits.size(1);
+  check_tile(logits, targets, temperature, /*strided_rows=*/true);
+  const int64_t C = logits.size(0), V = logits.size(1), row_stride = C > 1 ? logits.stride(0) : V;
   const auto f32 = logits.options().dtype(at::kFloat);
   at::Tensor logp = at::empty({C}, f32);
   at::Tensor lse = at::empty({C}, f32);
@@ -268,7 +277,7 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> logits_stats(const
   LVRPO_DISPATCH_TILE_TYPES(logits.scalar_type(), "logits_stats", [&] {
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
     at::parallel_for(0, C, row_grain(V), [&](int64_t begin, int64_t end) {
-      stats_rows<scalar_t>(x, tgt, begin, end, V, inv_t, logp_ptr, lse_ptr, ent_ptr);
+      stats_rows<scalar_t>(x, tgt, begin, end, V, row_stride, inv_t, logp_ptr, lse_ptr, ent_ptr);
     });
   });
   return {logp, lse, entropy};

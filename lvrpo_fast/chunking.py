@@ -136,6 +136,18 @@ def head_into(tile: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bi
 # the padding is at most 255 rows per op call (benchmarks/README.md, "Batch-invariant mode").
 INVARIANT_TILE_ROWS = {"cuda": 256, "cpu": 128}
 
+# Vocab-parallel heads with a vocab_block (lvrpo_fast/vocab_parallel.py): for a token's bits not to
+# depend on the tensor-parallel degree, the logits of a block of b vocabulary columns must not depend on
+# the width of the GEMM that computed them (V at degree 1, V / t on a shard). BLAS libraries pick kernels
+# by N too: this MKL gives columns of a narrow call (N = 4, 8 or 9) other bits than the same columns of
+# a wide one (wide calls agree: N = 128 to 8000 gave the same bits), and cuBLAS picks kernels and split-K
+# by N. So with a column block each block of columns is its own [R, D] x [D, b] GEMM (the last block of
+# the vocabulary narrower, the same width at every degree; tests/test_batch_invariant.py checks the
+# bits), into a contiguous scratch copied into its columns of the tile: on this MKL a GEMM written
+# straight into the tile's columns (leading dimension V) took ~2x the time of the same GEMM into a
+# contiguous output plus the copy ([512, 512] x [512, 4000] blocks of V = 32000, 864-976 against 479-536
+# ms for all 8; one unblocked GEMM: 198-404 ms, the spread is the shared machine's load).
+
 
 def invariant_tile_rows(device: torch.device) -> int:
     """R, the row count of every head GEMM in batch-invariant mode on `device`."""
@@ -150,9 +162,31 @@ def invariant_chunk_rows(rows: int, device: torch.device) -> int:
     return max(tile, rows // tile * tile)
 
 
-def head_tiles_into(out: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias, tile_rows: int) -> None:
+def head_tiles_into(out: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias, tile_rows: int,
+                    column_block: Optional[int] = None, scratch: Optional[torch.Tensor] = None) -> None:
     """out [k R, V] = rows [k R, D] @ weight [V, D]^T (+ bias [V]), each tile of R = tile_rows rows with
-    the bits of that tile's own [R, D] @ [D, V] GEMM (see the note above); out contiguous."""
+    the bits of that tile's own [R, D] @ [D, V] GEMM (see the note above); out contiguous.
+
+    column_block b: the columns in blocks of b (the last one narrower), each block the bits of its own
+    [R, D] @ [D, b] GEMM, computed into a contiguous [k R, b] scratch (at least k R b elements of out's
+    dtype; a fresh one if None) and copied into its columns of out: a block's bits do not depend on V,
+    the vocab-parallel shard's width (vocab_parallel.VocabParallel.vocab_block)."""
+    V = weight.shape[0]
+    if column_block is None or column_block >= V:
+        _tiles_into(out, rows, weight, bias, tile_rows)
+        return
+    n = rows.shape[0]
+    if scratch is None:
+        scratch = out.new_empty(n * column_block)
+    for first in range(0, V, column_block):
+        end = min(first + column_block, V)
+        block = scratch[:n * (end - first)].view(n, end - first)
+        _tiles_into(block, rows, weight[first:end], None if bias is None else bias[first:end], tile_rows)
+        out[:, first:end].copy_(block)
+
+
+def _tiles_into(out: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias, tile_rows: int) -> None:
+    """head_tiles_into for the whole of weight's rows (no column blocks)."""
     k, D, V = rows.shape[0] // tile_rows, rows.shape[1], weight.shape[0]
     if rows.device.type == "cpu" and k > 1:
         tiles, w = rows.view(k, tile_rows, D), weight.t().unsqueeze(0).expand(k, D, V)
@@ -174,15 +208,19 @@ class Logits:
     must be asked for in plan order, each once; chunks computing no row are skipped.
 
     Default: one GEMM per chunk on its rows, into the first rows of a [max chunk size, V] tile.
+    column_block (batch_invariant only): each block of that many columns its own [R, D] @ [D, b] GEMM
+    (head_tiles_into; the vocab-parallel heads' vocab_block), through a scratch of the buffer's rows x b.
     batch_invariant: every row's logits are those of an [R, D] @ [D, V] GEMM (see the note above), in a
     buffer of at most ceil(max chunk size / R) + 1 tiles of [R, V] (the chunk's own tiles when chunks
     are whole tiles, see invariant_chunk_rows), each tile at a multiple of R rows; on the CPU the tiles
     read hidden's rows in place where they are consecutive, else they are gathered into a staging buffer."""
 
     def __init__(self, chunks: List["Chunk"], hidden: torch.Tensor, weight: torch.Tensor, bias,
-                 batch_invariant: bool):
+                 batch_invariant: bool, column_block: Optional[int] = None):
         self.hidden, self.weight, self.bias = hidden, weight, bias
         self.invariant = batch_invariant
+        self.column_block = column_block
+        self.scratch = None  # the column blocks' GEMM output, allocated at the first tile
         max_rows = max((c.size for c in chunks), default=0)
         if not batch_invariant:
             self.buffer = logits_tile(max_rows, weight.shape[0], weight)
@@ -253,7 +291,10 @@ class Logits:
             rows[:n].copy_(self.hidden.index_select(0, self.order[begin:begin + n]))
             if n < count:
                 rows[n:].zero_()
-        head_tiles_into(self.buffer[begin - self.first:begin - self.first + count], rows, self.weight, self.bias, R)
+        if self.column_block is not None and self.scratch is None:
+            self.scratch = self.buffer.new_empty(self.buffer.shape[0] * self.column_block)
+        head_tiles_into(self.buffer[begin - self.first:begin - self.first + count], rows, self.weight, self.bias, R,
+                        self.column_block, self.scratch)
         self.computed += count
 
     def _consecutive(self, begin: int, count: int) -> Optional[torch.Tensor]:

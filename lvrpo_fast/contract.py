@@ -166,7 +166,7 @@ class Primitives(Protocol):
     def logits_stats(self, logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool,
                      batch_invariant: bool = False) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """logits [C, V] float16/bfloat16/float32 (the LM head's output, bias included, before the
-        temperature), targets [C] int64 in [0, V), or -1 where the row's target is not in this tile
+        temperature; rows may be strided, V contiguous: a block of a wider tile's columns), targets [C] int64 in [0, V), or -1 where the row's target is not in this tile
         (a vocab-parallel shard that does not hold it: that row's logp is NaN, its lse and entropy are
         the tile's). Returns float32 [C] tensors (logp, lse, entropy or None): logp = z[target] - lse, lse = logsumexp(z), entropy = lse - sum softmax(z) z, z = logits / T,
         computed blockwise over V with an online max so nothing of size [C, V] is allocated. A NaN or

@@ -14,6 +14,7 @@ shape (and, on this CPU's MKL, its bits), and the tile rows R are also patched d
 several tiles and the rows carried between chunks are exercised on a few dozen rows.
 """
 import contextlib
+import itertools
 import math
 import os
 
@@ -133,6 +134,32 @@ def test_a_fixed_shape_head_gemm_gives_every_row_the_same_bits(kernel_backend, d
             expected = got if expected is None else expected
             assert_same_bits(got, expected, f"row at place {place} of {k} tiles of {R}, input offset {offset}, "
                                             f"bias {b is not None}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_a_block_of_head_columns_has_the_same_bits_in_a_shard(kernel_backend, dtype):
+    """What the same bits at every tensor-parallel degree rest on (vocab_parallel.VocabParallel's
+    vocab_block; lvrpo_fast/chunking.py): a block of b vocabulary columns of the mode's head GEMM, run per
+    block of columns, has the same bits whether the weight is the whole head or a shard of whole blocks
+    (a separate tensor, as on another rank; its ragged last block included), for 1 and 3 tiles, bias or
+    not; without the column blocks (one GEMM over the shard) it does not on this MKL, whose narrow calls
+    round otherwise. If this fails on a machine, the guarantee does not hold there."""
+    skip_unless(*kernel_backend, dtype)
+    _, dev = kernel_backend
+    g = torch.Generator().manual_seed(23)
+    R, D, V, block = chunking.invariant_tile_rows(dev), 97, 1031, 128
+    weight = (torch.randn(V, D, generator=g) / D ** 0.5).to(dev, dtype)
+    bias = torch.randn(V, generator=g).to(dev, dtype)
+    rows = torch.randn(3 * R, D, generator=g).to(dev, dtype)
+    for b, k in itertools.product((None, bias), (1, 3)):
+        whole = torch.empty(k * R, V, dtype=dtype, device=dev)
+        chunking.head_tiles_into(whole, rows[:k * R], weight, b, R, block)
+        for start, stop in ((0, 4 * block), (4 * block, V), (2 * block, 3 * block), (8 * block, V)):
+            shard = torch.empty(k * R, stop - start, dtype=dtype, device=dev)
+            chunking.head_tiles_into(shard, rows[:k * R], weight[start:stop].clone(),
+                                     None if b is None else b[start:stop].clone(), R, block)
+            assert_same_bits(shard, whole[:, start:stop], f"columns [{start}, {stop}) of {k} tiles, "
+                                                         f"bias {b is not None}")
 
 
 # ------------------------------------------------------------------------------------------------

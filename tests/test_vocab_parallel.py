@@ -25,7 +25,6 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 import lvrpo_fast
-from lvrpo_fast import reference
 from lvrpo_fast.testing import compare_results, failures
 
 import test_linear_grpo_loss as linear_cases
@@ -33,6 +32,9 @@ import test_linear_grpo_loss as linear_cases
 BACKENDS = ("cpp", "reference", "triton")
 B, G, T, D, V = 6, 3, 5, 16, 37
 SHARDS = {2: (20, 17), 4: (11, 4, 13, 9)}
+# vocab_block=BLOCK: shards of whole blocks (unequal, the last one ragged) for the block cases.
+BLOCK = 4
+BLOCK_SHARDS = {1: (37,), 2: (20, 17), 4: (12, 4, 12, 9)}
 
 # The loss cases of tests/test_linear_grpo_loss.py (every loss type, GSPO, KL estimators, the entropy
 # bonus and the high-entropy mask, temperature, bias, rollout weights, masked tokens).
@@ -44,7 +46,8 @@ LOGPROB_CASES = {
     "entropy_mask": (False, 1.3, True, True),
 }
 EXTRA_CASES = ("targets_in_first_shard", "partial_grad_hidden", "nan_in_one_shard", "dtensor_head", "packed_loss",
-               "bfloat16_logprobs", "batch_invariant_rows", "inconsistent_calls_raise")
+               "bfloat16_logprobs", "batch_invariant_rows", "inconsistent_calls_raise", "vocab_blocks",
+               "vocab_blocks_same_bits_at_every_degree")
 ALL_CASES = tuple(f"loss-{c}" for c in LOSS_CASES) + tuple(f"logprobs-{c}" for c in LOGPROB_CASES) + EXTRA_CASES
 # The interpreted Triton kernels are the slow part: on 4 processes (sharing the CI machine's cores) they
 # run every case but the loss cases other than these, which cover the clip family, GSPO with the KL
@@ -109,6 +112,34 @@ def _logprobs_run(backend, data, bias, temperature, entropy, mask, dtype, sl=Non
     if entropy:
         result["entropy"] = ent.detach()
     return result
+
+
+def _logprobs_blocks(backend, data, sl, vp, **kwargs):
+    """_logprobs_run's bias / temperature 0.8 / entropy / mask case on shard sl with vocab_parallel vp."""
+    leaves = {"hidden": _leaf(data["hidden"]), "weight": _leaf(data["weight"][sl]), "bias": _leaf(data["bias"][sl])}
+    logp, ent = lvrpo_fast.fused_linear_logprobs(leaves["hidden"], leaves["weight"], data["targets"],
+                                                 bias=leaves["bias"], temperature=0.8, return_entropy=True,
+                                                 mask=data["mask"], backend=backend, vocab_parallel=vp, **kwargs)
+    ((logp * data["grad_logp"]).sum() + (ent * data["grad_entropy"]).sum()).backward()
+    return {"logp": logp.detach(), "entropy": ent.detach(), "grads": _grads(leaves)}
+
+
+_GROUPS = {}
+
+
+def _degree_groups(world):
+    """{degree: (group, this rank's index in it)} for the degrees 1, 2 (and 4 on 4 ranks): this rank
+    alone, the pairs of consecutive ranks, everyone. new_group is collective: every rank makes them all,
+    once."""
+    if world not in _GROUPS:
+        rank = dist.get_rank()
+        singles = [dist.new_group([r]) for r in range(world)]
+        pairs = [dist.new_group([r, r + 1]) for r in range(0, world, 2)]
+        groups = {1: (singles[rank], 0), 2: (pairs[rank // 2], rank % 2)}
+        if world == 4:
+            groups[4] = (dist.group.WORLD, rank)
+        _GROUPS[world] = groups
+    return _GROUPS[world]
 
 
 def _sliced(result, sl):
@@ -252,6 +283,59 @@ def _case(name, backend, world, rank, sizes):
                                                batch_invariant=True, vocab_parallel=vp)
         same = all(torch.equal(a[2:4, 1:], b) for a, b in zip(whole, few))
         return [] if same else [f"rank {rank}: rows changed bits with the batch around them"]
+    if name == "vocab_blocks":
+        # vocab_block: the statistics combined block by block in global order (and, in batch-invariant
+        # mode, the logits as per-block GEMMs) equal the single-process op on the whole head, in both
+        # modes; shards that are not whole blocks are refused on every rank.
+        sl = _shard(BLOCK_SHARDS[world], rank)
+        vp = lvrpo_fast.VocabParallel(vocab_block=BLOCK)
+        bad = []
+        for invariant in (False, True):
+            data = _logprob_data(seed)
+            run = dict(batch_invariant=invariant) if backend != "reference" else {}
+            out = _logprobs_blocks(backend, data, sl, vp, **run)
+            whole = _logprobs_run("reference", data, True, 0.8, True, True, torch.float32)
+            truth = _logprobs_run("reference", data, True, 0.8, True, True, torch.float64)
+            bad += _compare(out, whole, truth, torch.float32, sl)
+            options, extras = linear_cases.CASES["gspo_k3_bias_kl_entropy"]
+            loss_data = linear_cases.make_inputs(B, T, D, V, group_size=G, bias=True, generator=_rng(seed))
+            tp_result = _loss_run(backend, loss_data, {**options, **run}, extras, torch.float32, sl, vp)
+            whole = _loss_run("reference", loss_data, options, extras, torch.float32)
+            truth = _loss_run("reference", loss_data, options, extras, torch.float64)
+            bad += _compare(tp_result, whole, truth, torch.float32, sl)
+        wrong = _shard({2: (21, 16), 4: SHARDS[4]}[world], rank)  # starts 21 / 11, 15, 28: not multiples of 4
+        try:
+            lvrpo_fast.fused_linear_logprobs(data["hidden"], data["weight"][wrong], data["targets"].clamp(min=0),
+                                             backend=backend, vocab_parallel=vp)
+            bad.append(f"rank {rank}: shards that are not whole vocab blocks were accepted")
+        except ValueError as error:
+            if "vocab_block" not in str(error):
+                bad.append(f"rank {rank}: unclear error for shards that are not whole blocks: {error}")
+        return bad
+    if name == "vocab_blocks_same_bits_at_every_degree":
+        # Batch-invariant mode with vocab_block: a token's log-probability and entropy, and the loss, have
+        # the same bits at tensor-parallel degree 1 (this rank alone, the whole head), 2 and 4 (issue 19).
+        if backend == "reference":
+            return []  # exempt from the batch-invariant mode
+        groups = _degree_groups(world)
+        data = _logprob_data(seed)
+        options, extras = linear_cases.CASES["gspo_k3_bias_kl_entropy"]
+        loss_data = linear_cases.make_inputs(B, T, D, V, group_size=G, bias=True, generator=_rng(seed))
+        results = {}
+        for degree, (group, index) in sorted(groups.items()):
+            sl = _shard(BLOCK_SHARDS[degree], index)
+            vp = lvrpo_fast.VocabParallel(group=group, vocab_block=BLOCK)
+            out = _logprobs_blocks(backend, data, sl, vp, batch_invariant=True)
+            loss = _loss_run(backend, loss_data, {**options, "batch_invariant": True}, extras, torch.float32, sl,
+                             vp)["loss"]
+            results[degree] = (out["logp"], out["entropy"], loss)
+        bad = []
+        for degree, got in results.items():
+            for what, a, b in zip(("logp", "entropy", "loss"), results[1], got):
+                if not torch.equal(a, b):
+                    bad.append(f"rank {rank}: {what} at degree {degree} differs from degree 1 in "
+                               f"{int((a != b).sum())} element(s) (max {float((a - b).abs().max()):.3g})")
+        return bad
     if name == "inconsistent_calls_raise":
         # Calls that would run different chunk plans (and hang in a collective) raise on every rank.
         data = _logprob_data(seed)
@@ -384,3 +468,32 @@ def test_vocab_parallel_refuses_without_a_process_group_or_with_a_wrong_type():
         lvrpo_fast.fused_linear_logprobs(hidden, weight, targets, vocab_parallel=lvrpo_fast.VocabParallel())
     with pytest.raises(TypeError, match="VocabParallel"):
         lvrpo_fast.fused_linear_logprobs(hidden, weight, targets, vocab_parallel=object())
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_vocab_blocks_on_the_whole_head_need_no_process_group(backend):
+    """Degree 1 of the TP-degree-invariant layout: VocabParallel(vocab_size=V, vocab_block=b) on the whole
+    head runs without torch.distributed, equals the float64 reference, and has the bits the same call
+    with the head split over 2 and 4 ranks has (test_vocab_parallel_equals_one_process,
+    vocab_blocks_same_bits_at_every_degree)."""
+    assert not dist.is_initialized()
+    data = _logprob_data(7)
+    vp = lvrpo_fast.VocabParallel(vocab_size=V, vocab_block=BLOCK)
+    whole = slice(0, V)
+    out = _logprobs_blocks(backend, data, whole, vp, batch_invariant=True)
+    ref = _logprobs_run("reference", data, True, 0.8, True, True, torch.float32)
+    truth = _logprobs_run("reference", data, True, 0.8, True, True, torch.float64)
+    bad = _compare(out, ref, truth, torch.float32, whole)
+    assert not bad, "\n".join(bad)
+
+
+def test_vocab_block_refuses_bad_values():
+    hidden, weight, targets = torch.randn(2, 4), torch.randn(5, 4), torch.zeros(2, dtype=torch.long)
+    for block in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="vocab_block"):
+            lvrpo_fast.fused_linear_logprobs(hidden, weight, targets,
+                                             vocab_parallel=lvrpo_fast.VocabParallel(vocab_size=5, vocab_block=block))
+    # Without a process group only the whole head (vocab_size = its rows) is a split: a shard is refused.
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        lvrpo_fast.fused_linear_logprobs(hidden, weight, targets,
+                                         vocab_parallel=lvrpo_fast.VocabParallel(vocab_size=9, vocab_block=2))

@@ -203,7 +203,8 @@ def _extension():
 # Primitives (contract: lvrpo_fast/contract.py)
 # ----------------------------------------------------------------------------------------------
 def logits_stats(logits, targets, temperature, with_entropy, batch_invariant=False):
-    """logits [C, V] fp16/bf16/fp32, targets [C] int64 -> (logp, lse, entropy or None), float32 [C].
+    """logits [C, V] fp16/bf16/fp32 (rows may be strided, V contiguous), targets [C] int64 -> (logp, lse,
+    entropy or None), float32 [C].
     batch_invariant needs nothing here: a row is one task, its blocks of V summed in order, whatever
     the row count, the row's place or the thread count (csrc/logprobs.cpp)."""
     logp, lse, entropy = _extension().logits_stats(logits, targets, float(temperature), bool(with_entropy))

@@ -147,7 +147,7 @@ class _Head:
 
 def forward(prims, hidden, weight, bias, targets, mask, advantages, logp_old, logp_ref, logp_sampling,
             rollout_weights, temperature, need_entropy, options, need_h, need_w, need_b, head_dtype=None,
-            batch_invariant=False, packing=None, plan_vocab=None):
+            batch_invariant=False, packing=None, partition=None):
     """(loss, per-sequence stats [B, NSTATS], (grad_hidden, grad_weight, grad_bias)), chunk by chunk.
 
     hidden [B, T, D], targets [B, T] int64 (masked ids replaced), mask [B, T] bool, advantages [B] or
@@ -157,8 +157,9 @@ def forward(prims, hidden, weight, bias, targets, mask, advantages, logp_old, lo
     batch_invariant: the log-probabilities and entropies are those of the forward-only op in the same
     mode, bit for bit (the same chunking.Logits tiles and statistics launch), each sequence's statistics
     depend on that sequence and the batch's normalizers alone, and the loss sums them in an order that
-    does not depend on theirs. plan_vocab: the vocabulary size the chunks are sized by (default
-    weight's V; a vocab-parallel shard passes the widest shard's, so every rank runs the same plan)."""
+    does not depend on theirs. partition: a vocab-parallel shard's (vocab_parallel.Partition): the
+    chunks are sized by the widest shard, so every rank runs the same plan, and its vocab_block sets the
+    logits' column blocks in batch-invariant mode."""
     (B, T), D = mask.shape, hidden.shape[-1]
     V = weight.shape[0]
     need_grad = need_h or need_w or need_b
@@ -166,7 +167,8 @@ def forward(prims, hidden, weight, bias, targets, mask, advantages, logp_old, lo
     scale = row_scales(mask, options)
     head = _Head(weight, bias, head_dtype)
     # An empty batch (B = 0 or T = 0) has no token: no chunk, loss 0, zero gradients.
-    budget = rows_per_chunk(plan_vocab or V, head.bytes_per_row_element(), hidden.device, D)
+    budget = rows_per_chunk(V if partition is None else partition.max_local_size, head.bytes_per_row_element(),
+                            hidden.device, D)
     chunks = sequence_chunks(mask, budget) if B * T else []
     # Each chunk's rows of hidden: those of the padded batch, or of the packed one (the same rows in order).
     hidden_chunks = chunks if packing is None else [packing.rows(c) for c in chunks]
@@ -176,7 +178,8 @@ def forward(prims, hidden, weight, bias, targets, mask, advantages, logp_old, lo
     stats = torch.zeros((B, NSTATS), dtype=torch.float32, device=hidden.device)  # B = 0: no chunk at all
     # The batch-invariant tiles read hidden's rows themselves, so they need them in the head's dtype.
     tile_hidden = head.rows(flat_hidden) if batch_invariant and head.mixed else flat_hidden
-    tiles = [Logits(hidden_chunks, tile_hidden, head.weight, head.bias, batch_invariant)]  # one per pass over the plan
+    columns = tp.column_block(partition)
+    tiles = [Logits(hidden_chunks, tile_hidden, head.weight, head.bias, batch_invariant, columns)]  # one per pass over the plan
     f32 = dict(dtype=torch.float32, device=hidden.device)
     logp = torch.zeros(B * T, **f32)  # masked rows: 0, never computed
     entropy = torch.zeros(B * T, **f32) if need_entropy else None
@@ -205,7 +208,7 @@ def forward(prims, hidden, weight, bias, targets, mask, advantages, logp_old, lo
             # Tiles are cut from the plan in order, once per Logits: the second pass recomputes them all.
             logits = rows = resident = tiles[0] = None
             if need_grad:
-                tiles[0] = Logits(hidden_chunks, tile_hidden, head.weight, head.bias, batch_invariant)
+                tiles[0] = Logits(hidden_chunks, tile_hidden, head.weight, head.bias, batch_invariant, columns)
         elif resident is not None:
             order = [resident[0]] + [i for i in range(len(chunks)) if i != resident[0]]
     ent_scale = None
@@ -264,7 +267,7 @@ def _op(hidden, weight, bias, targets, mask, advantages, logp_old, logp_ref, log
             per_token(rollout_weights, mask.shape), p.temperature, p.need_entropy, p.options, need_h, need_w, need_b,
             head_dtype=getattr(torch, p.head_dtype) if p.head_dtype else None, batch_invariant=p.batch_invariant,
             packing=None if cu_seqlens is None else Packing.of(cu_seqlens),
-            plan_vocab=None if partition is None else partition.max_local_size)
+            partition=partition)
     tp.reduce_grad_hidden_(partition, gh)
     return (loss, stats, hidden.new_empty(0) if gh is None else gh, weight.new_empty(0) if gw is None else gw,
             weight.new_empty(0) if gb is None else gb)

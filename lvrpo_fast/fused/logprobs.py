@@ -40,7 +40,6 @@ Two custom ops (lvrpo_fast.fused.library): ``lvrpo_fast::linear_logprobs`` (forw
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -64,23 +63,25 @@ class LogprobsParams:
 _CODEC = library.ParamsCodec(LogprobsParams)
 
 
-def _plan(hidden, weight, bias, mask, batch_invariant, plan_vocab=None):
+def _plan(hidden, weight, bias, mask, batch_invariant, partition=None):
     """The chunks of rows to compute (only mask's true rows) and their logits (chunking.Logits).
-    plan_vocab: the vocabulary size the chunk rows are sized by (default weight's V; a vocab-parallel
-    shard passes the widest shard's, so that every rank runs the same plan)."""
-    rows = rows_per_chunk(plan_vocab or weight.shape[0], hidden.element_size(), hidden.device, weight.shape[1])
+    partition: a vocab-parallel shard's (vocab_parallel.Partition): the chunk rows are sized by the
+    widest shard, so that every rank runs the same plan, and its vocab_block sets the logits' column
+    blocks in batch-invariant mode."""
+    plan_vocab = weight.shape[0] if partition is None else partition.max_local_size
+    rows = rows_per_chunk(plan_vocab, hidden.element_size(), hidden.device, weight.shape[1])
     if batch_invariant:
         rows = invariant_chunk_rows(rows, hidden.device)
     chunks = row_chunks(hidden.shape[0], rows, mask)
-    return chunks, Logits(chunks, hidden, weight, bias, batch_invariant)
+    return chunks, Logits(chunks, hidden, weight, bias, batch_invariant, tp.column_block(partition))
 
 
 def forward(prims, hidden, weight, bias, targets, mask, temperature, return_entropy, batch_invariant=False,
-            plan_vocab=None):
+            partition=None):
     """logp, lse [N] float32 and entropy [N] float32 or None: 2 N V D FLOPs (N: the unmasked rows),
     one [C, V] tile alive at a time. Masked rows are 0 in all three."""
     N = hidden.shape[0]
-    chunks, head = _plan(hidden, weight, bias, mask, batch_invariant, plan_vocab)
+    chunks, head = _plan(hidden, weight, bias, mask, batch_invariant, partition)
     new = torch.zeros if skips_rows(chunks, N) else torch.empty  # rows never computed stay 0
     logp = new(N, dtype=torch.float32, device=hidden.device)
     lse = new(N, dtype=torch.float32, device=hidden.device)
@@ -96,11 +97,11 @@ def forward(prims, hidden, weight, bias, targets, mask, temperature, return_entr
 
 
 def backward(prims, hidden, weight, bias, targets, mask, lse, entropy, grad_logp, grad_entropy, temperature,
-             need_h, need_w, need_b, batch_invariant=False, plan_vocab=None):
+             need_h, need_w, need_b, batch_invariant=False, partition=None):
     """(grad_hidden, grad_weight, grad_bias), None where not needed: the tile of each chunk recomputed
     (2 C V D, the forward's bits in either mode), turned into d(loss)/d(logits) in place, and taken back
     through the head (4 C V D)."""
-    chunks, head = _plan(hidden, weight, bias, mask, batch_invariant, plan_vocab)
+    chunks, head = _plan(hidden, weight, bias, mask, batch_invariant, partition)
     grads = HeadGrads(hidden, weight, need_h, need_w, need_b, chunks)
     for c in chunks:
         h = c.take(hidden)
@@ -130,8 +131,7 @@ def _forward_op(hidden, weight, bias, targets, mask, **scalars):
     flat_hidden, flat_targets, flat_mask = _flat(hidden, targets, mask)
     with validate.autocast_off(hidden.device):
         logp, lse, entropy = forward(prims, flat_hidden, weight, bias, flat_targets, flat_mask, p.temperature,
-                                     p.return_entropy, p.batch_invariant,
-                                     None if partition is None else partition.max_local_size)
+                                     p.return_entropy, p.batch_invariant, partition)
     return (logp.view(shape), lse.view(shape),
             entropy.view(shape) if entropy is not None else hidden.new_empty(0, dtype=torch.float32))
 
@@ -153,7 +153,7 @@ def _backward_op(hidden, weight, bias, targets, mask, lse, entropy, grad_logp, g
         gh, gw, gb = backward(prims, flat_hidden, weight, bias, flat_targets, flat_mask,
                               lse.reshape(-1), entropy.reshape(-1) if has_entropy else None, grad_logp.reshape(-1),
                               grad_entropy.reshape(-1) if has_entropy else None, p.temperature, need_h, need_w,
-                              need_b, p.batch_invariant, None if partition is None else partition.max_local_size)
+                              need_b, p.batch_invariant, partition)
     tp.reduce_grad_hidden_(partition, gh)
     return (hidden.new_empty(0) if gh is None else gh.view(hidden.shape), weight.new_empty(0) if gw is None else gw,
             weight.new_empty(0) if gb is None else gb)
