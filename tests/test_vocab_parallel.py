@@ -26,7 +26,7 @@ from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 import lvrpo_fast
 from lvrpo_fast import reference
-from lvrpo_fast.testing import compare_results, failures
+from lvrpo_fast.testing import compare_results, failures, flatten
 
 import test_linear_grpo_loss as linear_cases
 
@@ -44,7 +44,8 @@ LOGPROB_CASES = {
     "entropy_mask": (False, 1.3, True, True),
 }
 EXTRA_CASES = ("targets_in_first_shard", "partial_grad_hidden", "nan_in_one_shard", "dtensor_head", "packed_loss",
-               "bfloat16_logprobs", "batch_invariant_rows", "inconsistent_calls_raise")
+               "bfloat16_logprobs", "batch_invariant_rows", "inconsistent_calls_raise", "head_dtype_loss",
+               "module_packed_with_ref_input")
 ALL_CASES = tuple(f"loss-{c}" for c in LOSS_CASES) + tuple(f"logprobs-{c}" for c in LOGPROB_CASES) + EXTRA_CASES
 # The interpreted Triton kernels are the slow part: on 4 processes (sharing the CI machine's cores) they
 # run every case but the loss cases other than these, which cover the clip family, GSPO with the KL
@@ -53,9 +54,14 @@ TRITON_4_LOSS_CASES = ("loss-grpo", "loss-gspo_k3_bias_kl_entropy", "loss-vespo_
                        "loss-entropy_mask_token_mean")
 
 
+# Cases whose Triton run on 4 processes adds nothing the 2-process run and the cpp backend's do not cover.
+TRITON_2_ONLY = ("head_dtype_loss", "module_packed_with_ref_input")
+
+
 def cases(world, backend):
     if backend == "triton" and world == 4:
-        return tuple(c for c in ALL_CASES if not c.startswith("loss-") or c in TRITON_4_LOSS_CASES)
+        return tuple(c for c in ALL_CASES if (not c.startswith("loss-") or c in TRITON_4_LOSS_CASES)
+                     and c not in TRITON_2_ONLY)
     return ALL_CASES
 
 
@@ -76,15 +82,17 @@ def _grads(leaves):
     return {name: (None if t is None else t.grad) for name, t in leaves.items()}
 
 
-def _loss_run(backend, data, options, extras, dtype, sl=None, vp=None, cu_seqlens=None):
+def _loss_run(backend, data, options, extras, dtype, sl=None, vp=None, cu_seqlens=None, head_dtype=None):
     """fused_linear_grpo_loss with hidden / weight / bias in dtype (weight and bias sliced to `sl`);
-    packed inputs with cu_seqlens."""
+    packed inputs with cu_seqlens; the head formed in head_dtype when given."""
     cut = (lambda t: t) if sl is None else (lambda t: None if t is None else t[sl])
     leaves = {"hidden": _leaf(data["hidden"], dtype), "weight": _leaf(cut(data["weight"]), dtype),
               "bias": _leaf(cut(data["bias"]), dtype)}
     kwargs = {} if vp is None else {"vocab_parallel": vp}
     if cu_seqlens is not None:
         kwargs["cu_seqlens"] = cu_seqlens
+    if head_dtype is not None:
+        kwargs["head_dtype"] = head_dtype
     loss, metrics = lvrpo_fast.fused_linear_grpo_loss(
         leaves["hidden"], leaves["weight"], data["targets"], data["mask"], data["advantages"], bias=leaves["bias"],
         logp_old=data["logp_old"], logp_ref=data["logp_ref"], logp_sampling=data["logp_sampling"],
@@ -92,6 +100,23 @@ def _loss_run(backend, data, options, extras, dtype, sl=None, vp=None, cu_seqlen
         return_entropy=extras.get("return_entropy", False), backend=backend, **options, **kwargs)
     loss.backward()
     return {"loss": loss.detach(), "metrics": {k: v for k, v in metrics.items()}, "grads": _grads(leaves)}
+
+
+def _module_run(backend, data, cu_seqlens, dtype, sl=None, vp=None):
+    """FusedLinearGRPOLoss (dapo, KL from ref_input / ref_weight, per-token vllm_is_ratio) on packed `data`
+    with hidden / weight / bias / ref_input / ref_weight in dtype, the weights sliced to `sl`."""
+    from lvrpo_fast.modules import FusedLinearGRPOLoss
+
+    cut = (lambda t: t) if sl is None else (lambda t: None if t is None else t[sl])
+    leaves = {"hidden": _leaf(data["hidden"], dtype), "weight": _leaf(cut(data["weight"]), dtype),
+              "bias": _leaf(cut(data["bias"]), dtype)}
+    module = FusedLinearGRPOLoss(beta=0.05, temperature=0.8, epsilon_high=0.28, backend=backend, vocab_parallel=vp)
+    loss, (kl, clip) = module(leaves["hidden"], leaves["weight"], data["targets"], data["mask"], data["advantages"],
+                              leaves["bias"], old_per_token_logps=data["logp_old"],
+                              ref_input=data["ref_input"].to(dtype), ref_weight=cut(data["ref_weight"]).to(dtype),
+                              vllm_is_ratio=data["rollout_weights"], cu_seqlens=cu_seqlens)
+    loss.backward()
+    return {"loss": loss.detach(), "metrics": {"kl": kl, "clip_ratio": clip}, "grads": _grads(leaves)}
 
 
 def _logprobs_run(backend, data, bias, temperature, entropy, mask, dtype, sl=None, vp=None):
@@ -181,6 +206,45 @@ def _case(name, backend, world, rank, sizes):
         valid = torch.arange(T) < torch.tensor([3, 0, 1, T, 2, T])[:, None]
         for run in (whole, truth):  # the padded batch's gradient at the packed rows
             run["grads"]["hidden"] = run["grads"]["hidden"][valid]
+        return _compare(tp_result, whole, truth, torch.float32, sl)
+    if name == "head_dtype_loss":
+        # A bfloat16 head on float32 inputs (TRL's chunked head under autocast): each rank's logits tile
+        # and its gradient in bfloat16, the statistics combined in float32 / float64. Judged against the
+        # float64 oracle rounding the head the same way (bfloat16's tolerance, as on one process), and
+        # against the same backend on one process with the same head_dtype: the loss and the metrics to
+        # float32's tolerance (a shard tile not rounded, or statistics gathered in bfloat16, moves them
+        # by ~1e-3), the gradients to bfloat16's (a 1e-7 change of lse may flip a bfloat16 rounding of
+        # dlogits).
+        options, extras = linear_cases.CASES["entropy_mask_token_mean"]
+        data = linear_cases.make_inputs(B, T, D, V, group_size=G, bias=True, temperature=extras["temperature"],
+                                        generator=_rng(seed))
+        bf16 = torch.bfloat16
+        tp_result = _loss_run(backend, data, options, extras, torch.float32, sl, vp, head_dtype=bf16)
+        single = _loss_run(backend, data, options, extras, torch.float32, head_dtype=bf16)
+        whole = _loss_run("reference", data, options, extras, torch.float32, head_dtype=bf16)
+        truth = _loss_run("reference", data, options, extras, torch.float64, head_dtype=bf16)
+        plain = _loss_run(backend, data, options, extras, torch.float32, sl, vp)
+        bad = _compare(tp_result, whole, truth, bf16, sl)
+        one = _sliced(single, sl)
+        dtypes = {key: (bf16 if key.startswith("grads.") else torch.float32) for key in flatten(tp_result)}
+        bad += [f"against {backend} on one process: {o}" for o in
+                failures(compare_results(tp_result, {}, one, torch.float32, dtypes=dtypes))]
+        if torch.equal(plain["loss"], tp_result["loss"]):
+            bad.append("head_dtype changed nothing on the vocab-parallel head")
+        return bad
+    if name == "module_packed_with_ref_input":
+        # FusedLinearGRPOLoss(vocab_parallel=...) on packed sequences, its reference from ref_input /
+        # ref_weight (the reference head sharded too): both fused ops get the shard and the group.
+        from test_packed import pack
+
+        data = linear_cases.make_inputs(B, T, D, V, group_size=G, bias=True, weights="token", generator=_rng(seed))
+        packed, padded, cu = pack(data, [3, 0, 1, T, 2, T])
+        g = _rng(seed + 1)
+        packed["ref_input"] = packed["hidden"] + 0.2 * torch.randn(packed["hidden"].shape, generator=g)
+        packed["ref_weight"] = data["weight"] + 0.1 * torch.randn(data["weight"].shape, generator=g)
+        tp_result = _module_run(backend, packed, cu, torch.float32, sl, vp)
+        whole = _module_run("reference", packed, cu, torch.float32)
+        truth = _module_run("reference", packed, cu, torch.float64)
         return _compare(tp_result, whole, truth, torch.float32, sl)
     if name == "nan_in_one_shard":
         # A NaN in the last rank's shard only: every row's logits hold it, so every rank must return NaN
