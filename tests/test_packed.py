@@ -218,6 +218,10 @@ def _packed_call(**changes):
     ({"mask": torch.ones(4, dtype=torch.bool)}, ValueError, r"mask must have shape \(5,\)"),
     ({"advantages": torch.randn(4)}, ValueError, r"advantages must have shape \(3,\) \(per sequence\) or \(5,\)"),
     ({"logp_old": torch.randn(3, 2)}, ValueError, r"logp_old must have shape \(5,\)"),
+    ({"logp_old": torch.zeros(5, dtype=torch.long)}, TypeError, r"logp_old must be a floating-point tensor"),
+    ({"rollout_weights": torch.rand(3), "loss_type": "vespo"}, ValueError,
+     r"loss_type='vespo' takes per-token rollout_weights \(5,\).*per-sequence ones of shape \(3,\)"),
+    ({"beta": 0.1}, ValueError, r"beta=0.1 > 0 needs logp_ref"),
 ])
 def test_malformed_packed_inputs_are_named(changes, error, match):
     with pytest.raises(error, match=match):
