@@ -84,6 +84,8 @@ def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: 
         First-order gradients only on the kernel backends (create_graph=True raises); an input changed
         in place between forward and backward raises autograd's error.
     """
+    if vocab_parallel is not None:
+        tp.leave_graph()  # its checks and the collective one run eagerly: a named break under torch.compile
     with tp.failing_together(vocab_parallel, hidden, "linear_grpo_loss"):
         opts = GRPOOptions.from_kwargs(**options)
         weight, bias, vocab_parallel = tp.head_shards(weight, bias, vocab_parallel)

@@ -59,6 +59,8 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         Under torch.autocast the head computes in autocast's dtype (lvrpo_fast.validate.head_autocast).
         The full [N, V] logits are never allocated by the kernel backends.
     """
+    if vocab_parallel is not None:
+        tp.leave_graph()  # its checks and the collective one run eagerly: a named break under torch.compile
     with tp.failing_together(vocab_parallel, hidden, "logprobs"):
         weight, bias, vocab_parallel = tp.head_shards(weight, bias, vocab_parallel)
         if cu_seqlens is not None:  # its layout here; its values inside the op (before the collective check

@@ -45,7 +45,7 @@ LOGPROB_CASES = {
 }
 EXTRA_CASES = ("targets_in_first_shard", "partial_grad_hidden", "nan_in_one_shard", "dtensor_head", "packed_loss",
                "bfloat16_logprobs", "batch_invariant_rows", "inconsistent_calls_raise", "head_dtype_loss",
-               "module_packed_with_ref_input")
+               "module_packed_with_ref_input", "compile_breaks_the_graph")
 ALL_CASES = tuple(f"loss-{c}" for c in LOSS_CASES) + tuple(f"logprobs-{c}" for c in LOGPROB_CASES) + EXTRA_CASES
 # The interpreted Triton kernels are the slow part: on 4 processes (sharing the CI machine's cores) they
 # run every case but the loss cases other than these, which cover the clip family, GSPO with the KL
@@ -59,6 +59,12 @@ TRITON_2_ONLY = ("head_dtype_loss", "module_packed_with_ref_input")
 
 
 def cases(world, backend):
+    if backend != "cpp" or world != 2:  # dynamo's tracing is the same on every backend and world size
+        return tuple(c for c in cases_(world, backend) if c != "compile_breaks_the_graph")
+    return cases_(world, backend)
+
+
+def cases_(world, backend):
     if backend == "triton" and world == 4:
         return tuple(c for c in ALL_CASES if (not c.startswith("loss-") or c in TRITON_4_LOSS_CASES)
                      and c not in TRITON_2_ONLY)
@@ -246,6 +252,42 @@ def _case(name, backend, world, rank, sizes):
         whole = _module_run("reference", packed, cu, torch.float32)
         truth = _module_run("reference", packed, cu, torch.float64)
         return _compare(tp_result, whole, truth, torch.float32, sl)
+    if name == "compile_breaks_the_graph":
+        # torch.compile of vocab-parallel calls: without fullgraph, the collective check of each call runs
+        # between graphs (every call, so a changed input is still caught on every rank) and the numbers are
+        # eager's, bit for bit; fullgraph=True raises the named reason at trace time, before any collective.
+        data = _logprob_data(seed)
+        options, _ = linear_cases.CASES["gspo_k3_bias_kl_entropy"]
+        targets, mask, advantages = data["targets"], data["mask"], torch.randn(B, generator=_rng(seed))
+
+        def step(hidden, weight):
+            logp = lvrpo_fast.fused_linear_logprobs(hidden, weight, targets, mask=mask, temperature=0.8,
+                                                    backend=backend, vocab_parallel=vp)
+            loss, metrics = lvrpo_fast.fused_linear_grpo_loss(
+                hidden, weight, targets, mask, advantages, logp_old=logp.detach() - 0.01, logp_ref=logp.detach(),
+                temperature=0.8, backend=backend, vocab_parallel=vp, **options)
+            return loss, metrics["kl"]
+
+        def run(fn):
+            hidden, weight = _leaf(data["hidden"]), _leaf(data["weight"][sl])
+            loss, kl = fn(hidden, weight)
+            loss.backward()
+            return [loss.detach(), kl, hidden.grad, weight.grad]
+
+        torch._dynamo.reset()
+        eager = run(step)
+        compiled = torch.compile(step, backend="aot_eager")
+        bad = [f"rank {rank}: compiled call {i}, output {j} differs from eager"
+               for i in range(2) for j, (a, b) in enumerate(zip(eager, run(compiled))) if not torch.equal(a, b)]
+        torch._dynamo.reset()  # dynamo's cache would give the graphs above again
+        try:
+            run(torch.compile(step, fullgraph=True, backend="aot_eager"))
+            bad.append(f"rank {rank}: fullgraph=True traced a vocab-parallel call")
+        except Exception as error:  # dynamo's Unsupported, carrying the reason
+            if "vocab_parallel call checks its inputs across the group" not in str(error):
+                bad.append(f"rank {rank}: fullgraph=True failed without the reason: {type(error).__name__}: "
+                           f"{str(error)[:300]}")
+        return bad
     if name == "nan_in_one_shard":
         # A NaN in the last rank's shard only: every row's logits hold it, so every rank must return NaN
         # log-probabilities, entropies and loss (no rank may keep a finite value).
