@@ -155,7 +155,9 @@ def test_fullgraph_compile_of_packed_sequences_matches_eager(name):
         return  # what follows is the same trace on every backend; the interpreted Triton is slow
     # Other bounds, same N: the same graph (no value of cu_seqlens was baked in), the eager numbers
     other = dict(data, cu_seqlens=data["cu_seqlens"].flip(0).neg() + data["cu_seqlens"][-1])
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert torch.equal(run(packed_step, other)[0], run(compiled_step, other)[0])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "recompiled for other bounds"
     # A malformed cu_seqlens raises inside the compiled graph as in eager
     bad = dict(data, cu_seqlens=data["cu_seqlens"].flip(0))
     with pytest.raises(ValueError, match="cu_seqlens must start at 0"):
