@@ -45,7 +45,7 @@ LOGPROB_CASES = {
 }
 EXTRA_CASES = ("targets_in_first_shard", "partial_grad_hidden", "nan_in_one_shard", "dtensor_head", "packed_loss",
                "bfloat16_logprobs", "batch_invariant_rows", "inconsistent_calls_raise", "head_dtype_loss",
-               "module_packed_with_ref_input", "compile_breaks_the_graph")
+               "module_packed_with_ref_input", "compile_breaks_the_graph", "hf_colwise_parallel_head")
 ALL_CASES = tuple(f"loss-{c}" for c in LOSS_CASES) + tuple(f"logprobs-{c}" for c in LOGPROB_CASES) + EXTRA_CASES
 # The interpreted Triton kernels are the slow part: on 4 processes (sharing the CI machine's cores) they
 # run every case but the loss cases other than these, which cover the clip family, GSPO with the KL
@@ -58,9 +58,14 @@ TRITON_4_LOSS_CASES = ("loss-grpo", "loss-gspo_k3_bias_kl_entropy", "loss-vespo_
 TRITON_2_ONLY = ("head_dtype_loss", "module_packed_with_ref_input")
 
 
+# Cases run on the cpp backend and 2 processes only: dynamo's tracing and the transformers wiring are the
+# same on every backend and world size.
+CPP_2_ONLY = ("compile_breaks_the_graph", "hf_colwise_parallel_head")
+
+
 def cases(world, backend):
-    if backend != "cpp" or world != 2:  # dynamo's tracing is the same on every backend and world size
-        return tuple(c for c in cases_(world, backend) if c != "compile_breaks_the_graph")
+    if backend != "cpp" or world != 2:
+        return tuple(c for c in cases_(world, backend) if c not in CPP_2_ONLY)
     return cases_(world, backend)
 
 
@@ -287,6 +292,59 @@ def _case(name, backend, world, rank, sizes):
             if "vocab_parallel call checks its inputs across the group" not in str(error):
                 bad.append(f"rank {rank}: fullgraph=True failed without the reason: {type(error).__name__}: "
                            f"{str(error)[:300]}")
+        return bad
+    if name == "hf_colwise_parallel_head":
+        # A transformers model whose lm_head torch's ColwiseParallel split over the vocabulary (a Shard(0)
+        # DTensor weight): lvrpo_fast.integrations.hf.completion_logprobs with vocab_parallel equals the
+        # model's own log-softmax, and the gradient reaches the DTensor shard (the same as the whole
+        # model's gradient, cut to the shard) and the backbone.
+        from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from lvrpo_fast.integrations import hf
+
+        config = LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=24, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+        torch.manual_seed(seed)
+        models = [LlamaForCausalLM(config) for _ in range(2)]
+        models[1].load_state_dict(models[0].state_dict())
+        input_ids = torch.randint(0, V, (3, 9), generator=_rng(seed))
+        weights = torch.randn(3, 4, generator=_rng(seed + 1))
+
+        def run(model, **kwargs):
+            logp = hf.completion_logprobs(model, input_ids, logits_to_keep=4, temperature=0.8, backend=backend,
+                                          **kwargs)
+            (logp * weights).sum().backward()
+            grads = {"weight": model.lm_head.weight.grad, "embed": model.model.embed_tokens.weight.grad}
+            return {"logp": logp.detach(), "grads": grads}
+
+        whole = run(models[0])
+        with torch.no_grad():
+            logits = models[0](input_ids).logits[:, -5:-1].double() / 0.8
+        truth_logp = torch.log_softmax(logits, -1).gather(-1, input_ids[:, -4:, None])[..., 0]
+        mesh = init_device_mesh("cpu", (world,))
+        parallelize_module(models[1], mesh, {"lm_head": ColwiseParallel(output_layouts=Replicate())})
+        bad = []
+        try:
+            hf.completion_logprobs(models[1], input_ids, logits_to_keep=4, backend=backend)
+            bad.append(f"rank {rank}: a ColwiseParallel head without vocab_parallel was accepted")
+        except ValueError as error:
+            if "vocab_parallel=lvrpo_fast.VocabParallel()" not in str(error):
+                bad.append(f"rank {rank}: unclear error without vocab_parallel: {error}")
+        tp_run = run(models[1], vocab_parallel=lvrpo_fast.VocabParallel())
+        sl = _shard([t.numel() for t in torch.arange(V).chunk(world)], rank)
+        if tuple(tp_run["grads"]["weight"].placements) != (Shard(0),):
+            bad.append(f"rank {rank}: the head's gradient has placements {tp_run['grads']['weight'].placements}")
+        got = {"logp": tp_run["logp"], "grads": {"weight": tp_run["grads"]["weight"].to_local(),
+                                                 "embed": tp_run["grads"]["embed"]}}
+        want = {"logp": whole["logp"], "grads": {"weight": whole["grads"]["weight"][sl],
+                                                 "embed": whole["grads"]["embed"]}}
+        # The model's own float64-cast logits are the truth of the log-probabilities; the gradients are
+        # judged against the one-process run with float32's tolerance (no float64 model here).
+        bad += [f"rank {rank}: {o}" for o in failures(compare_results({"logp": got["logp"]}, {"logp": whole["logp"]},
+                                                                      {"logp": truth_logp}, torch.float32))]
+        bad += [f"rank {rank}: against one process: {o}" for o in
+                failures(compare_results(got["grads"], {}, want["grads"], torch.float32))]
         return bad
     if name == "nan_in_one_shard":
         # A NaN in the last rank's shard only: every row's logits hold it, so every rank must return NaN
