@@ -53,15 +53,16 @@ def grpo_loss(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, 
         kernel backends (create_graph=True raises).
     """
     opts = GRPOOptions.from_kwargs(**options)
-    if cu_seqlens is not None:
-        packing = validate.packed_rows("logp", logp, cu_seqlens)
-        mask, advantages, logp_old, logp_ref, logp_sampling, entropy, rollout_weights, logp = \
-            validate.packed_grpo_inputs(packing, mask, advantages, logp_old, logp_ref, logp_sampling, entropy,
-                                        rollout_weights, logp)
+    sequences = None
+    if cu_seqlens is not None:  # shapes only: cu_seqlens' values are read inside the op (torch.compile traces this)
+        validate.packed_rows("logp", logp, cu_seqlens, values=False)
+        sequences = cu_seqlens.shape[0] - 1
+        if mask is None:
+            mask = torch.ones(logp.shape, dtype=torch.bool, device=logp.device)
     mask = validate.check_grpo_inputs(logp, advantages, mask, logp_old=logp_old, logp_ref=logp_ref,
                                       logp_sampling=logp_sampling, entropy=entropy, rollout_weights=rollout_weights,
-                                      options=opts)
+                                      options=opts, sequences=sequences)
     impl = dispatch.select(backend, logp.device, logp.dtype)
     out = impl.grpo_loss_impl(logp, advantages, mask, logp_old, logp_ref, entropy, rollout_weights, opts,
-                              logp_sampling=logp_sampling, return_stats=return_sequence_stats)
+                              logp_sampling=logp_sampling, return_stats=return_sequence_stats, cu_seqlens=cu_seqlens)
     return out if not return_sequence_stats else (out[0], out[1], SequenceStats.from_columns(out[2]))

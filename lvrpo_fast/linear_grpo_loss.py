@@ -84,30 +84,33 @@ def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: 
         First-order gradients only on the kernel backends (create_graph=True raises); an input changed
         in place between forward and backward raises autograd's error.
     """
+    if vocab_parallel is not None:
+        tp.leave_graph()  # its checks and the collective one run eagerly: a named break under torch.compile
     with tp.failing_together(vocab_parallel, hidden, "linear_grpo_loss"):
         opts = GRPOOptions.from_kwargs(**options)
         weight, bias, vocab_parallel = tp.head_shards(weight, bias, vocab_parallel)
-        packing = None
         if cu_seqlens is None:
             hidden, weight, bias, mask, temperature, head_dtype = validate.linear_grpo_loss_inputs(
                 hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref, rollout_weights, temperature,
                 opts, logp_sampling=logp_sampling, head_dtype=head_dtype)
-        else:
-            (hidden, weight, bias, temperature, head_dtype, packing, targets, mask, advantages, logp_old, logp_ref,
-             logp_sampling, rollout_weights) = validate.packed_linear_grpo_loss_inputs(
+            rows = tuple(targets.shape)
+        else:  # shapes only; cu_seqlens' values are read inside the op (torch.compile traces this)
+            hidden, weight, bias, mask, temperature, head_dtype = validate.packed_linear_grpo_loss_inputs(
                 hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref, rollout_weights, temperature,
                 opts, cu_seqlens, logp_sampling=logp_sampling, head_dtype=head_dtype)
+            if vocab_parallel is not None:  # eager anyway (resolve reads the mask): check the values before it
+                rows = validate.check_cu_seqlens(cu_seqlens, hidden.shape[0], hidden.device).padded_shape
     partition = None
     if vocab_parallel is not None:
         grad_on = torch.is_grad_enabled()
         needs = tuple(int(grad_on and t is not None and t.requires_grad) for t in (hidden, weight, bias))
         partition = tp.resolve(vocab_parallel, weight.shape[0], hidden.device,
-                               (*targets.shape, hidden.shape[-1], int(mask.sum()), *needs))
+                               (*rows, hidden.shape[-1], int(mask.sum()), *needs))
     impl = dispatch.select(backend, hidden.device, hidden.dtype, dispatch.batch_invariant(batch_invariant))
     with validate.autocast_off(hidden.device):
         out = impl.linear_grpo_loss_impl(hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref,
                                          rollout_weights, temperature, bool(return_entropy), opts,
                                          logp_sampling=logp_sampling, head_dtype=head_dtype,
-                                         return_stats=return_sequence_stats, packing=packing,
+                                         return_stats=return_sequence_stats, cu_seqlens=cu_seqlens,
                                          vocab_parallel=partition)
     return out if not return_sequence_stats else (out[0], out[1], SequenceStats.from_columns(out[2]))

@@ -39,8 +39,9 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
             reference is exempt). None (default): the environment variable LVRPO_BATCH_INVARIANT,
             else off. Its cost and what it needs of the BLAS: README, "Batch-invariant mode".
         cu_seqlens: [B + 1] int32 / int64 bounds of packed sequences, hidden then [N, D] (or [1, N, D]),
-            N = cu_seqlens[-1]: checked only, since every row is computed on its own whatever sequence
-            it belongs to (packed rows need nothing else).
+            N = cu_seqlens[-1]: checked only (its values inside the op, so torch.compile traces the
+            call), since every row is computed on its own whatever sequence it belongs to (packed rows
+            need nothing else).
         vocab_parallel: a lvrpo_fast.VocabParallel when the head is split over the vocabulary across
             the ranks of a process group (tensor parallelism): weight [V_local, D] and bias [V_local]
             are this rank's contiguous shard, hidden / targets (global ids) / mask the same on every
@@ -58,10 +59,13 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         Under torch.autocast the head computes in autocast's dtype (lvrpo_fast.validate.head_autocast).
         The full [N, V] logits are never allocated by the kernel backends.
     """
+    if vocab_parallel is not None:
+        tp.leave_graph()  # its checks and the collective one run eagerly: a named break under torch.compile
     with tp.failing_together(vocab_parallel, hidden, "logprobs"):
         weight, bias, vocab_parallel = tp.head_shards(weight, bias, vocab_parallel)
-        if cu_seqlens is not None:
-            validate.packed_rows("hidden", hidden, cu_seqlens, trailing=1)
+        if cu_seqlens is not None:  # its layout here; its values inside the op (before the collective check
+            # on a vocab-parallel head, which is eager anyway), so that torch.compile traces this
+            validate.packed_rows("hidden", hidden, cu_seqlens, trailing=1, values=vocab_parallel is not None)
         hidden, weight, targets, bias, mask, temperature, return_entropy = validate.linear_logprobs_inputs(
             hidden, weight, targets, bias, mask, temperature, return_entropy)
     partition = None
@@ -73,5 +77,5 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     impl = dispatch.select(backend, hidden.device, hidden.dtype, dispatch.batch_invariant(batch_invariant))
     with validate.autocast_off(hidden.device):
         logp, entropy = impl.logprobs_impl(hidden, weight, targets, bias, temperature, return_entropy, mask,
-                                           vocab_parallel=partition)
+                                           vocab_parallel=partition, cu_seqlens=cu_seqlens)
     return (logp, entropy) if return_entropy else logp

@@ -24,6 +24,8 @@ What is not supported, and why (each raises a ValueError rather than silently ch
                            beta = 0 (the LUSPO recipe) is supported and equal.
     delta <= 1 + epsilon_high: Liger counts a token as clipped by its ratio before delta, lvrpo_fast
                            (as TRL) after it; the two clip ratios agree only for delta > 1 + epsilon_high.
+Beyond Liger (keyword-only): forward's cu_seqlens takes packed sequences, the constructor's
+vocab_parallel a vocabulary-sharded (tensor-parallel) head; both as fused_linear_grpo_loss takes them.
 Accepted and ignored because they do not change the numbers: ``compiled`` (Liger's torch.compile of
 the loss math; the kernels are compiled already) and ``chunk_size`` (Liger's rows per chunk; lvrpo_fast
 picks its chunk from LVRPO_CHUNK_BYTES). The vespo_* options only matter for loss_type="vespo".
@@ -43,6 +45,7 @@ from . import dispatch, validate
 from .linear_grpo_loss import fused_linear_grpo_loss
 from .logprobs import fused_linear_logprobs
 from .options import GRPOOptions, world_size
+from .vocab_parallel import VocabParallel
 
 __all__ = ["FusedLinearGRPOLoss"]
 
@@ -69,6 +72,11 @@ class FusedLinearGRPOLoss(nn.Module):
         backend (keyword only, not in Liger): "auto", "triton", "cpp" or "reference".
         batch_invariant (keyword only, not in Liger): the batch-invariant mode of the fused ops (also
             for the reference's log-probabilities from ref_input); None: LVRPO_BATCH_INVARIANT.
+        vocab_parallel (keyword only, not in Liger): a lvrpo_fast.VocabParallel when lin_weight / bias
+            (and ref_weight / ref_bias) are this rank's vocabulary shards of a tensor-parallel head, or
+            a DTensor head sharded with (Shard(0),) over a 1-D mesh; passed to fused_linear_grpo_loss
+            and to the reference's fused_linear_logprobs (see there). Every rank of the group calls
+            forward with the same inputs but the head. None: the whole head on every process.
     """
 
     def __init__(self, beta: float = 0.04, compiled: bool = True, use_ref_model: bool = True, chunk_size: int = 1,
@@ -77,7 +85,8 @@ class FusedLinearGRPOLoss(nn.Module):
                  sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05, temperature: float = 1.0,
                  delta: Optional[float] = None, use_bias_correction_kl: bool = False, vespo_k_pos: float = 2.0,
                  vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0, *,
-                 backend: Optional[str] = None, batch_invariant: Optional[bool] = None):
+                 backend: Optional[str] = None, batch_invariant: Optional[bool] = None,
+                 vocab_parallel: Optional[VocabParallel] = None):
         super().__init__()
         if importance_sampling_level == "sequence" and loss_type in ("cispo", "sapo", "vespo"):
             raise ValueError(f"loss_type={loss_type!r} with importance_sampling_level='sequence': Liger refuses it "
@@ -109,6 +118,10 @@ class FusedLinearGRPOLoss(nn.Module):
         self.vespo_lambda_neg = vespo_lambda_neg
         self.backend = backend
         self.batch_invariant = batch_invariant
+        if vocab_parallel is not None and not isinstance(vocab_parallel, VocabParallel):
+            raise TypeError(f"vocab_parallel must be a lvrpo_fast.VocabParallel or None, got "
+                            f"{type(vocab_parallel).__name__}")
+        self.vocab_parallel = vocab_parallel
         # Every option error at construction, not at the first batch.
         self.temperature = validate.check_temperature(temperature)
         if backend is not None:
@@ -128,7 +141,8 @@ class FusedLinearGRPOLoss(nn.Module):
                            vespo_lambda_pos=self.vespo_lambda_pos, vespo_k_neg=self.vespo_k_neg,
                            vespo_lambda_neg=self.vespo_lambda_neg)
 
-    def _reference_logps(self, ref_per_token_logps, ref_input, ref_weight, ref_bias, selected_token_ids, mask):
+    def _reference_logps(self, ref_per_token_logps, ref_input, ref_weight, ref_bias, selected_token_ids, mask,
+                         cu_seqlens=None):
         """The reference log-probabilities Liger would use, or None when the KL term vanishes."""
         if not self.use_ref_model:
             return None  # Liger then takes the policy itself as the reference: KL and its gradient are 0
@@ -146,10 +160,13 @@ class FusedLinearGRPOLoss(nn.Module):
         if ref_bias is not None and ref_bias.dtype != ref_input.dtype:
             ref_bias = ref_bias.to(ref_input.dtype)
         # Liger scores the reference under no_grad with the policy's temperature; so do we.
+        if cu_seqlens is not None:
+            ref_input = _packed_rows(ref_input)
         with torch.no_grad():
             return fused_linear_logprobs(ref_input, ref_weight, selected_token_ids, bias=ref_bias,
                                          temperature=self.temperature, mask=mask, backend=self.backend,
-                                         batch_invariant=self.batch_invariant)
+                                         batch_invariant=self.batch_invariant, cu_seqlens=cu_seqlens,
+                                         vocab_parallel=self.vocab_parallel)
 
     def _dapo_normalizer(self, attention_mask, num_items_in_batch):
         """num_items_in_batch for lvrpo_fast (which divides it by the world size) reproducing Liger's
@@ -170,10 +187,11 @@ class FusedLinearGRPOLoss(nn.Module):
 
     def forward(self, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=None,
                 ref_per_token_logps=None, old_per_token_logps=None, ref_input=None, ref_weight=None, ref_bias=None,
-                vllm_is_ratio=None, num_items_in_batch=None):
+                vllm_is_ratio=None, num_items_in_batch=None, *, cu_seqlens=None):
         """
         Args:
-            _input: [B, T, D] hidden states predicting selected_token_ids (float16/bfloat16/float32/float64).
+            _input: [B, T, D] hidden states predicting selected_token_ids (float16/bfloat16/float32/float64);
+                with cu_seqlens, packed [N, D] (or verl's [1, N, D]).
             lin_weight: [V, D] LM head weight (cast to _input's dtype if it differs); bias: [V] or None.
             selected_token_ids: [B, T] integer ids of the sampled completion tokens.
             attention_mask: [B, T] 0/1 completion mask, or None: every token counts.
@@ -182,6 +200,12 @@ class FusedLinearGRPOLoss(nn.Module):
             ref_input: [B, T, D] reference-model hidden states; ref_weight [V, D]; ref_bias [V].
             vllm_is_ratio: rollout correction weights, [B], [B, 1] or [B, T], multiplying the policy term.
             num_items_in_batch: token count of the whole generation batch (dapo / cispo normalizer).
+            cu_seqlens (keyword only, not in Liger): [B + 1] int32 / int64 bounds of packed sequences
+                (fused_linear_grpo_loss's cu_seqlens): _input [N, D] or [1, N, D], N = cu_seqlens[-1];
+                selected_token_ids, attention_mask, old / ref_per_token_logps and a per-token
+                vllm_is_ratio [N] (or [1, N]); ref_input like _input; advantages [B] (or [N], one
+                per token); a per-sequence vllm_is_ratio [B] or [B, 1]. The result equals forward's on
+                the same batch padded to [B, T] (the gradient w.r.t. _input is packed like it).
 
         Returns:
             (loss, metrics): loss a 0-dim float32 tensor differentiable w.r.t. _input, lin_weight and
@@ -189,7 +213,15 @@ class FusedLinearGRPOLoss(nn.Module):
             (clip_ratio,), as Liger: kl the masked mean of the (bias-corrected) k3 estimate,
             clip_ratio the fraction of clipped tokens (cispo: capped with A > 0; sapo: 0, no clipping).
         """
-        if not isinstance(_input, torch.Tensor) or _input.dim() != 3:
+        if cu_seqlens is not None:
+            _input = _packed_rows(_input)
+            if not isinstance(_input, torch.Tensor) or _input.dim() != 2:
+                got = tuple(_input.shape) if isinstance(_input, torch.Tensor) else type(_input).__name__
+                raise ValueError(f"_input must be a tensor [N, D] (or [1, N, D]) with cu_seqlens, got {got}")
+            selected_token_ids, attention_mask, old_per_token_logps, ref_per_token_logps = (
+                _packed_rows(t, trailing=0)
+                for t in (selected_token_ids, attention_mask, old_per_token_logps, ref_per_token_logps))
+        elif not isinstance(_input, torch.Tensor) or _input.dim() != 3:
             got = tuple(_input.shape) if isinstance(_input, torch.Tensor) else type(_input).__name__
             raise ValueError(f"_input must be a 3-D tensor [B, T, D], got {got}")
         weight = lin_weight if lin_weight.dtype == _input.dtype else lin_weight.to(_input.dtype)
@@ -203,11 +235,16 @@ class FusedLinearGRPOLoss(nn.Module):
             raise TypeError(f"attention_mask must be a torch.Tensor or None, got {type(attention_mask).__name__}")
         mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
         logp_ref = self._reference_logps(ref_per_token_logps, ref_input, ref_weight, ref_bias, selected_token_ids,
-                                         mask)
+                                         mask, cu_seqlens)
         beta = self.beta if logp_ref is not None else 0.0
         rollout_weights = vllm_is_ratio
         if rollout_weights is not None and rollout_weights.dim() == 2 and rollout_weights.shape[1] == 1:
             rollout_weights = rollout_weights[:, 0]
+        if cu_seqlens is None:
+            per_token_weights = rollout_weights is not None and rollout_weights.dim() == 2
+        else:  # [B]: one per sequence; [N] or [1, N]: one per token (a malformed cu_seqlens raises in the op)
+            per_token_weights = (rollout_weights is not None and isinstance(cu_seqlens, torch.Tensor) and
+                                 tuple(rollout_weights.shape) != (cu_seqlens.shape[0] - 1,))
         if self.loss_type == "vespo" and rollout_weights is not None:
             raise ValueError("loss_type='vespo' with vllm_is_ratio is not supported: Liger adds every position's "
                              "log-ratio to VESPO's weight, padding included, lvrpo_fast unmasked tokens only "
@@ -216,14 +253,15 @@ class FusedLinearGRPOLoss(nn.Module):
             if beta != 0:
                 raise ValueError("loss_type='luspo' with beta != 0 and a reference model is not supported: Liger "
                                  "then averages the KL over padded positions too (docs/math.md section 10)")
-            if rollout_weights is not None and rollout_weights.dim() == 2:
+            if per_token_weights:
                 raise ValueError("loss_type='luspo' takes a per-sequence vllm_is_ratio ([B] or [B, 1]) only: with "
                                  "a per-token one Liger averages over padded positions too (docs/math.md section 10)")
         options = self._options(beta, self._dapo_normalizer(mask, num_items_in_batch))
         loss, metrics = fused_linear_grpo_loss(
             _input, weight, selected_token_ids, mask, advantages, bias=bias, logp_old=old_per_token_logps,
             logp_ref=logp_ref, rollout_weights=rollout_weights, temperature=self.temperature, backend=self.backend,
-            batch_invariant=self.batch_invariant, **{f: getattr(options, f) for f in _OPTION_FIELDS})
+            batch_invariant=self.batch_invariant, cu_seqlens=cu_seqlens, vocab_parallel=self.vocab_parallel,
+            **{f: getattr(options, f) for f in _OPTION_FIELDS})
         if self.loss_type == "cispo":
             clip_ratio = metrics["clip_ratio_high"]
         elif self.loss_type in ("sapo", "vespo"):  # Liger logs no clipping for either
@@ -239,6 +277,15 @@ class FusedLinearGRPOLoss(nn.Module):
         return (f"loss_type={self.loss_type!r}, beta={self.beta}, epsilon_low={self.epsilon_low}, "
                 f"epsilon_high={self.epsilon_high}, importance_sampling_level={self.importance_sampling_level!r}, "
                 f"temperature={self.temperature}")
+
+
+def _packed_rows(t, trailing=1):
+    """A packed input as fused_linear_grpo_loss takes it: [N, ...] as it is, verl's [1, N, ...] without its
+    leading 1 (a view: the gradient flows back to it); None stays None. Other shapes are left for the
+    op's checks, which name them."""
+    if isinstance(t, torch.Tensor) and t.dim() == 2 + trailing and t.shape[0] == 1:
+        return t[0]
+    return t
 
 
 _OPTION_FIELDS = ("loss_type", "epsilon_low", "epsilon_high", "delta", "beta", "kl_estimator",

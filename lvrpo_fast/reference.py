@@ -65,12 +65,17 @@ def _row_stats(hidden, weight, targets, bias, temperature, return_entropy, parti
     return logp, entropy
 
 
-def logprobs_impl(hidden, weight, targets, bias, temperature, return_entropy, mask, *, vocab_parallel=None):
+def logprobs_impl(hidden, weight, targets, bias, temperature, return_entropy, mask, *, vocab_parallel=None,
+                  cu_seqlens=None):
     """hidden [..., D], weight [V, D], targets [...] int, bias [V]|None, mask [...] bool|None.
 
     Returns (logp [...], entropy [...] or None) in float32 (float64 for float64 inputs). Masked rows
     are never computed: they get 0 and no gradient, whatever hidden holds there. vocab_parallel: a
-    lvrpo_fast.vocab_parallel.Partition (weight and bias this rank's shards), the logits gathered."""
+    lvrpo_fast.vocab_parallel.Partition (weight and bias this rank's shards), the logits gathered.
+    cu_seqlens: the bounds of packed rows (hidden [N, D] or [1, N, D]), checked against N; each row is
+    computed on its own whatever sequence holds it."""
+    if cu_seqlens is not None:
+        validate.check_cu_seqlens(cu_seqlens, targets.shape[-1], hidden.device)
     validate.check_target_range(targets, weight.shape[0] if vocab_parallel is None else vocab_parallel.vocab_size,
                                 mask)
     shape = targets.shape
@@ -191,10 +196,17 @@ def process_advantages(step_rewards, step_ends, step_offsets, group_size, seq_le
 # 3-7. The per-token GRPO loss, its aggregation and metrics
 # ----------------------------------------------------------------------------------------------
 def grpo_loss_impl(logp, advantages, mask, logp_old, logp_ref, entropy, rollout_weights,
-                   options: GRPOOptions, *, logp_sampling=None, return_stats=False):
+                   options: GRPOOptions, *, logp_sampling=None, return_stats=False, cu_seqlens=None):
     """logp, logp_old, logp_ref, logp_sampling, entropy [B, T]; advantages [B] or [B, T]; mask [B, T] bool;
     rollout_weights [B, T] or [B]. Returns (loss 0-dim, metrics dict of detached 0-dim), and the
-    per-sequence statistics [B, NSTATS] (contract.STAT_*) as a third element when return_stats."""
+    per-sequence statistics [B, NSTATS] (contract.STAT_*) as a third element when return_stats.
+    cu_seqlens: the inputs packed as the public op takes them (logp [N], ...); checked, and laid out
+    as the padded batch (logp and entropy differentiably, so their gradients come back packed)."""
+    if cu_seqlens is not None:
+        packing = validate.check_cu_seqlens(cu_seqlens, logp.shape[-1], logp.device)
+        mask, advantages, logp_old, logp_ref, logp_sampling, entropy, rollout_weights, logp = \
+            validate.packed_grpo_inputs(packing, mask, advantages, logp_old, logp_ref, logp_sampling, entropy,
+                                        rollout_weights, logp)
     o = options
     compute = _compute_dtype(logp.dtype)
     B, T = logp.shape
@@ -421,14 +433,18 @@ def grpo_loss(logp, advantages, mask, *, logp_old=None, logp_ref=None, logp_samp
 
 def linear_grpo_loss_impl(hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref,
                           rollout_weights, temperature, return_entropy, options: GRPOOptions, *,
-                          logp_sampling=None, head_dtype=None, return_stats=False, packing=None,
+                          logp_sampling=None, head_dtype=None, return_stats=False, cu_seqlens=None,
                           vocab_parallel=None):
     """hidden [B, T, D], weight [V, D], targets [B, T], mask [B, T] bool, advantages [B] or [B, T].
     head_dtype: the dtype the logits are formed in (None: the inputs'); see fused_linear_grpo_loss.
-    packing (lvrpo_fast.packing.Packing): hidden is packed [N, D], the other inputs padded [B, T]; the
-    oracle pads hidden (differentiably) and computes the padded batch. vocab_parallel: as in logprobs_impl."""
+    cu_seqlens: every input packed as the public op takes it (hidden [N, D], targets / mask [N], ...);
+    the oracle checks cu_seqlens, pads hidden (differentiably) and the rest, and computes the padded
+    batch. vocab_parallel: as in logprobs_impl."""
     need_entropy = return_entropy or options.needs_entropy
-    if packing is not None:
+    if cu_seqlens is not None:
+        packing, targets, mask, advantages, logp_old, logp_ref, logp_sampling, rollout_weights = validate.unpack(
+            cu_seqlens, hidden.shape[0], targets, mask, advantages, logp_old, logp_ref, logp_sampling,
+            rollout_weights)
         hidden = packing.pad(hidden)
     if head_dtype is not None and head_dtype != hidden.dtype:
         # Operands rounded to head_dtype, the product rounded to it, the statistics in float32 or

@@ -8,9 +8,11 @@ below, so every backend sees inputs of the same checked form.
 
 Two kinds of checks:
   - on shapes, dtypes, devices and Python numbers: here, before dispatch (static under torch.compile);
-  - on tensor *values* (target ids in range, a tensor num_items_in_batch finite and > 0): they need
-    the data on the host, so the ops run them where they already synchronize (inside the fused ops'
-    custom ops, and in the reference), never in traced code. See check_target_range, num_items_value.
+  - on tensor *values* (target ids in range, a tensor num_items_in_batch finite and > 0, cu_seqlens'
+    bounds): they need the data on the host, so the ops run them where they already synchronize (inside
+    the fused ops' custom ops, and in the reference), never in traced code. See check_target_range,
+    num_items_value, check_cu_seqlens. (The vocab-parallel path is eager anyway: it checks cu_seqlens
+    before its collective check too.)
 """
 from __future__ import annotations
 
@@ -176,9 +178,9 @@ def linear_grpo_loss_inputs(hidden, weight, targets, mask, advantages, bias, log
     return hidden, weight, bias, mask, temperature, head_dtype
 
 
-def check_cu_seqlens(cu_seqlens, total_tokens: int, device: torch.device) -> Packing:
-    """cu_seqlens [B + 1] (int32 or int64, non-decreasing from 0 to total_tokens, on `device`) -> its
-    Packing (lvrpo_fast.packing). Reads cu_seqlens on the host (one sync)."""
+def check_cu_seqlens_layout(cu_seqlens, device: torch.device) -> int:
+    """cu_seqlens' type, dtype, rank and device, no value read (static under torch.compile); returns B,
+    the number of sequences. Its values are checked where the op reads them (check_cu_seqlens)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be a torch.Tensor [B + 1] of sequence bounds, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -188,6 +190,14 @@ def check_cu_seqlens(cu_seqlens, total_tokens: int, device: torch.device) -> Pac
                          f"got shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != device:
         raise ValueError(f"cu_seqlens must be on the packed tensors' device {device}, got {cu_seqlens.device}")
+    return cu_seqlens.shape[0] - 1
+
+
+def check_cu_seqlens(cu_seqlens, total_tokens: int, device: torch.device) -> Packing:
+    """cu_seqlens [B + 1] (int32 or int64, non-decreasing from 0 to total_tokens, on `device`) -> its
+    Packing (lvrpo_fast.packing). Reads cu_seqlens on the host (one sync): the ops call it inside their
+    custom op (or eagerly, the reference and the vocab-parallel path), never in traced code."""
+    check_cu_seqlens_layout(cu_seqlens, device)
     bounds = [int(x) for x in cu_seqlens.tolist()]
     if bounds[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0] = {bounds[0]}")
@@ -242,54 +252,75 @@ def packed_grpo_inputs(packing: Packing, mask, advantages, logp_old=None, logp_r
             _packed_per_token("logp", logp, packing, False))
 
 
-def packed_rows(name: str, t, cu_seqlens, trailing: int = 0) -> Packing:
+def unpack(cu_seqlens, total_tokens: int, targets, mask, advantages, logp_old=None, logp_ref=None,
+           logp_sampling=None, rollout_weights=None):
+    """The packed inputs of fused_linear_grpo_loss (as packed_linear_grpo_loss_inputs checked them) laid
+    out as the padded [B, T] batch, where the op reads them: cu_seqlens' values are checked here (one
+    host read). Returns (Packing, targets, mask, advantages, logp_old, logp_ref, logp_sampling,
+    rollout_weights), the per-token ones [B, T]."""
+    packing = check_cu_seqlens(cu_seqlens, total_tokens, cu_seqlens.device)
+    mask, advantages, logp_old, logp_ref, logp_sampling, _, rollout_weights, _ = packed_grpo_inputs(
+        packing, mask, advantages, logp_old, logp_ref, logp_sampling, None, rollout_weights)
+    return packing, packing.pad(targets), mask, advantages, logp_old, logp_ref, logp_sampling, rollout_weights
+
+
+def packed_rows(name: str, t, cu_seqlens, trailing: int = 0, values: bool = True):
     """Checks a packed input `name` [N, ...] (or verl's [1, N, ...]; `trailing` dimensions after N) against
-    cu_seqlens; returns the Packing."""
+    cu_seqlens; returns the Packing (values=True: reads cu_seqlens on the host) or, with values=False,
+    checks its layout only and returns N."""
     _tensor(name, t)
     dims = t.dim() - trailing
     if dims not in (1, 2) or (dims == 2 and t.shape[0] != 1):
         raise ValueError(f"{name} must be [total_tokens{', D' if trailing else ''}] (or [1, total_tokens"
                          f"{', D' if trailing else ''}]) with cu_seqlens (packed sequences), got {tuple(t.shape)}")
+    if not values:
+        check_cu_seqlens_layout(cu_seqlens, t.device)
+        return t.shape[dims - 1]
     return check_cu_seqlens(cu_seqlens, t.shape[dims - 1], t.device)
 
 
 def packed_linear_grpo_loss_inputs(hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref,
                                    rollout_weights, temperature, options: GRPOOptions, cu_seqlens, *,
                                    logp_sampling=None, head_dtype=None):
-    """The entry rule of fused_linear_grpo_loss on packed sequences: hidden [N, D], targets / mask and the
-    per-token inputs [N], advantages and rollout_weights [B] or [N], cu_seqlens [B + 1]. Returns (hidden,
-    weight, bias, temperature, head_dtype, packing, targets, mask, advantages, logp_old, logp_ref,
-    logp_sampling, rollout_weights), the per-token inputs as the padded [B, T] batch (lvrpo_fast.packing);
-    hidden stays packed."""
+    """The entry rule of fused_linear_grpo_loss on packed sequences: hidden [N, D], targets / mask [N], the
+    other per-token inputs [N] or [1, N], advantages and rollout_weights [B] or per token, cu_seqlens
+    [B + 1]. Shapes, dtypes and devices only: nothing here reads a tensor's values, so it traces under
+    torch.compile; cu_seqlens' values are checked, and the per-token inputs laid out as the padded
+    [B, T] batch (packed_grpo_inputs), inside the op. Returns what linear_grpo_loss_inputs returns."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
         got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
         raise ValueError(f"hidden must be a 2-D tensor [total_tokens, D] with cu_seqlens (packed sequences), got {got}")
+    if mask is None and isinstance(targets, torch.Tensor):  # no completion mask: every token counts
+        mask = torch.ones(targets.shape, dtype=torch.bool, device=targets.device)
     mask, temperature = check_linear_inputs(hidden, weight, targets, bias=bias, mask=mask, temperature=temperature)
-    packing = check_cu_seqlens(cu_seqlens, hidden.shape[0], hidden.device)
-    mask, advantages, logp_old, logp_ref, logp_sampling, _, rollout_weights, _ = packed_grpo_inputs(
-        packing, mask, advantages, logp_old, logp_ref, logp_sampling, None, rollout_weights)
-    targets = packing.pad(targets)
+    sequences = check_cu_seqlens_layout(cu_seqlens, hidden.device)
     mask = check_grpo_inputs(targets, advantages, mask, logp_old=logp_old, logp_ref=logp_ref,
                              logp_sampling=logp_sampling, rollout_weights=rollout_weights, options=options,
-                             need_logp=False)
+                             need_logp=False, sequences=sequences)
     if head_dtype is None:
         hidden, weight, bias = head_autocast(hidden, weight, bias)
     else:
         head_dtype = check_head_dtype(head_dtype, hidden.dtype)
-    return (hidden, weight, bias, temperature, head_dtype, packing, targets, mask, advantages, logp_old, logp_ref,
-            logp_sampling, rollout_weights)
+    return hidden, weight, bias, mask, temperature, head_dtype
 
 
 def check_grpo_inputs(logp, advantages, mask, *, logp_old=None, logp_ref=None, logp_sampling=None, entropy=None,
-                      rollout_weights=None, options: GRPOOptions, need_logp: bool = True):
+                      rollout_weights=None, options: GRPOOptions, need_logp: bool = True,
+                      sequences: Optional[int] = None):
     """Checks the per-token GRPO loss inputs; returns the mask as a bool tensor.
 
     logp, logp_old, logp_ref, logp_sampling, entropy: [B, T] floating; advantages: [B] (one per sequence) or [B, T]
     (one per token, e.g. process rewards) floating; mask: [B, T];
     rollout_weights: [B, T] or [B] floating. With need_logp=False (the fused linear op, where logp
-    is computed inside and the entropy too), `logp` is only used for its shape."""
+    is computed inside and the entropy too), `logp` is only used for its shape.
+    sequences: B of a packed batch (cu_seqlens, checked by the caller): logp is then [N], mask and
+    the per-token inputs [N] or [1, N], advantages and rollout_weights [B] or per token. Shapes only:
+    whether a [B] input with B = N is ambiguous depends on cu_seqlens' values (packed_grpo_inputs)."""
     if need_logp:
         _tensor("logp", logp, floating=True)
+    if sequences is not None:
+        return _check_packed_grpo_inputs(logp, advantages, mask, logp_old, logp_ref, logp_sampling, entropy,
+                                         rollout_weights, options, need_logp, sequences)
     if len(logp.shape) != 2:
         raise ValueError(f"logp must be 2-D [B, T], got shape {tuple(logp.shape)}")
     B, T = logp.shape
@@ -311,9 +342,49 @@ def check_grpo_inputs(logp, advantages, mask, *, logp_old=None, logp_ref=None, l
                 f"rollout_weights must have shape {(B, T)} (per token) or {(B,)} (per sequence), "
                 f"got {tuple(rollout_weights.shape)}"
             )
-        if options.loss_type == "vespo" and rollout_weights.dim() == 1:
-            raise ValueError(f"loss_type='vespo' takes per-token rollout_weights {(B, T)} (their logs are summed "
-                             f"into its sequence weight), got per-sequence ones of shape {(B,)}")
+    return _check_grpo_options(logp, advantages, mask, logp_old, logp_ref, logp_sampling, entropy, rollout_weights,
+                               options, need_logp, rollout_weights is not None and rollout_weights.dim() == 1,
+                               (B, T), (B,))
+
+
+def _check_packed_grpo_inputs(logp, advantages, mask, logp_old, logp_ref, logp_sampling, entropy, rollout_weights,
+                              options, need_logp, B):
+    """check_grpo_inputs on a packed batch of B sequences (see there)."""
+    if logp.dim() != 1 and not (logp.dim() == 2 and logp.shape[0] == 1):
+        raise ValueError(f"logp must be [total_tokens] (or [1, total_tokens]) with cu_seqlens (packed sequences), "
+                         f"got shape {tuple(logp.shape)}")
+    N = logp.shape[-1]
+
+    def check(name, t, per_sequence, floating=True):
+        if t is None:
+            return
+        _tensor(name, t, floating=floating)
+        if per_sequence and tuple(t.shape) == (B,):
+            return
+        if tuple(t.shape) not in ((N,), (1, N)):
+            expected = f"{(B,)} (per sequence) or {(N,)} (per token)" if per_sequence else f"{(N,)}"
+            raise ValueError(f"{name} must have shape {expected} with packed sequences (cu_seqlens: B = {B}, "
+                             f"total_tokens = {N}), got {tuple(t.shape)}")
+
+    _tensor("advantages", advantages, floating=True)
+    check("advantages", advantages, True)
+    check("mask", mask, False, floating=False)
+    for name, t in (("logp_old", logp_old), ("logp_ref", logp_ref), ("logp_sampling", logp_sampling),
+                    ("entropy", entropy)):
+        check(name, t, False)
+    check("rollout_weights", rollout_weights, True)
+    # B == N: a [B] rollout_weights is taken per sequence here; packed_grpo_inputs refuses it if ambiguous.
+    return _check_grpo_options(logp, advantages, mask, logp_old, logp_ref, logp_sampling, entropy, rollout_weights,
+                               options, need_logp, rollout_weights is not None and
+                               tuple(rollout_weights.shape) == (B,) and B != N, (N,), (B,))
+
+
+def _check_grpo_options(logp, advantages, mask, logp_old, logp_ref, logp_sampling, entropy, rollout_weights, options,
+                        need_logp, per_sequence_weights, token_shape, sequence_shape):
+    """The checks of check_grpo_inputs that do not depend on the layout; returns the mask as bool."""
+    if options.loss_type == "vespo" and per_sequence_weights:
+        raise ValueError(f"loss_type='vespo' takes per-token rollout_weights {token_shape} (their logs are summed "
+                         f"into its sequence weight), got per-sequence ones of shape {sequence_shape}")
     if options.beta > 0 and logp_ref is None:
         raise ValueError(f"beta={options.beta} > 0 needs logp_ref (the reference model's log-probabilities)")
     if need_logp and options.entropy_coef != 0 and entropy is None:

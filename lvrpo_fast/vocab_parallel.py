@@ -245,6 +245,23 @@ def resolve(spec: VocabParallel, local_size: int, device: torch.device, consiste
 _HEADER = 6  # the fields resolve all-gathers before the consistency integers
 
 
+EAGER_UNDER_COMPILE = (
+    "lvrpo_fast: a vocab_parallel call checks its inputs across the group (lvrpo_fast.vocab_parallel.resolve: "
+    "one all-gather and host reads of the mask and of the gathered table) before its op, on every call, so "
+    "it cannot be inside one torch.compile graph: compile without fullgraph=True (the check's host reads then "
+    "break the graph, and the op itself is still one node of a graph; the numbers are eager's), or call the "
+    "op outside the compiled region")
+
+
+def leave_graph() -> None:
+    """Under torch.compile, a named graph break before the eager part of a vocab-parallel call (resolve and
+    the host reads that feed it): fullgraph=True then raises with EAGER_UNDER_COMPILE as its message,
+    before any rank enters a collective, instead of a data-dependent guard error deep in resolve. A no-op
+    in eager mode (torch._dynamo is only touched while dynamo traces, when it is imported already)."""
+    if torch.compiler.is_compiling():
+        torch._dynamo.graph_break(msg=EAGER_UNDER_COMPILE)
+
+
 CONSISTENCY_WIDTH = {"logprobs": 4, "linear_grpo_loss": 7}  # len(consistency) each public op passes to resolve
 
 
@@ -505,6 +522,6 @@ def gathered_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     return _GatherVocab.apply(torch.nn.functional.linear(hidden, weight, bias), partition)
 
 
-__all__ = ["VocabParallel", "Partition", "head_shards", "register", "lookup", "resolve", "local_targets", "owners", "combine",
-           "combine_parts", "combine_blocks",
-           "ShardPrimitives", "column_block", "reduce_grad_hidden_", "gathered_logits"]
+__all__ = ["VocabParallel", "Partition", "head_shards", "register", "lookup", "resolve", "leave_graph", "local_targets",
+           "owners", "combine", "combine_parts", "combine_blocks", "ShardPrimitives", "column_block",
+           "reduce_grad_hidden_", "gathered_logits"]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import lvrpo_fast
-from lvrpo_fast import dispatch, reference
+from lvrpo_fast import dispatch
 from checks import check_loss_run
 from test_linear_grpo_loss import CASES, V_SMALL, make_inputs
 
@@ -218,6 +218,10 @@ def _packed_call(**changes):
     ({"mask": torch.ones(4, dtype=torch.bool)}, ValueError, r"mask must have shape \(5,\)"),
     ({"advantages": torch.randn(4)}, ValueError, r"advantages must have shape \(3,\) \(per sequence\) or \(5,\)"),
     ({"logp_old": torch.randn(3, 2)}, ValueError, r"logp_old must have shape \(5,\)"),
+    ({"logp_old": torch.zeros(5, dtype=torch.long)}, TypeError, r"logp_old must be a floating-point tensor"),
+    ({"rollout_weights": torch.rand(3), "loss_type": "vespo"}, ValueError,
+     r"loss_type='vespo' takes per-token rollout_weights \(5,\).*per-sequence ones of shape \(3,\)"),
+    ({"beta": 0.1}, ValueError, r"beta=0.1 > 0 needs logp_ref"),
 ])
 def test_malformed_packed_inputs_are_named(changes, error, match):
     with pytest.raises(error, match=match):
@@ -244,3 +248,76 @@ def test_readme_packed_example_runs():
     scope = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["hidden"].grad.shape == (13, 64) and torch.isfinite(scope["loss"])
+
+
+@pytest.mark.parametrize("loss_type,level", [("dapo", "token"), ("grpo", "sequence")])
+def test_module_on_packed_sequences_equals_the_op(kernel_backend, loss_type, level):
+    """FusedLinearGRPOLoss(...)(..., cu_seqlens=...) is fused_linear_grpo_loss on the packed batch, bit for
+    bit (loss, kl, clip ratio, gradients), with per-token vllm_is_ratio; verl's [1, N, ...] layout and a
+    reference from ref_input / ref_weight give the same bits as [N, ...] with its log-probabilities."""
+    from lvrpo_fast.modules import FusedLinearGRPOLoss
+
+    name, device = kernel_backend
+    data = make_inputs(v=V_SMALL, bias=True, weights="token", temperature=0.8)
+    packed, _, cu = pack(data, LENGTHS["ragged"])
+    p = {k: None if v is None else v.to(device) for k, v in packed.items()}
+    cu = cu.to(device)
+    ref_hidden = (p["hidden"] + 0.1 * torch.randn(p["hidden"].shape).to(device)).detach()
+    ref_weight = (p["weight"] * 1.1).detach()
+    with torch.no_grad():
+        ref_logp = lvrpo_fast.fused_linear_logprobs(ref_hidden, ref_weight, p["targets"], mask=p["mask"],
+                                                    temperature=0.8, backend=name)
+
+    def leaves(layout=lambda t: t):
+        """Fresh leaves of hidden (in `layout`), weight and bias."""
+        return [layout(p["hidden"].detach().clone()).requires_grad_(),
+                *(t.detach().clone().requires_grad_() for t in (p["weight"], p["bias"]))]
+
+    def result(loss, metrics, hidden, weight, bias):
+        loss.backward()
+        return [loss.detach(), *metrics, hidden.grad, weight.grad, bias.grad]
+
+    module = FusedLinearGRPOLoss(beta=0.05, loss_type=loss_type, importance_sampling_level=level, temperature=0.8,
+                                 backend=name)
+    h, w, b = leaves()
+    loss, (kl, clip) = module(h, w, p["targets"], p["mask"], p["advantages"], b, ref_per_token_logps=ref_logp,
+                              old_per_token_logps=p["logp_old"], vllm_is_ratio=p["rollout_weights"], cu_seqlens=cu)
+    got = result(loss, (kl, clip), h, w, b)
+    h, w, b = leaves()
+    loss, metrics = lvrpo_fast.fused_linear_grpo_loss(
+        h, w, p["targets"], p["mask"], p["advantages"], bias=b, logp_old=p["logp_old"], logp_ref=ref_logp,
+        rollout_weights=p["rollout_weights"], temperature=0.8, loss_type=loss_type, importance_sampling_level=level,
+        beta=0.05, epsilon_low=0.2, epsilon_high=0.2, kl_estimator="k3", backend=name, cu_seqlens=cu)
+    want = result(loss, (metrics["kl"], metrics["clip_ratio_region"]), h, w, b)
+    assert got[-3].shape == p["hidden"].shape
+    for i, (a, e) in enumerate(zip(got, want)):
+        assert torch.equal(a, e), f"output {i}"
+    # verl's layout [1, N, ...], the reference from its hidden states and head
+    one = lambda t: t[None]  # noqa: E731
+    h, w, b = leaves(one)
+    loss, metrics = module(h, w, one(p["targets"]), one(p["mask"]), p["advantages"], b, ref_input=one(ref_hidden),
+                           ref_weight=ref_weight, old_per_token_logps=one(p["logp_old"]),
+                           vllm_is_ratio=one(p["rollout_weights"]), cu_seqlens=cu)
+    verl = result(loss, metrics, h, w, b)
+    assert verl[-3].shape == (1, *p["hidden"].shape)
+    verl[-3] = verl[-3][0]
+    for i, (a, e) in enumerate(zip(verl, want)):
+        assert torch.equal(a, e), f"[1, N] layout, output {i}"
+
+
+def test_module_on_packed_sequences_refuses_what_it_refuses_padded():
+    """luspo takes one vllm_is_ratio per sequence ([B]); a per-token one ([N]) is refused when packed too.
+    A packed _input of another rank is named."""
+    from lvrpo_fast.modules import FusedLinearGRPOLoss
+
+    data = make_inputs(v=31, d=5)
+    packed, _, cu = pack(data, LENGTHS["ragged"])
+    module = FusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="luspo",
+                                 importance_sampling_level="sequence", backend="reference")
+    args = (packed["hidden"], packed["weight"], packed["targets"], packed["mask"], packed["advantages"])
+    with pytest.raises(ValueError, match="per-sequence vllm_is_ratio"):
+        module(*args, vllm_is_ratio=torch.rand(cu[-1].item()) + 0.5, cu_seqlens=cu)
+    loss, _ = module(*args, vllm_is_ratio=torch.rand(6) + 0.5, cu_seqlens=cu)
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match=r"_input must be a tensor \[N, D\] \(or \[1, N, D\]\) with cu_seqlens"):
+        module(packed["hidden"][None, None], *args[1:], cu_seqlens=cu)

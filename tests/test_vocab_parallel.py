@@ -25,7 +25,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 import lvrpo_fast
-from lvrpo_fast.testing import compare_results, failures
+from lvrpo_fast.testing import compare_results, failures, flatten
 
 import test_linear_grpo_loss as linear_cases
 
@@ -46,7 +46,8 @@ LOGPROB_CASES = {
     "entropy_mask": (False, 1.3, True, True),
 }
 EXTRA_CASES = ("targets_in_first_shard", "partial_grad_hidden", "nan_in_one_shard", "dtensor_head", "packed_loss",
-               "bfloat16_logprobs", "batch_invariant_rows", "inconsistent_calls_raise", "vocab_blocks",
+               "bfloat16_logprobs", "batch_invariant_rows", "inconsistent_calls_raise", "head_dtype_loss",
+               "module_packed_with_ref_input", "compile_breaks_the_graph", "hf_colwise_parallel_head", "vocab_blocks",
                "vocab_blocks_same_bits_at_every_degree")
 ALL_CASES = tuple(f"loss-{c}" for c in LOSS_CASES) + tuple(f"logprobs-{c}" for c in LOGPROB_CASES) + EXTRA_CASES
 # The interpreted Triton kernels are the slow part: on 4 processes (sharing the CI machine's cores) they
@@ -56,9 +57,25 @@ TRITON_4_LOSS_CASES = ("loss-grpo", "loss-gspo_k3_bias_kl_entropy", "loss-vespo_
                        "loss-entropy_mask_token_mean")
 
 
+# Cases whose Triton run on 4 processes adds nothing the 2-process run and the cpp backend's do not cover.
+TRITON_2_ONLY = ("head_dtype_loss", "module_packed_with_ref_input")
+
+
+# Cases run on the cpp backend and 2 processes only: dynamo's tracing and the transformers wiring are the
+# same on every backend and world size.
+CPP_2_ONLY = ("compile_breaks_the_graph", "hf_colwise_parallel_head")
+
+
 def cases(world, backend):
+    if backend != "cpp" or world != 2:
+        return tuple(c for c in cases_(world, backend) if c not in CPP_2_ONLY)
+    return cases_(world, backend)
+
+
+def cases_(world, backend):
     if backend == "triton" and world == 4:
-        return tuple(c for c in ALL_CASES if not c.startswith("loss-") or c in TRITON_4_LOSS_CASES)
+        return tuple(c for c in ALL_CASES if (not c.startswith("loss-") or c in TRITON_4_LOSS_CASES)
+                     and c not in TRITON_2_ONLY)
     return ALL_CASES
 
 
@@ -79,15 +96,17 @@ def _grads(leaves):
     return {name: (None if t is None else t.grad) for name, t in leaves.items()}
 
 
-def _loss_run(backend, data, options, extras, dtype, sl=None, vp=None, cu_seqlens=None):
+def _loss_run(backend, data, options, extras, dtype, sl=None, vp=None, cu_seqlens=None, head_dtype=None):
     """fused_linear_grpo_loss with hidden / weight / bias in dtype (weight and bias sliced to `sl`);
-    packed inputs with cu_seqlens."""
+    packed inputs with cu_seqlens; the head formed in head_dtype when given."""
     cut = (lambda t: t) if sl is None else (lambda t: None if t is None else t[sl])
     leaves = {"hidden": _leaf(data["hidden"], dtype), "weight": _leaf(cut(data["weight"]), dtype),
               "bias": _leaf(cut(data["bias"]), dtype)}
     kwargs = {} if vp is None else {"vocab_parallel": vp}
     if cu_seqlens is not None:
         kwargs["cu_seqlens"] = cu_seqlens
+    if head_dtype is not None:
+        kwargs["head_dtype"] = head_dtype
     loss, metrics = lvrpo_fast.fused_linear_grpo_loss(
         leaves["hidden"], leaves["weight"], data["targets"], data["mask"], data["advantages"], bias=leaves["bias"],
         logp_old=data["logp_old"], logp_ref=data["logp_ref"], logp_sampling=data["logp_sampling"],
@@ -95,6 +114,23 @@ def _loss_run(backend, data, options, extras, dtype, sl=None, vp=None, cu_seqlen
         return_entropy=extras.get("return_entropy", False), backend=backend, **options, **kwargs)
     loss.backward()
     return {"loss": loss.detach(), "metrics": {k: v for k, v in metrics.items()}, "grads": _grads(leaves)}
+
+
+def _module_run(backend, data, cu_seqlens, dtype, sl=None, vp=None):
+    """FusedLinearGRPOLoss (dapo, KL from ref_input / ref_weight, per-token vllm_is_ratio) on packed `data`
+    with hidden / weight / bias / ref_input / ref_weight in dtype, the weights sliced to `sl`."""
+    from lvrpo_fast.modules import FusedLinearGRPOLoss
+
+    cut = (lambda t: t) if sl is None else (lambda t: None if t is None else t[sl])
+    leaves = {"hidden": _leaf(data["hidden"], dtype), "weight": _leaf(cut(data["weight"]), dtype),
+              "bias": _leaf(cut(data["bias"]), dtype)}
+    module = FusedLinearGRPOLoss(beta=0.05, temperature=0.8, epsilon_high=0.28, backend=backend, vocab_parallel=vp)
+    loss, (kl, clip) = module(leaves["hidden"], leaves["weight"], data["targets"], data["mask"], data["advantages"],
+                              leaves["bias"], old_per_token_logps=data["logp_old"],
+                              ref_input=data["ref_input"].to(dtype), ref_weight=cut(data["ref_weight"]).to(dtype),
+                              vllm_is_ratio=data["rollout_weights"], cu_seqlens=cu_seqlens)
+    loss.backward()
+    return {"loss": loss.detach(), "metrics": {"kl": kl, "clip_ratio": clip}, "grads": _grads(leaves)}
 
 
 def _logprobs_run(backend, data, bias, temperature, entropy, mask, dtype, sl=None, vp=None):
@@ -213,6 +249,134 @@ def _case(name, backend, world, rank, sizes):
         for run in (whole, truth):  # the padded batch's gradient at the packed rows
             run["grads"]["hidden"] = run["grads"]["hidden"][valid]
         return _compare(tp_result, whole, truth, torch.float32, sl)
+    if name == "head_dtype_loss":
+        # A bfloat16 head on float32 inputs (TRL's chunked head under autocast): each rank's logits tile
+        # and its gradient in bfloat16, the statistics combined in float32 / float64. Judged against the
+        # float64 oracle rounding the head the same way (bfloat16's tolerance, as on one process), and
+        # against the same backend on one process with the same head_dtype: the loss and the metrics to
+        # float32's tolerance (a shard tile not rounded, or statistics gathered in bfloat16, moves them
+        # by ~1e-3), the gradients to bfloat16's (a 1e-7 change of lse may flip a bfloat16 rounding of
+        # dlogits).
+        options, extras = linear_cases.CASES["entropy_mask_token_mean"]
+        data = linear_cases.make_inputs(B, T, D, V, group_size=G, bias=True, temperature=extras["temperature"],
+                                        generator=_rng(seed))
+        bf16 = torch.bfloat16
+        tp_result = _loss_run(backend, data, options, extras, torch.float32, sl, vp, head_dtype=bf16)
+        single = _loss_run(backend, data, options, extras, torch.float32, head_dtype=bf16)
+        whole = _loss_run("reference", data, options, extras, torch.float32, head_dtype=bf16)
+        truth = _loss_run("reference", data, options, extras, torch.float64, head_dtype=bf16)
+        plain = _loss_run(backend, data, options, extras, torch.float32, sl, vp)
+        bad = _compare(tp_result, whole, truth, bf16, sl)
+        one = _sliced(single, sl)
+        dtypes = {key: (bf16 if key.startswith("grads.") else torch.float32) for key in flatten(tp_result)}
+        bad += [f"against {backend} on one process: {o}" for o in
+                failures(compare_results(tp_result, {}, one, torch.float32, dtypes=dtypes))]
+        if torch.equal(plain["loss"], tp_result["loss"]):
+            bad.append("head_dtype changed nothing on the vocab-parallel head")
+        return bad
+    if name == "module_packed_with_ref_input":
+        # FusedLinearGRPOLoss(vocab_parallel=...) on packed sequences, its reference from ref_input /
+        # ref_weight (the reference head sharded too): both fused ops get the shard and the group.
+        from test_packed import pack
+
+        data = linear_cases.make_inputs(B, T, D, V, group_size=G, bias=True, weights="token", generator=_rng(seed))
+        packed, padded, cu = pack(data, [3, 0, 1, T, 2, T])
+        g = _rng(seed + 1)
+        packed["ref_input"] = packed["hidden"] + 0.2 * torch.randn(packed["hidden"].shape, generator=g)
+        packed["ref_weight"] = data["weight"] + 0.1 * torch.randn(data["weight"].shape, generator=g)
+        tp_result = _module_run(backend, packed, cu, torch.float32, sl, vp)
+        whole = _module_run("reference", packed, cu, torch.float32)
+        truth = _module_run("reference", packed, cu, torch.float64)
+        return _compare(tp_result, whole, truth, torch.float32, sl)
+    if name == "compile_breaks_the_graph":
+        # torch.compile of vocab-parallel calls: without fullgraph, the collective check of each call runs
+        # between graphs (every call, so a changed input is still caught on every rank) and the numbers are
+        # eager's, bit for bit; fullgraph=True raises the named reason at trace time, before any collective.
+        data = _logprob_data(seed)
+        options, _ = linear_cases.CASES["gspo_k3_bias_kl_entropy"]
+        targets, mask, advantages = data["targets"], data["mask"], torch.randn(B, generator=_rng(seed))
+
+        def step(hidden, weight):
+            logp = lvrpo_fast.fused_linear_logprobs(hidden, weight, targets, mask=mask, temperature=0.8,
+                                                    backend=backend, vocab_parallel=vp)
+            loss, metrics = lvrpo_fast.fused_linear_grpo_loss(
+                hidden, weight, targets, mask, advantages, logp_old=logp.detach() - 0.01, logp_ref=logp.detach(),
+                temperature=0.8, backend=backend, vocab_parallel=vp, **options)
+            return loss, metrics["kl"]
+
+        def run(fn):
+            hidden, weight = _leaf(data["hidden"]), _leaf(data["weight"][sl])
+            loss, kl = fn(hidden, weight)
+            loss.backward()
+            return [loss.detach(), kl, hidden.grad, weight.grad]
+
+        torch._dynamo.reset()
+        eager = run(step)
+        compiled = torch.compile(step, backend="aot_eager")
+        bad = [f"rank {rank}: compiled call {i}, output {j} differs from eager"
+               for i in range(2) for j, (a, b) in enumerate(zip(eager, run(compiled))) if not torch.equal(a, b)]
+        torch._dynamo.reset()  # dynamo's cache would give the graphs above again
+        try:
+            run(torch.compile(step, fullgraph=True, backend="aot_eager"))
+            bad.append(f"rank {rank}: fullgraph=True traced a vocab-parallel call")
+        except Exception as error:  # dynamo's Unsupported, carrying the reason
+            if "vocab_parallel call checks its inputs across the group" not in str(error):
+                bad.append(f"rank {rank}: fullgraph=True failed without the reason: {type(error).__name__}: "
+                           f"{str(error)[:300]}")
+        return bad
+    if name == "hf_colwise_parallel_head":
+        # A transformers model whose lm_head torch's ColwiseParallel split over the vocabulary (a Shard(0)
+        # DTensor weight): lvrpo_fast.integrations.hf.completion_logprobs with vocab_parallel equals the
+        # model's own log-softmax, and the gradient reaches the DTensor shard (the same as the whole
+        # model's gradient, cut to the shard) and the backbone.
+        from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from lvrpo_fast.integrations import hf
+
+        config = LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=24, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+        torch.manual_seed(seed)
+        models = [LlamaForCausalLM(config) for _ in range(2)]
+        models[1].load_state_dict(models[0].state_dict())
+        input_ids = torch.randint(0, V, (3, 9), generator=_rng(seed))
+        weights = torch.randn(3, 4, generator=_rng(seed + 1))
+
+        def run(model, **kwargs):
+            logp = hf.completion_logprobs(model, input_ids, logits_to_keep=4, temperature=0.8, backend=backend,
+                                          **kwargs)
+            (logp * weights).sum().backward()
+            grads = {"weight": model.lm_head.weight.grad, "embed": model.model.embed_tokens.weight.grad}
+            return {"logp": logp.detach(), "grads": grads}
+
+        whole = run(models[0])
+        with torch.no_grad():
+            logits = models[0](input_ids).logits[:, -5:-1].double() / 0.8
+        truth_logp = torch.log_softmax(logits, -1).gather(-1, input_ids[:, -4:, None])[..., 0]
+        mesh = init_device_mesh("cpu", (world,))
+        parallelize_module(models[1], mesh, {"lm_head": ColwiseParallel(output_layouts=Replicate())})
+        bad = []
+        try:
+            hf.completion_logprobs(models[1], input_ids, logits_to_keep=4, backend=backend)
+            bad.append(f"rank {rank}: a ColwiseParallel head without vocab_parallel was accepted")
+        except ValueError as error:
+            if "vocab_parallel=lvrpo_fast.VocabParallel()" not in str(error):
+                bad.append(f"rank {rank}: unclear error without vocab_parallel: {error}")
+        tp_run = run(models[1], vocab_parallel=lvrpo_fast.VocabParallel())
+        sl = _shard([t.numel() for t in torch.arange(V).chunk(world)], rank)
+        if tuple(tp_run["grads"]["weight"].placements) != (Shard(0),):
+            bad.append(f"rank {rank}: the head's gradient has placements {tp_run['grads']['weight'].placements}")
+        got = {"logp": tp_run["logp"], "grads": {"weight": tp_run["grads"]["weight"].to_local(),
+                                                 "embed": tp_run["grads"]["embed"]}}
+        want = {"logp": whole["logp"], "grads": {"weight": whole["grads"]["weight"][sl],
+                                                 "embed": whole["grads"]["embed"]}}
+        # The model's own float64-cast logits are the truth of the log-probabilities; the gradients are
+        # judged against the one-process run with float32's tolerance (no float64 model here).
+        bad += [f"rank {rank}: {o}" for o in failures(compare_results({"logp": got["logp"]}, {"logp": whole["logp"]},
+                                                                      {"logp": truth_logp}, torch.float32))]
+        bad += [f"rank {rank}: against one process: {o}" for o in
+                failures(compare_results(got["grads"], {}, want["grads"], torch.float32))]
+        return bad
     if name == "nan_in_one_shard":
         # A NaN in the last rank's shard only: every row's logits hold it, so every rank must return NaN
         # log-probabilities, entropies and loss (no rank may keep a finite value).

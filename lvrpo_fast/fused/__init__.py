@@ -28,9 +28,10 @@ class KernelBackend:
         self.name = name
         self.batch_invariant = batch_invariant
 
-    def logprobs_impl(self, hidden, weight, targets, bias, temperature, return_entropy, mask, *, vocab_parallel=None):
+    def logprobs_impl(self, hidden, weight, targets, bias, temperature, return_entropy, mask, *, vocab_parallel=None,
+                      cu_seqlens=None):
         return linear_logprobs(self.name, hidden, weight, targets, bias, temperature, return_entropy, mask,
-                               self.batch_invariant, vocab_parallel)
+                               self.batch_invariant, vocab_parallel, cu_seqlens)
 
     def advantages_impl(self, rewards, group_size, scale, eps, leave_one_out):
         return group_advantages_with(self.name, rewards, group_size, scale, eps, leave_one_out)
@@ -41,18 +42,18 @@ class KernelBackend:
                                        eps, leave_one_out, outcome_advantages, outcome_weight)
 
     def grpo_loss_impl(self, logp, advantages, mask, logp_old, logp_ref, entropy, rollout_weights, options, *,
-                       logp_sampling=None, return_stats=False):
+                       logp_sampling=None, return_stats=False, cu_seqlens=None):
         return grpo_loss_with(self.name, logp, advantages, mask, logp_old, logp_ref, entropy, rollout_weights,
-                              options, logp_sampling=logp_sampling, return_stats=return_stats)
+                              options, logp_sampling=logp_sampling, return_stats=return_stats, cu_seqlens=cu_seqlens)
 
     def linear_grpo_loss_impl(self, hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref,
                               rollout_weights, temperature, return_entropy, options, *, logp_sampling=None,
-                              head_dtype=None, return_stats=False, packing=None,
+                              head_dtype=None, return_stats=False, cu_seqlens=None,
                               vocab_parallel=None):
         return linear_grpo_loss_with(self.name, hidden, weight, targets, mask, advantages, bias, logp_old,
                                      logp_ref, rollout_weights, temperature, return_entropy, options,
                                      logp_sampling=logp_sampling, head_dtype=head_dtype, return_stats=return_stats,
-                                     batch_invariant=self.batch_invariant, packing=packing,
+                                     batch_invariant=self.batch_invariant, cu_seqlens=cu_seqlens,
                                      vocab_parallel=vocab_parallel)
 
     def __repr__(self):

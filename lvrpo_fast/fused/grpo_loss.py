@@ -132,10 +132,16 @@ def entropy_grad(kept: torch.Tensor, entropy_scale: torch.Tensor, options: GRPOO
 # The custom op
 # ------------------------------------------------------------------------------------------------------
 def _op(logp, entropy, advantages, mask, logp_old, logp_ref, logp_sampling, rollout_weights, num_items_tensor,
-        need_grad_logp, need_grad_entropy, **scalars):
+        cu_seqlens, need_grad_logp, need_grad_entropy, **scalars):
     p = _CODEC.decode(scalars, num_items_tensor)
     o = p.options
     prims = backends.primitives(p.backend)
+    packing, shapes = None, (logp.shape, None if entropy is None else entropy.shape)
+    if cu_seqlens is not None:  # packed inputs: laid out as the padded batch here, the gradients packed back
+        packing = validate.check_cu_seqlens(cu_seqlens, logp.shape[-1], logp.device)
+        mask, advantages, logp_old, logp_ref, logp_sampling, entropy, rollout_weights, logp = \
+            validate.packed_grpo_inputs(packing, mask, advantages, logp_old, logp_ref, logp_sampling, entropy,
+                                        rollout_weights, logp)
     B, T = mask.shape
     scale = row_scales(mask, o)
     entropy32 = as_float32(entropy)
@@ -152,25 +158,28 @@ def _op(logp, entropy, advantages, mask, logp_old, logp_ref, logp_sampling, roll
         loss = loss + entropy_bonus(stats, ent_scale, o)
         if need_grad_entropy:
             grad_entropy = entropy_grad(kept, ent_scale, o)
+    if packing is not None:
+        grad_logp = None if grad_logp is None else packing.unpad(grad_logp).view(shapes[0])
+        grad_entropy = None if grad_entropy is None else packing.unpad(grad_entropy).view(shapes[1])
     empty = logp.new_empty(0, dtype=torch.float32)
     return (loss, stats, empty if grad_logp is None else grad_logp, empty if grad_entropy is None else grad_entropy)
 
 
 def _fake(logp, entropy, advantages, mask, logp_old, logp_ref, logp_sampling, rollout_weights, num_items_tensor,
-          need_grad_logp, need_grad_entropy, **scalars):
-    B, T = mask.shape
+          cu_seqlens, need_grad_logp, need_grad_entropy, **scalars):
+    B = mask.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     f32 = dict(dtype=torch.float32, device=logp.device)
     grad_entropy = need_grad_entropy and scalars["entropy_coef"] != 0
     return (logp.new_empty((), **f32), logp.new_empty((B, NSTATS), **f32),
-            logp.new_empty((B, T) if need_grad_logp else (0,), **f32),
-            logp.new_empty((B, T) if grad_entropy else (0,), **f32))
+            logp.new_empty(logp.shape if need_grad_logp else (0,), **f32),
+            logp.new_empty(entropy.shape if grad_entropy else (0,), **f32))
 
 
-_N_TENSORS = 11  # the leading arguments of the op's schema below
+_N_TENSORS = 12  # the leading arguments of the op's schema below
 library.define("grpo_loss",
                "Tensor logp, Tensor? entropy, Tensor advantages, Tensor mask, Tensor? logp_old, Tensor? logp_ref, "
-               "Tensor? logp_sampling, Tensor? rollout_weights, Tensor? num_items_tensor, bool need_grad_logp, "
-               "bool need_grad_entropy", _CODEC, "(Tensor, Tensor, Tensor, Tensor)", _op, _fake)
+               "Tensor? logp_sampling, Tensor? rollout_weights, Tensor? num_items_tensor, Tensor? cu_seqlens, "
+               "bool need_grad_logp, bool need_grad_entropy", _CODEC, "(Tensor, Tensor, Tensor, Tensor)", _op, _fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -200,13 +209,15 @@ library.register_autograd("grpo_loss", _backward, _setup_context)
 
 
 def grpo_loss_with(backend: str, logp, advantages, mask, logp_old, logp_ref, entropy, rollout_weights,
-                   options: GRPOOptions, *, logp_sampling=None, return_stats=False):
+                   options: GRPOOptions, *, logp_sampling=None, return_stats=False, cu_seqlens=None):
     """Backend entry (validated inputs); returns (loss 0-dim float32, metrics), and the per-sequence
-    statistics [B, NSTATS] as a third element when return_stats."""
+    statistics [B, NSTATS] as a third element when return_stats. cu_seqlens: the inputs packed as the
+    public op takes them (logp [N], ...); the op checks cu_seqlens' values and lays them out."""
     scalars, num_items = _CODEC.encode(LossParams(backend=backend, options=options))
     grad_on = torch.is_grad_enabled()
     loss, stats, _, _ = library.op("grpo_loss")(
         logp, entropy, advantages, mask.contiguous(), logp_old, logp_ref, logp_sampling, rollout_weights, num_items,
-        grad_on and logp.requires_grad, grad_on and entropy is not None and entropy.requires_grad, **scalars)
+        cu_seqlens, grad_on and logp.requires_grad, grad_on and entropy is not None and entropy.requires_grad,
+        **scalars)
     metrics = metrics_from_stats(stats, options, entropy is not None)
     return (loss, metrics, stats) if return_stats else (loss, metrics)

@@ -79,7 +79,6 @@ from .. import vocab_parallel as tp
 from ..chunking import HeadGrads, Logits, rows_per_chunk, sequence_chunks
 from ..contract import NSTATS, STAT_LOSS, token_loss_params
 from ..options import GRPOOptions
-from ..packing import Packing
 from . import library
 from .grpo_loss import (as_float32, entropy_bonus, entropy_grad, entropy_scales, high_entropy_threshold, kept_tokens,
                         metrics_from_stats, per_token, row_scales)
@@ -259,6 +258,10 @@ def _op(hidden, weight, bias, targets, mask, advantages, logp_old, logp_ref, log
         num_items_tensor, cu_seqlens, need_h, need_w, need_b, **scalars):
     p = _CODEC.decode(scalars, num_items_tensor)
     prims, partition = library.primitives(p.backend, p.vocab_parallel)
+    packing = None
+    if cu_seqlens is not None:  # the per-token inputs come packed: laid out as the padded batch here
+        packing, targets, mask, advantages, logp_old, logp_ref, logp_sampling, rollout_weights = validate.unpack(
+            cu_seqlens, hidden.shape[0], targets, mask, advantages, logp_old, logp_ref, logp_sampling, rollout_weights)
     validate.check_target_range(targets, weight.shape[0] if partition is None else partition.vocab_size, mask)
     with validate.autocast_off(hidden.device):
         loss, stats, (gh, gw, gb) = forward(
@@ -266,7 +269,7 @@ def _op(hidden, weight, bias, targets, mask, advantages, logp_old, logp_ref, log
             as_float32(logp_old), as_float32(logp_ref), as_float32(logp_sampling),
             per_token(rollout_weights, mask.shape), p.temperature, p.need_entropy, p.options, need_h, need_w, need_b,
             head_dtype=getattr(torch, p.head_dtype) if p.head_dtype else None, batch_invariant=p.batch_invariant,
-            packing=None if cu_seqlens is None else Packing.of(cu_seqlens),
+            packing=packing,
             partition=partition)
     tp.reduce_grad_hidden_(partition, gh)
     return (loss, stats, hidden.new_empty(0) if gh is None else gh, weight.new_empty(0) if gw is None else gw,
@@ -275,7 +278,7 @@ def _op(hidden, weight, bias, targets, mask, advantages, logp_old, logp_ref, log
 
 def _fake(hidden, weight, bias, targets, mask, advantages, logp_old, logp_ref, logp_sampling, rollout_weights,
           num_items_tensor, cu_seqlens, need_h, need_w, need_b, **scalars):
-    B = mask.shape[0]
+    B = mask.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     f32 = dict(dtype=torch.float32, device=hidden.device)
     return (hidden.new_empty((), **f32), hidden.new_empty((B, NSTATS), **f32),
             torch.empty_like(hidden) if need_h else hidden.new_empty(0),
@@ -343,10 +346,11 @@ library.register_autograd("linear_grpo_loss", _backward, _setup_context)
 
 def linear_grpo_loss_with(backend: str, hidden, weight, targets, mask, advantages, bias, logp_old, logp_ref,
                           rollout_weights, temperature, return_entropy, options: GRPOOptions, *, logp_sampling=None,
-                          head_dtype=None, return_stats=False, batch_invariant: bool = False, packing=None,
+                          head_dtype=None, return_stats=False, batch_invariant: bool = False, cu_seqlens=None,
                           vocab_parallel=None):
     """Backend entry (validated inputs): hidden [B, T, D], targets / mask [B, T], advantages [B] or [B, T];
-    with packing (lvrpo_fast.packing.Packing) hidden is packed [N, D], the rest padded [B, T].
+    with cu_seqlens [B + 1] every input is packed as the public op takes it (hidden [N, D], targets / mask
+    [N], ...): the op checks cu_seqlens' values and lays the per-token inputs out as the padded batch.
     Returns (loss 0-dim float32, metrics), and the per-sequence statistics [B, NSTATS] when return_stats.
     vocab_parallel: a resolved lvrpo_fast.vocab_parallel.Partition (weight and bias are then this
     rank's shards; loss, metrics and statistics are the whole head's, the same on every rank) or None."""
@@ -362,6 +366,6 @@ def linear_grpo_loss_with(backend: str, hidden, weight, targets, mask, advantage
     loss, stats, _, _, _ = library.op("linear_grpo_loss")(
         hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
         validate.safe_targets(targets, mask).contiguous(), mask, advantages, logp_old, logp_ref, logp_sampling,
-        rollout_weights, num_items, None if packing is None else packing.cu_seqlens, *need, **scalars)
+        rollout_weights, num_items, cu_seqlens, *need, **scalars)
     metrics = metrics_from_stats(stats, options, need_entropy)
     return (loss, metrics, stats) if return_stats else (loss, metrics)

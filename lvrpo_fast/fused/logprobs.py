@@ -121,10 +121,13 @@ def _flat(hidden, targets, mask):
     return (hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1), None if mask is None else mask.reshape(-1))
 
 
-def _forward_op(hidden, weight, bias, targets, mask, **scalars):
-    """hidden [..., D], targets [...], mask [...] -> logp, lse, entropy [...] (entropy [0] when not asked)."""
+def _forward_op(hidden, weight, bias, targets, mask, cu_seqlens, **scalars):
+    """hidden [..., D], targets [...], mask [...] -> logp, lse, entropy [...] (entropy [0] when not asked).
+    cu_seqlens: packed rows' bounds, checked here only (every row is computed on its own)."""
     p = _CODEC.decode(scalars)
     prims, partition = library.primitives(p.backend, p.vocab_parallel)
+    if cu_seqlens is not None:
+        validate.check_cu_seqlens(cu_seqlens, targets.shape[-1], hidden.device)
     vocab = weight.shape[0] if partition is None else partition.vocab_size
     validate.check_target_range(targets, vocab, mask)  # reported at the caller's indices
     shape = targets.shape
@@ -136,7 +139,7 @@ def _forward_op(hidden, weight, bias, targets, mask, **scalars):
             entropy.view(shape) if entropy is not None else hidden.new_empty(0, dtype=torch.float32))
 
 
-def _forward_fake(hidden, weight, bias, targets, mask, **scalars):
+def _forward_fake(hidden, weight, bias, targets, mask, cu_seqlens, **scalars):
     f32 = dict(dtype=torch.float32, device=hidden.device)
     shape = targets.shape
     return (hidden.new_empty(shape, **f32), hidden.new_empty(shape, **f32),
@@ -166,8 +169,10 @@ def _backward_fake(hidden, weight, bias, targets, mask, lse, entropy, grad_logp,
             bias.new_empty(bias.shape) if need_b else weight.new_empty(0))
 
 
-library.define("linear_logprobs", "Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor? mask", _CODEC,
+library.define("linear_logprobs",
+               "Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor? mask, Tensor? cu_seqlens", _CODEC,
                "(Tensor, Tensor, Tensor)", _forward_op, _forward_fake)
+_N_TENSORS = 6  # the leading arguments of linear_logprobs's schema
 library.define("linear_logprobs_backward",
                "Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor? mask, Tensor lse, Tensor entropy, "
                "Tensor grad_logp, Tensor? grad_entropy, bool need_h, bool need_w, bool need_b", _CODEC,
@@ -180,7 +185,7 @@ def _setup_context(ctx, inputs, output):
     # The inputs are saved (no copy) so that autograd's version counters catch one of them changed in
     # place between the forward and the backward pass: the recomputed tile would silently use it.
     ctx.save_for_backward(hidden, weight, bias, targets, mask, lse, entropy)
-    ctx.scalars = dict(zip(_CODEC.names, inputs[5:]))
+    ctx.scalars = dict(zip(_CODEC.names, inputs[_N_TENSORS:]))
     ctx.needs = tuple(t is not None and t.requires_grad for t in (hidden, weight, bias))
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)  # an output the loss does not use gets None, not a tensor of zeros
@@ -192,7 +197,7 @@ def _backward(ctx, grad_logp, grad_lse, grad_entropy):
     if not ctx.scalars["return_entropy"]:
         grad_entropy = None  # the placeholder output
     if grad_logp is None and grad_entropy is None:
-        return (None,) * (5 + len(_CODEC.names))
+        return (None,) * (_N_TENSORS + len(_CODEC.names))
     grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.float().contiguous()
     if grad_entropy is not None:
         grad_entropy = grad_entropy.float().contiguous()
@@ -201,23 +206,25 @@ def _backward(ctx, grad_logp, grad_lse, grad_entropy):
         hidden, weight, bias, targets, mask, lse, entropy, grad_logp, grad_entropy, need_h, need_w, need_b,
         **ctx.scalars)
     return (gh if need_h else None, gw if need_w else None, gb if need_b else None,
-            *([None] * (2 + len(_CODEC.names))))
+            *([None] * (_N_TENSORS - 3 + len(_CODEC.names))))
 
 
 library.register_autograd("linear_logprobs", _backward, _setup_context)
 
 
 def linear_logprobs(backend: str, hidden, weight, targets, bias, temperature, return_entropy, mask,
-                    batch_invariant: bool = False, vocab_parallel=None):
+                    batch_invariant: bool = False, vocab_parallel=None, cu_seqlens=None):
     """Backend entry (validated inputs): hidden [..., D], weight [V, D], targets [...], bias [V] | None,
     mask [...] bool | None -> (logp [...] float32, entropy [...] float32 or None). batch_invariant: a
     row's results do not depend on the other rows (chunking.Logits). vocab_parallel: a resolved
-    lvrpo_fast.vocab_parallel.Partition (weight and bias are then this rank's shards) or None."""
+    lvrpo_fast.vocab_parallel.Partition (weight and bias are then this rank's shards) or None.
+    cu_seqlens: bounds of packed rows, checked inside the op (torch.compile traces this) or None."""
     params = LogprobsParams(backend=backend, temperature=float(temperature), return_entropy=bool(return_entropy),
                             batch_invariant=bool(batch_invariant),
                             vocab_parallel=0 if vocab_parallel is None else tp.register(vocab_parallel))
     scalars, _ = _CODEC.encode(params)
     logp, _, entropy = library.op("linear_logprobs")(
         hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
-        validate.safe_targets(targets, mask).contiguous(), None if mask is None else mask.contiguous(), **scalars)
+        validate.safe_targets(targets, mask).contiguous(), None if mask is None else mask.contiguous(), cu_seqlens,
+        **scalars)
     return logp, (entropy if return_entropy else None)

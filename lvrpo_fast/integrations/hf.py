@@ -49,6 +49,7 @@ except ImportError:  # a torch built without torch.distributed: nothing is shard
     FSDPModule = DTensor = ()
 
 from ..logprobs import fused_linear_logprobs
+from ..vocab_parallel import VocabParallel
 
 __all__ = ["LMHeadInputs", "lm_head_parameters", "completion_hidden_states", "completion_logprobs"]
 
@@ -250,9 +251,15 @@ def completion_hidden_states(model, input_ids: torch.Tensor, attention_mask: Opt
 def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                         logits_to_keep: Optional[int] = None, *, temperature: float = 1.0,
                         completion_mask: Optional[torch.Tensor] = None, return_entropy: bool = False,
-                        backend: Optional[str] = None, **model_kwargs):
+                        backend: Optional[str] = None, vocab_parallel: Optional[VocabParallel] = None,
+                        **model_kwargs):
     """Per-token log-probabilities (and entropy) of input_ids[:, -K:] under the model, through
     lvrpo_fast.fused_linear_logprobs: never the [B, K, V] logits.
+
+    vocab_parallel: for an LM head split over the vocabulary across a tensor-parallel group (its weight
+    a DTensor sharded (Shard(0),) over a 1-D mesh, as torch's ColwiseParallel leaves it: pass
+    lvrpo_fast.VocabParallel()), passed to fused_linear_logprobs; every rank of the group calls this
+    with the same inputs. A DTensor head without it is refused (an FSDP2 shard has the same layout).
 
     Returns logp [B, K] float32 (and entropy [B, K]); 0 where completion_mask [B, K] is 0.
     Differentiable w.r.t. the model's parameters when called with gradients enabled."""
@@ -260,4 +267,5 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: Optional
     K = heads.hidden.shape[1]
     targets = input_ids[:, input_ids.shape[1] - K:].to(heads.hidden.device)
     return fused_linear_logprobs(heads.hidden, heads.weight, targets, bias=heads.bias, temperature=temperature,
-                                 return_entropy=return_entropy, mask=completion_mask, backend=backend)
+                                 return_entropy=return_entropy, mask=completion_mask, backend=backend,
+                                 vocab_parallel=vocab_parallel)
