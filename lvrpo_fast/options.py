@@ -6,6 +6,8 @@ options: they travel as arguments and are checked in :mod:`lvrpo_fast.validate`.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import numbers
@@ -185,26 +187,64 @@ def _check_number(name, value, minimum=None, strict=False) -> float:
     return value
 
 
-def world_size() -> int:
-    """The torch.distributed world size, 1 when it is not initialized (dapo / cispo normalizer)."""
+# (index, size) of the running op's tensor-parallel group: its ranks hold the same tokens (a
+# vocab-parallel head's shards), so they are one data-parallel replica, not several. Set by
+# :func:`replicated`.
+_REPLICATED = contextvars.ContextVar("lvrpo_fast_replicated", default=None)
+
+
+@contextlib.contextmanager
+def replicated(index: int, size: int):
+    """Within the block, this process is the index-th of `size` processes holding the same tokens (the
+    ranks of a tensor-parallel group, which the vocab-parallel ops set from their partition): they count
+    as one process in :func:`world_size` (dapo / cispo / vespo's num_items_in_batch is divided by the
+    number of data-parallel replicas) and in :func:`entropy_threshold` (their entropies are gathered
+    once, from index 0), so a vocab-parallel step has the numbers of the same step with the whole head."""
+    token = _REPLICATED.set((int(index), int(size)))
+    try:
+        yield
+    finally:
+        _REPLICATED.reset(token)
+
+
+def _processes() -> int:
+    """The torch.distributed world size, 1 when it is not initialized."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return 1
 
 
+def world_size() -> int:
+    """The number of processes holding different tokens (dapo / cispo / vespo normalizer): the
+    torch.distributed world size (1 when it is not initialized) over the size of the tensor-parallel
+    group a vocab-parallel op runs in (:func:`replicated`)."""
+    world, group = _processes(), _REPLICATED.get()
+    if group is None or group[1] <= 1:
+        return world
+    if world % group[1]:
+        raise ValueError(f"the world size {world} is not a multiple of the tensor-parallel group's size {group[1]}: "
+                         "the data-parallel replicas that num_items_in_batch and top_entropy_quantile count are "
+                         "not defined")
+    return world // group[1]
+
+
 def entropy_threshold(entropy: torch.Tensor, mask: torch.Tensor, top_entropy_quantile: float) -> torch.Tensor:
     """The high-entropy mask's threshold (docs/math.md section 4): the 1 - top_entropy_quantile quantile
     (torch.quantile's linear interpolation) of the unmasked entropies of the batch, gathered from every
-    process when torch.distributed is initialized, as TRL 1.16 does. Every process must call it.
+    process when torch.distributed is initialized, as TRL 1.16 does, the ranks of a tensor-parallel group
+    counted once (:func:`replicated`). Every process must call it.
 
     entropy [B, T] float, mask [B, T] bool -> a 0-dim tensor of entropy's dtype on its device, +inf when
     no process has an unmasked token (the mask then keeps nothing)."""
     values = entropy.detach()[mask]
-    if world_size() > 1:
+    group = _REPLICATED.get()
+    if group is not None and group[0] != 0:
+        values = values[:0]  # a replica of index 0's tokens: gathered once, from there
+    if _processes() > 1:
         # Processes hold different token counts: all_gather needs equal shapes, so each pads its
         # values to the longest and the counts say which entries are real.
         count = torch.tensor([values.numel()], device=values.device)
-        counts = [torch.zeros_like(count) for _ in range(world_size())]
+        counts = [torch.zeros_like(count) for _ in range(_processes())]
         dist.all_gather(counts, count)
         longest = int(max(c.item() for c in counts))
         padded = torch.zeros(longest, dtype=values.dtype, device=values.device)

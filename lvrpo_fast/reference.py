@@ -19,6 +19,7 @@ Backend interface used by :mod:`lvrpo_fast.dispatch` (inputs already validated):
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, Tuple
 
 import torch
@@ -30,7 +31,7 @@ from .contract import (LOG_RATIO_CLAMP, NSTATS, STAT_CLIP_HIGH, STAT_CLIP_LOW, S
                        STAT_ENTROPY, STAT_ENTROPY_KEPT, STAT_KEPT, STAT_KL, STAT_LOSS, STAT_RATIO, STAT_SEQ_CLIP_HIGH,
                        STAT_SEQ_CLIP_LOW, STAT_SEQ_WEIGHT, STAT_WEIGHT, VESPO_LAMBDA_MIN, VESPO_LOG_W_MIN,
                        SequenceStats)
-from .options import GRPOOptions, entropy_threshold, world_size
+from .options import GRPOOptions, entropy_threshold, replicated, world_size
 
 name = "reference"
 
@@ -454,8 +455,12 @@ def linear_grpo_loss_impl(hidden, weight, targets, mask, advantages, bias, logp_
     else:
         logp, entropy = logprobs_impl(hidden, weight, targets, bias, temperature, need_entropy, mask,
                                       vocab_parallel=vocab_parallel)
-    return grpo_loss_impl(logp, advantages, mask, logp_old, logp_ref, entropy, rollout_weights, options,
-                          logp_sampling=logp_sampling, return_stats=return_stats)
+    # The ranks of a tensor-parallel group hold the same tokens: one data-parallel replica.
+    replicas = (contextlib.nullcontext() if vocab_parallel is None else
+                replicated(vocab_parallel.rank, vocab_parallel.world))
+    with replicas:
+        return grpo_loss_impl(logp, advantages, mask, logp_old, logp_ref, entropy, rollout_weights, options,
+                              logp_sampling=logp_sampling, return_stats=return_stats)
 
 
 class _RoundTo(torch.autograd.Function):

@@ -8,6 +8,7 @@ lvrpo_fast.testing's rule; the parent asserts on the outcomes, one test per (wor
 Shards are unequal (and on 4 ranks one holds 4 of the 37 ids, so most rows' targets lie elsewhere);
 one case puts every target in the first shard, so the other ranks hold no target of any row.
 """
+import contextlib
 import datetime
 import os
 import re
@@ -25,6 +26,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 import lvrpo_fast
+from lvrpo_fast.options import replicated
 from lvrpo_fast.testing import compare_results, failures, flatten
 
 import test_linear_grpo_loss as linear_cases
@@ -107,11 +109,16 @@ def _loss_run(backend, data, options, extras, dtype, sl=None, vp=None, cu_seqlen
         kwargs["cu_seqlens"] = cu_seqlens
     if head_dtype is not None:
         kwargs["head_dtype"] = head_dtype
-    loss, metrics = lvrpo_fast.fused_linear_grpo_loss(
-        leaves["hidden"], leaves["weight"], data["targets"], data["mask"], data["advantages"], bias=leaves["bias"],
-        logp_old=data["logp_old"], logp_ref=data["logp_ref"], logp_sampling=data["logp_sampling"],
-        rollout_weights=data["rollout_weights"], temperature=extras.get("temperature", 1.0),
-        return_entropy=extras.get("return_entropy", False), backend=backend, **options, **kwargs)
+    # Every rank holds the same tokens, so a whole-head run is one process's (one data-parallel replica
+    # for num_items_in_batch and the entropy quantile); the vocab-parallel op counts its group so itself.
+    alone = replicated(dist.get_rank(), dist.get_world_size()) if vp is None and dist.is_initialized() else \
+        contextlib.nullcontext()
+    with alone:
+        loss, metrics = lvrpo_fast.fused_linear_grpo_loss(
+            leaves["hidden"], leaves["weight"], data["targets"], data["mask"], data["advantages"], bias=leaves["bias"],
+            logp_old=data["logp_old"], logp_ref=data["logp_ref"], logp_sampling=data["logp_sampling"],
+            rollout_weights=data["rollout_weights"], temperature=extras.get("temperature", 1.0),
+            return_entropy=extras.get("return_entropy", False), backend=backend, **options, **kwargs)
     loss.backward()
     return {"loss": loss.detach(), "metrics": {k: v for k, v in metrics.items()}, "grads": _grads(leaves)}
 

@@ -70,6 +70,7 @@ statistics and the three gradients; its registered backward scales them with ``l
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -78,7 +79,7 @@ from .. import backends, validate
 from .. import vocab_parallel as tp
 from ..chunking import HeadGrads, Logits, rows_per_chunk, sequence_chunks
 from ..contract import NSTATS, STAT_LOSS, token_loss_params
-from ..options import GRPOOptions
+from ..options import GRPOOptions, replicated
 from . import library
 from .grpo_loss import (as_float32, entropy_bonus, entropy_grad, entropy_scales, high_entropy_threshold, kept_tokens,
                         metrics_from_stats, per_token, row_scales)
@@ -263,7 +264,9 @@ def _op(hidden, weight, bias, targets, mask, advantages, logp_old, logp_ref, log
         packing, targets, mask, advantages, logp_old, logp_ref, logp_sampling, rollout_weights = validate.unpack(
             cu_seqlens, hidden.shape[0], targets, mask, advantages, logp_old, logp_ref, logp_sampling, rollout_weights)
     validate.check_target_range(targets, weight.shape[0] if partition is None else partition.vocab_size, mask)
-    with validate.autocast_off(hidden.device):
+    # The ranks of a tensor-parallel group hold the same tokens: one data-parallel replica.
+    replicas = contextlib.nullcontext() if partition is None else replicated(partition.rank, partition.world)
+    with validate.autocast_off(hidden.device), replicas:
         loss, stats, (gh, gw, gb) = forward(
             prims, hidden, weight, bias, targets, mask, as_float32(advantages),
             as_float32(logp_old), as_float32(logp_ref), as_float32(logp_sampling),
