@@ -35,6 +35,7 @@ float32. Like Liger, a weight whose dtype differs from the hidden states' is cas
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Optional
 
@@ -44,7 +45,7 @@ from torch import nn
 from . import dispatch, validate
 from .linear_grpo_loss import fused_linear_grpo_loss
 from .logprobs import fused_linear_logprobs
-from .options import GRPOOptions, world_size
+from .options import GRPOOptions, replicated, world_size
 from .vocab_parallel import VocabParallel
 
 __all__ = ["FusedLinearGRPOLoss"]
@@ -170,17 +171,25 @@ class FusedLinearGRPOLoss(nn.Module):
 
     def _dapo_normalizer(self, attention_mask, num_items_in_batch):
         """num_items_in_batch for lvrpo_fast (which divides it by the world size) reproducing Liger's
-        normalizer max(n / world_size, 1), with n the all-reduced token count when not given."""
+        normalizer max(n / world_size, 1), with n the all-reduced token count when not given; with a
+        vocab-parallel head, world_size and n count the tensor-parallel group as one replica."""
         if self.loss_type not in ("dapo", "cispo", "vespo"):
             return None
-        ws = world_size()
+        import torch.distributed as dist
+
+        # A vocab-parallel head's group holds the same tokens: one data-parallel replica (options.replicated).
+        tp_size = tp_rank = None
+        if self.vocab_parallel is not None and dist.is_available() and dist.is_initialized():
+            tp_size, tp_rank = dist.get_world_size(self.vocab_parallel.group), dist.get_rank(self.vocab_parallel.group)
+        with contextlib.nullcontext() if tp_size is None else replicated(tp_rank, tp_size):
+            ws = world_size()
         if num_items_in_batch is None:
             if ws == 1:
                 return None  # the local count, clamped at 1: Liger's normalizer on one process
-            import torch.distributed as dist
-
             num_items_in_batch = attention_mask.sum(dtype=torch.float32)
             dist.all_reduce(num_items_in_batch, op=dist.ReduceOp.SUM)
+            if tp_size is not None:
+                num_items_in_batch = num_items_in_batch / tp_size  # each replica's tokens counted once
         if isinstance(num_items_in_batch, torch.Tensor):
             return num_items_in_batch.to(device=attention_mask.device, dtype=torch.float32).clamp(min=float(ws))
         return max(float(num_items_in_batch), float(ws))

@@ -98,6 +98,14 @@ def _grads(leaves):
     return {name: (None if t is None else t.grad) for name, t in leaves.items()}
 
 
+def _alone(vp):
+    """Every rank holds the same tokens, so a whole-head run (vp None) is one process's: one data-parallel
+    replica for num_items_in_batch and the entropy quantile, as a vocab-parallel op counts its group."""
+    if vp is None and dist.is_initialized():
+        return replicated(dist.get_rank(), dist.get_world_size())
+    return contextlib.nullcontext()
+
+
 def _loss_run(backend, data, options, extras, dtype, sl=None, vp=None, cu_seqlens=None, head_dtype=None):
     """fused_linear_grpo_loss with hidden / weight / bias in dtype (weight and bias sliced to `sl`);
     packed inputs with cu_seqlens; the head formed in head_dtype when given."""
@@ -109,11 +117,7 @@ def _loss_run(backend, data, options, extras, dtype, sl=None, vp=None, cu_seqlen
         kwargs["cu_seqlens"] = cu_seqlens
     if head_dtype is not None:
         kwargs["head_dtype"] = head_dtype
-    # Every rank holds the same tokens, so a whole-head run is one process's (one data-parallel replica
-    # for num_items_in_batch and the entropy quantile); the vocab-parallel op counts its group so itself.
-    alone = replicated(dist.get_rank(), dist.get_world_size()) if vp is None and dist.is_initialized() else \
-        contextlib.nullcontext()
-    with alone:
+    with _alone(vp):
         loss, metrics = lvrpo_fast.fused_linear_grpo_loss(
             leaves["hidden"], leaves["weight"], data["targets"], data["mask"], data["advantages"], bias=leaves["bias"],
             logp_old=data["logp_old"], logp_ref=data["logp_ref"], logp_sampling=data["logp_sampling"],
@@ -132,10 +136,11 @@ def _module_run(backend, data, cu_seqlens, dtype, sl=None, vp=None):
     leaves = {"hidden": _leaf(data["hidden"], dtype), "weight": _leaf(cut(data["weight"]), dtype),
               "bias": _leaf(cut(data["bias"]), dtype)}
     module = FusedLinearGRPOLoss(beta=0.05, temperature=0.8, epsilon_high=0.28, backend=backend, vocab_parallel=vp)
-    loss, (kl, clip) = module(leaves["hidden"], leaves["weight"], data["targets"], data["mask"], data["advantages"],
-                              leaves["bias"], old_per_token_logps=data["logp_old"],
-                              ref_input=data["ref_input"].to(dtype), ref_weight=cut(data["ref_weight"]).to(dtype),
-                              vllm_is_ratio=data["rollout_weights"], cu_seqlens=cu_seqlens)
+    with _alone(vp):
+        loss, (kl, clip) = module(leaves["hidden"], leaves["weight"], data["targets"], data["mask"],
+                                  data["advantages"], leaves["bias"], old_per_token_logps=data["logp_old"],
+                                  ref_input=data["ref_input"].to(dtype), ref_weight=cut(data["ref_weight"]).to(dtype),
+                                  vllm_is_ratio=data["rollout_weights"], cu_seqlens=cu_seqlens)
     loss.backward()
     return {"loss": loss.detach(), "metrics": {"kl": kl, "clip_ratio": clip}, "grads": _grads(leaves)}
 
