@@ -219,7 +219,8 @@ class Logits:
                  batch_invariant: bool, column_block: Optional[int] = None):
         self.hidden, self.weight, self.bias = hidden, weight, bias
         self.invariant = batch_invariant
-        self.column_block = column_block
+        # A shard of one block (or less) is one GEMM of that width already: no blocks, no scratch.
+        self.column_block = column_block if column_block is not None and column_block < weight.shape[0] else None
         self.scratch = None  # the column blocks' GEMM output, allocated at the first tile
         max_rows = max((c.size for c in chunks), default=0)
         if not batch_invariant:

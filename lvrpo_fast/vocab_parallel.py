@@ -420,7 +420,7 @@ def combine_blocks(partition: Partition, targets: torch.Tensor, stats: torch.Ten
     if n < most:
         stats = torch.cat([stats, stats.new_zeros((most - n, k, C))])
     g = _gather_rows(partition, stats.reshape(most * k, C)).view(partition.world, most, k, C)
-    blocks = torch.cat([g[r, :count] for r, count in enumerate(counts)]) if partition.world > 1 else g[0, :n]
+    blocks = torch.cat([g[r, :count] for r, count in enumerate(counts)])
     return combine_parts(blocks, torch.div(targets, partition.vocab_block, rounding_mode="floor"), with_entropy)
 
 
